@@ -1,0 +1,319 @@
+"""Artifacts: the only way data moves between stages.
+
+An artifact is a directory ``<store>/<stage>/<key>/`` holding ``manifest.json`` and its
+files (Parquet parts, token shards, a tokenizer, a checkpoint...). Design decisions:
+
+- ``key`` is a content hash of (parent manifest digests, stage config, stage code
+  version), computed by :func:`artifact_key`. The same hash is the Prefect cache key, so
+  a rerun with unchanged inputs is a hit and a change upstream invalidates exactly what
+  depends on it.
+- Writing goes to a temporary sibling directory; :class:`ArtifactWriter` fsyncs and
+  checksums every file, writes the manifest last, and publishes with one ``rename``.
+  A crash leaves only a ``.tmp-*`` directory that no reader trusts and the next writer
+  sweeps away.
+- Tasks pass :class:`Manifest` objects (small) between each other, never data.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = "1"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, corrupt or inconsistent; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of an artifact, relative to its directory."""
+
+    path: str
+    bytes: int
+    sha256: str
+    rows: int | None = None
+
+
+@dataclass
+class Manifest:
+    """What a stage published: enough to find, verify and explain its files."""
+
+    stage: str
+    key: str
+    parents: list[str]
+    config: dict[str, Any]
+    code_version: str
+    created_at: str
+    files: list[FileEntry]
+    counters: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    root: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stage}/{self.key}"
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.stage / self.key
+
+    def path(self, name: str) -> Path:
+        """Absolute path of one of this artifact's files."""
+        return self.dir / name
+
+    def files_with_prefix(self, prefix: str) -> list[FileEntry]:
+        return sorted((f for f in self.files if f.path.startswith(prefix)), key=lambda f: f.path)
+
+    def digest(self) -> str:
+        """Content digest: stable across store locations (``root`` is left out)."""
+        d = self.to_dict()
+        d.pop("root", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        d = dict(d)
+        d["files"] = [FileEntry(**f) for f in d.get("files", [])]
+        return cls(**d)
+
+
+def artifact_key(stage: str, parents: Iterable[Manifest], config: dict[str, Any], code_version: str) -> str:
+    """Content hash that names a stage's output: parents' digests + config + code."""
+    payload = {
+        "format": FORMAT_VERSION,
+        "stage": stage,
+        "parents": [p.digest() for p in parents],
+        "config": config,
+        "code": code_version,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _abandoned(tmp_name: str) -> bool:
+    """Whether a ``.tmp-<key>-<host>-<pid>-<id>`` dir belongs to a writer that is gone.
+
+    Only dirs of this host whose process has exited are swept; a writer of the same key
+    still at work (another run racing this one) keeps its dir, and the loser of the
+    race adopts the winner's artifact at publish time.
+    """
+    parts = tmp_name.split("-")  # ['.tmp', key, host, pid, id]
+    if len(parts) != 5:
+        return True  # not a name this writer makes: left by an older layout
+    host, pid = parts[2], parts[3]
+    if host != _HOST:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):
+        return False
+    return False
+
+
+class Store:
+    """A root directory of artifacts plus the DuckDB catalog beside them."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+    def work_dir(self, stage: str, key: str) -> Path:
+        """Scratch space that survives a crash (e.g. training checkpoints to resume from)."""
+        d = self.root / "_work" / stage / key
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def artifact_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def load(self, stage: str, key: str) -> Manifest | None:
+        """The published manifest, or None when the artifact does not exist (yet)."""
+        mpath = self.artifact_dir(stage, key) / MANIFEST
+        if not mpath.exists():
+            return None
+        m = Manifest.from_dict(json.loads(mpath.read_text()))
+        m.root = str(self.root)
+        return m
+
+    def verify(self, manifest: Manifest) -> None:
+        """Check every file's size and sha256; raise ArtifactError naming the first bad one."""
+        for f in manifest.files:
+            p = manifest.path(f.path)
+            if not p.exists():
+                raise ArtifactError(f"artifact {manifest.ref}: file {f.path} is missing")
+            if p.stat().st_size != f.bytes or _sha256_file(p) != f.sha256:
+                raise ArtifactError(f"artifact {manifest.ref}: file {f.path} does not match its checksum")
+
+    def writer(
+        self,
+        stage: str,
+        key: str,
+        *,
+        parents: Iterable[Manifest] = (),
+        config: dict[str, Any] | None = None,
+        code_version: str = "",
+    ) -> "ArtifactWriter":
+        return ArtifactWriter(self, stage, key, [p.ref for p in parents], config or {}, code_version)
+
+
+class ArtifactWriter:
+    """Context manager that builds an artifact in a temp dir and publishes it atomically.
+
+    Usage::
+
+        with store.writer("dedup", key, parents=[docs], config=cfg, code_version=v) as w:
+            w.write_table(table)             # part-00000.parquet, part-00001.parquet ...
+            w.write_table(dropped, "dropped")
+            (w.dir / "tokenizer.json").write_text(...)   # any other file
+            w.counters["docs_out"] = n
+        manifest = w.manifest
+    """
+
+    def __init__(self, store: Store, stage: str, key: str, parents: list[str], config: dict, code_version: str):
+        self.store = store
+        self.stage = stage
+        self.key = key
+        self.parents = parents
+        self.config = config
+        self.code_version = code_version
+        self.counters: dict[str, Any] = {}
+        self.meta: dict[str, Any] = {}
+        self._rows: dict[str, int] = {}
+        self._parts: dict[str, int] = {}
+        self.manifest: Manifest | None = None
+        self.dir = store.root / stage / f".tmp-{key}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> "ArtifactWriter":
+        parent = self.dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".tmp-{self.key}-*"):
+            if _abandoned(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.dir.mkdir()
+        return self
+
+    def write_table(self, table: pa.Table, prefix: str = "part") -> str:
+        """Write one zstd Parquet part named ``<prefix>-NNNNN.parquet``; returns its name."""
+        n = self._parts.get(prefix, 0)
+        self._parts[prefix] = n + 1
+        name = f"{prefix}-{n:05d}.parquet"
+        pq.write_table(table, self.dir / name, compression="zstd")
+        self._rows[name] = table.num_rows
+        return name
+
+    def set_rows(self, name: str, rows: int) -> None:
+        """Record a row count for a non-Parquet file (e.g. documents in a token shard)."""
+        self._rows[name] = rows
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        try:
+            self._publish()
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def _publish(self) -> None:
+        entries = []
+        for p in sorted(q for q in self.dir.rglob("*") if q.is_file()):
+            rel = str(p.relative_to(self.dir))
+            _fsync_file(p)
+            entries.append(FileEntry(rel, p.stat().st_size, _sha256_file(p), self._rows.get(rel)))
+        manifest = Manifest(
+            stage=self.stage,
+            key=self.key,
+            parents=self.parents,
+            config=self.config,
+            code_version=self.code_version,
+            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+            files=entries,
+            counters=self.counters,
+            meta=self.meta,
+            root=str(self.store.root),
+        )
+        d = manifest.to_dict()
+        d.pop("root")
+        (self.dir / MANIFEST).write_text(json.dumps(d, indent=2, default=str))
+        _fsync_file(self.dir / MANIFEST)
+        _fsync_dir(self.dir)
+        final = self.store.artifact_dir(self.stage, self.key)
+        if final.exists():
+            # Same key means same content: another run published it first. Keep theirs.
+            shutil.rmtree(self.dir, ignore_errors=True)
+            existing = self.store.load(self.stage, self.key)
+            if existing is None:
+                raise ArtifactError(f"artifact {self.stage}/{self.key}: directory exists without a manifest")
+            self.manifest = existing
+            return
+        os.rename(self.dir, final)
+        _fsync_dir(final.parent)
+        self.manifest = manifest
+
+
+def read_table(manifest: Manifest, prefix: str = "part", columns: list[str] | None = None) -> pa.Table:
+    """All ``<prefix>-*.parquet`` parts of an artifact as one table (empty if none)."""
+    parts = [manifest.path(f.path) for f in manifest.files_with_prefix(prefix + "-") if f.path.endswith(".parquet")]
+    if not parts:
+        return pa.table({})
+    tables = [pq.read_table(p, columns=columns) for p in parts]
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def iter_batches(manifest: Manifest, prefix: str = "part", batch_size: int = 4096, columns: list[str] | None = None):
+    """Stream record batches over an artifact's parts without loading them all."""
+    for f in manifest.files_with_prefix(prefix + "-"):
+        if f.path.endswith(".parquet"):
+            yield from pq.ParquetFile(manifest.path(f.path)).iter_batches(batch_size=batch_size, columns=columns)

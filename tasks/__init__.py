@@ -1,0 +1,1 @@
+"""One module per pipeline stage: a plain ``run(store, cfg, **inputs) -> Manifest`` and a thin Prefect task."""

@@ -1,0 +1,20 @@
+"""Test-wide settings: one torch thread, isolated Prefect state, offline telemetry."""
+
+import os
+import tempfile
+
+_prefect_home = tempfile.mkdtemp(prefix="lmforge-prefect-")
+os.environ.setdefault("PREFECT_HOME", _prefect_home)
+os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(_prefect_home, "results"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lmforge")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # storage-only environments
+    pass

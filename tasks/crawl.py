@@ -1,0 +1,446 @@
+"""The polite breadth-first web crawler behind ``ingest`` (kind ``crawl``).
+
+Design decisions:
+
+- Level-synchronous breadth-first search: every URL at depth d is fetched (by a small
+  thread pool) before any URL at depth d+1, and results are consumed in frontier order
+  on the calling thread. The documents, their order and the WARC are therefore the same
+  on every run over an unchanged site, whatever the thread timing.
+- Scope is the seeds' hosts (scheme, host and port). Links come from ``<a href>`` only,
+  normalised (lower-case scheme and host, default port dropped, fragment stripped,
+  percent-encoding requoted) so one page is one URL.
+- robots.txt follows RFC 9309: fetched once per host before any page; a 2xx body is
+  parsed, a 4xx (404 included) allows everything, a 5xx disallows everything, and an
+  unreachable host drops its pages with the fetch error. A larger ``Crawl-delay`` wins.
+- Politeness: request starts to one host are spaced by the delay across all threads.
+- Retries: timeouts, connection errors, 5xx and 429, with exponential backoff; a
+  ``Retry-After`` is honoured when it is at most ``max_retry_after_seconds``.
+- Redirects are followed by hand so every hop is checked against the scope, robots.txt
+  and the hop limit. A redirect onto a URL already queued is a ``duplicate_url`` drop:
+  that URL is (or was) fetched on its own, so no page is stored twice.
+- The Content-Type is checked from the headers before any body is read, and a body is
+  read only up to ``max_bytes``. ``Accept-Encoding: identity`` keeps the archived bytes
+  exactly what the server sent.
+- http.client (standard library) does the HTTP: one connection per request, no hidden
+  retries or redirects, and socket timeouts that surface as ``TimeoutError``.
+- Every kept page is archived as a WARC request/response pair (warcio, one gzip member
+  per record), so the crawl can be re-ingested later with kind ``warc``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import email.utils
+import http.client
+import re
+import ssl
+import threading
+import time
+import urllib.robotparser
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote, urldefrag, urljoin, urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+from resiliparse.parse.encoding import detect_encoding
+from resiliparse.parse.html import HTMLTree
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from tasks.common import StageConfig, stage_logger
+
+log = stage_logger("ingest")
+
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+REDIRECT_STATUSES = {301, 302, 303, 307, 308}
+_CHARSET = re.compile(r"charset\s*=\s*[\"']?([^\"';\s]+)", re.I)
+_SAFE = "/%:@!$&'()*+,;=-._~"
+
+
+class CrawlConfig(StageConfig):
+    """Where to crawl and how politely."""
+
+    seeds: list[str] = Field(["http://127.0.0.1:8000/"], min_length=1, description="Start URLs (http/https); the crawl stays on their hosts. The default is what `python -m http.server` serves.")
+    max_pages: int = Field(10_000, ge=1, le=10_000_000, description="Most URLs attempted (kept + dropped) before stopping.")
+    max_depth: int = Field(5, ge=0, le=100, description="Most links followed from a seed (seeds are depth 0).")
+    delay_seconds: float = Field(1.0, ge=0.0, le=600.0, description="Least time between two request starts to one host; robots.txt Crawl-delay wins when larger.")
+    workers: int = Field(4, ge=1, le=64, description="Concurrent fetches (threads); the per-host delay still applies.")
+    timeout_seconds: float = Field(10.0, gt=0.0, le=600.0, description="Time limit of one request: connect, each read, and the whole body.")
+    retries: int = Field(2, ge=0, le=10, description="Extra attempts after a timeout, connection error, 5xx or 429.")
+    backoff_seconds: float = Field(1.0, ge=0.0, le=600.0, description="First retry waits this long, doubling on each further retry.")
+    max_retry_after_seconds: float = Field(30.0, ge=0.0, le=3600.0, description="Longest Retry-After honoured; a longer one gives the page up.")
+    max_bytes: int = Field(5_000_000, ge=1024, description="Largest body read; a larger page is dropped as too_large.")
+    max_redirects: int = Field(5, ge=0, le=50, description="Most redirect hops followed for one URL (RFC 9309 asks for at least 5).")
+    user_agent: str = Field("lmforge-crawler/0.1", min_length=1, description="User-Agent header, also the name matched against robots.txt rules.")
+
+    @field_validator("seeds")
+    @classmethod
+    def _http_seeds(cls, seeds: list[str]) -> list[str]:
+        for s in seeds:
+            if urlsplit(s).scheme not in ("http", "https") or not urlsplit(s).hostname:
+                raise ValueError(f"seed {s!r} is not an http(s) URL")
+        return seeds
+
+
+@dataclass
+class Page:
+    """A document the source yields: what the ingest artifact stores per row."""
+
+    url: str
+    fetched_at: str
+    http_status: int | None
+    content_type: str
+    charset: str | None
+    body: bytes
+
+
+@dataclass
+class Drop:
+    """A URL or record given up, with a snake_case reason and a human detail."""
+
+    url: str
+    reason: str
+    detail: str
+    fetched_at: str = ""
+    http_status: int | None = None
+
+
+@dataclass
+class _Fetched:
+    """One crawled page plus what the WARC and the frontier need."""
+
+    page: Page
+    request_line: str
+    request_headers: list[tuple[str, str]]
+    protocol: str
+    status_line: str
+    headers: list[tuple[str, str]]
+    links: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Response:
+    """One HTTP answer; ``body`` is None when it was not read (not 2xx, or not wanted)."""
+
+    protocol: str
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes | None
+
+
+class _Failure(Exception):
+    """A fetch outcome that ends in a drop (after retries where they apply)."""
+
+    def __init__(self, reason: str, detail: str, status: int | None = None, retry: bool = False):
+        super().__init__(detail)
+        self.reason, self.detail, self.status, self.retry = reason, detail, status, retry
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def normalize_url(url: str) -> str | None:
+    """Canonical form of an http(s) URL, or None for anything else (mailto:, javascript:...)."""
+    url = urldefrag(url.strip())[0]
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        host = parts.hostname.encode("idna").decode("ascii")
+        port = parts.port
+    except (UnicodeError, ValueError):
+        return None
+    netloc = host if port is None or port == {"http": 80, "https": 443}[scheme] else f"{host}:{port}"
+    return urlunsplit((scheme, netloc, quote(parts.path or "/", safe=_SAFE), quote(parts.query, safe=_SAFE + "?"), ""))
+
+
+def host_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def media_type(headers: list[tuple[str, str]]) -> tuple[str, str | None]:
+    """(lower-case media type, charset or None) from the Content-Type header."""
+    value = next((v for k, v in headers if k.lower() == "content-type"), "")
+    m = _CHARSET.search(value)
+    return value.split(";")[0].strip().lower(), (m.group(1).lower() if m else None)
+
+
+def extract_links(body: bytes, charset: str | None, base_url: str) -> list[str]:
+    """Normalised absolute http(s) links of ``<a href>``, in document order, unique."""
+    tree = HTMLTree.parse_from_bytes(body, charset or detect_encoding(body) or "utf-8")
+    if tree.document is None:
+        return []
+    base = tree.document.query_selector("base[href]")
+    base_url = urljoin(base_url, base.getattr("href")) if base is not None else base_url
+    links: dict[str, None] = {}
+    # .values() materialises the node list at once; iterating it node by node is quadratic.
+    for a in tree.document.query_selector_all("a[href]").values():
+        url = normalize_url(urljoin(base_url, a.getattr("href")))
+        if url:
+            links[url] = None
+    return list(links)
+
+
+def _retry_after(headers: list[tuple[str, str]]) -> float | None:
+    value = next((v for k, v in headers if k.lower() == "retry-after"), None)
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - _dt.datetime.now(_dt.timezone.utc)).total_seconds()) if when.tzinfo else None
+
+
+class _HostGate:
+    """Spaces request starts to one host by ``delay`` seconds, across threads."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.delay
+        if start > now:
+            time.sleep(start - now)
+
+
+class Crawler:
+    """One crawl: call :meth:`crawl` once and consume its pages and drops."""
+
+    def __init__(self, cfg: CrawlConfig):
+        self.cfg = cfg
+        self.stats = {"requests": 0, "retries": 0, "bytes_fetched": 0, "redirects": 0}
+        self._stats_lock = threading.Lock()
+        self._gates: dict[str, _HostGate] = {}
+        self._robots: dict[str, urllib.robotparser.RobotFileParser | _Failure] = {}
+        self._known: frozenset[str] = frozenset()  # URLs queued before the current level
+        self._ssl = ssl.create_default_context()
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[name] += n
+
+    # --- HTTP ----------------------------------------------------------------------------
+
+    def _request_headers(self) -> list[tuple[str, str]]:
+        return [("User-Agent", self.cfg.user_agent), ("Accept", "text/html,application/xhtml+xml;q=0.9,*/*;q=0.1"), ("Accept-Encoding", "identity")]
+
+    def _once(self, url: str, want_body) -> _Response:
+        """One GET, no retries. ``want_body(status, headers)`` says whether to read the body."""
+        parts = urlsplit(url)
+        conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        kwargs = {"context": self._ssl} if parts.scheme == "https" else {}
+        conn = conn_cls(parts.hostname, parts.port, timeout=self.cfg.timeout_seconds, **kwargs)
+        gate = self._gates.get(host_of(url))
+        if gate is not None:
+            gate.wait()
+        deadline = time.monotonic() + self.cfg.timeout_seconds
+        self._count("requests")
+        try:
+            conn.request("GET", urlunsplit(("", "", parts.path or "/", parts.query, "")), headers=dict(self._request_headers()))
+            resp = conn.getresponse()
+            headers = resp.getheaders()
+            body = None
+            if want_body(resp.status, headers):
+                chunks, size = [], 0
+                while chunk := resp.read(1 << 16):
+                    size += len(chunk)
+                    if size > self.cfg.max_bytes:
+                        raise _Failure("too_large", f"body exceeds max_bytes={self.cfg.max_bytes}", resp.status)
+                    if time.monotonic() > deadline:
+                        raise _Failure("timeout", f"body not read within {self.cfg.timeout_seconds}s", resp.status, retry=True)
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+                self._count("bytes_fetched", size)
+            return _Response("HTTP/1.0" if resp.version == 10 else "HTTP/1.1", resp.status, resp.reason, headers, body)
+        except TimeoutError as e:
+            raise _Failure("timeout", f"no answer within {self.cfg.timeout_seconds}s ({e})", retry=True) from e
+        except (OSError, http.client.HTTPException) as e:
+            raise _Failure("connection_error", f"{type(e).__name__}: {e}", retry=True) from e
+        finally:
+            conn.close()
+
+    def _get(self, url: str, want_body) -> _Response:
+        """GET with retries on transient failures; a 5xx/429 that persists becomes a response."""
+        for attempt in range(self.cfg.retries + 1):
+            last = attempt == self.cfg.retries
+            try:
+                resp = self._once(url, want_body)
+            except _Failure as f:
+                if not f.retry or last:
+                    raise
+                wait = self.cfg.backoff_seconds * 2**attempt
+            else:
+                if resp.status not in RETRY_STATUSES or last:
+                    return resp
+                after = _retry_after(resp.headers)
+                if after is not None and after > self.cfg.max_retry_after_seconds:
+                    return resp
+                wait = after if after is not None else self.cfg.backoff_seconds * 2**attempt
+            self._count("retries")
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    # --- robots.txt -----------------------------------------------------------------------
+
+    def _load_robots(self, host: str) -> None:
+        url = host + "/robots.txt"
+        rp = urllib.robotparser.RobotFileParser(url)
+        try:
+            for _ in range(self.cfg.max_redirects + 1):
+                resp = self._get(url, lambda status, _: 200 <= status < 300)
+                location = next((v for k, v in resp.headers if k.lower() == "location"), None)
+                target = normalize_url(urljoin(url, location)) if location and resp.status in REDIRECT_STATUSES else None
+                if target is None:
+                    break
+                url = target
+        except _Failure as f:
+            self._robots[host] = _Failure(f.reason, f"robots.txt unreachable: {f.detail}")
+            return
+        if 200 <= resp.status < 300 and resp.body is not None:
+            rp.parse(resp.body.decode("utf-8", "replace").splitlines())
+        elif resp.status >= 500:
+            rp.disallow_all = True
+        else:
+            rp.allow_all = True
+        self._robots[host] = rp
+        delay = rp.crawl_delay(self.cfg.user_agent) if 200 <= resp.status < 300 else None
+        if delay and float(delay) > self._gates[host].delay:
+            log.info("%s: robots.txt asks for Crawl-delay %ss", host, delay)
+            self._gates[host].delay = float(delay)
+
+    def _check_robots(self, url: str) -> None:
+        rules = self._robots[host_of(url)]
+        if isinstance(rules, _Failure):
+            raise rules
+        if not rules.can_fetch(self.cfg.user_agent, url):
+            reason = "robots.txt answered 5xx: everything disallowed" if rules.disallow_all else "disallowed by robots.txt"
+            raise _Failure("robots_disallowed", reason)
+
+    # --- pages ----------------------------------------------------------------------------
+
+    def _want_page_body(self, status: int, headers: list[tuple[str, str]]) -> bool:
+        if not 200 <= status < 300:
+            return False
+        ctype, _ = media_type(headers)
+        if ctype and ctype not in HTML_TYPES:
+            raise _Failure("not_html", f"Content-Type {ctype}", status)
+        length = next((v for k, v in headers if k.lower() == "content-length"), "")
+        if length.strip().isdigit() and int(length) > self.cfg.max_bytes:
+            raise _Failure("too_large", f"Content-Length {length} exceeds max_bytes={self.cfg.max_bytes}", status)
+        if any(k.lower() == "content-encoding" and v.strip().lower() not in ("", "identity") for k, v in headers):
+            raise _Failure("encoded_body", "server sent a Content-Encoding despite Accept-Encoding: identity", status)
+        return True
+
+    def _visit(self, url: str) -> _Fetched | Drop:
+        """Fetch one frontier URL, following redirects; runs on a pool thread."""
+        fetched_at = now_iso()
+        try:
+            self._check_robots(url)
+            current, hops = url, 0
+            while True:
+                resp = self._get(current, self._want_page_body)
+                location = next((v for k, v in resp.headers if k.lower() == "location"), None)
+                if resp.status not in REDIRECT_STATUSES or not location:
+                    break
+                hops += 1
+                self._count("redirects")
+                if hops > self.cfg.max_redirects:
+                    raise _Failure("too_many_redirects", f"more than {self.cfg.max_redirects} redirects", resp.status)
+                target = normalize_url(urljoin(current, location))
+                if target is None or host_of(target) not in self._gates:
+                    raise _Failure("off_host_redirect", f"redirects to {location}", resp.status)
+                if target in self._known:
+                    raise _Failure("duplicate_url", f"redirects to {target}, crawled on its own", resp.status)
+                self._check_robots(target)
+                current = target
+            if not 200 <= resp.status < 300:
+                raise _Failure(f"http_{resp.status}", f"HTTP {resp.status} {resp.reason}".strip(), resp.status)
+            ctype, charset = media_type(resp.headers)
+            body = resp.body or b""
+            if not ctype:
+                if not re.match(rb"\s*(<!doctype html|<html)", body[:1024], re.I):
+                    raise _Failure("not_html", "no Content-Type and the body is not HTML", resp.status)
+                ctype = "text/html"
+        except _Failure as f:
+            return Drop(url, f.reason, f.detail, fetched_at, f.status)
+        parts = urlsplit(current)
+        fetched = _Fetched(
+            page=Page(current, fetched_at, resp.status, ctype, charset, body),
+            request_line=f"GET {urlunsplit(('', '', parts.path or '/', parts.query, ''))} HTTP/1.1",
+            request_headers=[("Host", parts.netloc), *self._request_headers()],
+            protocol=resp.protocol,
+            status_line=f"{resp.status} {resp.reason}".strip(),
+            headers=[(k, v) for k, v in resp.headers if k.lower() != "transfer-encoding"],
+        )
+        fetched.links = extract_links(body, charset, current)
+        return fetched
+
+    def crawl(self, warc_path: Path) -> Iterator[Page | Drop]:
+        """Yield every attempted URL's outcome in breadth-first order; archive kept pages."""
+        cfg = self.cfg
+        seeds = list(dict.fromkeys(u for u in map(normalize_url, cfg.seeds) if u))
+        for host in dict.fromkeys(map(host_of, seeds)):
+            self._gates[host] = _HostGate(cfg.delay_seconds)
+            self._load_robots(host)
+        seen = set(seeds)
+        frontier, depth, attempted = seeds, 0, 0
+        pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="crawl")
+        try:
+            with open(warc_path, "wb") as f:
+                warc = WARCWriter(f, gzip=True)
+                warc.write_record(warc.create_warcinfo_record(warc_path.name, {"software": "lmforge ingest (crawl)", "format": "WARC File Format 1.0"}))
+                while frontier and attempted < cfg.max_pages:
+                    level = frontier[: cfg.max_pages - attempted]
+                    attempted += len(level)
+                    self._known = frozenset(seen)
+                    log.info("crawl depth %d: %d URLs (%d attempted so far)", depth, len(level), attempted)
+                    next_level: list[str] = []
+                    for url, result in zip(level, pool.map(self._visit, level)):
+                        if isinstance(result, Drop):
+                            yield result
+                            continue
+                        final = result.page.url
+                        if final != url:
+                            if final in seen:
+                                yield Drop(url, "duplicate_url", f"redirects to {final}, crawled on its own", result.page.fetched_at, result.page.http_status)
+                                continue
+                            seen.add(final)
+                        self._archive(warc, result)
+                        yield result.page
+                        if depth < cfg.max_depth:
+                            for link in result.links:
+                                if link not in seen and host_of(link) in self._gates:
+                                    seen.add(link)
+                                    next_level.append(link)
+                    frontier, depth = next_level, depth + 1
+        finally:
+            # An abandoned crawl (an error downstream) must not wait for the whole level.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _archive(self, warc: WARCWriter, f: _Fetched) -> None:
+        date = {"WARC-Date": f.page.fetched_at.replace("+00:00", "Z")}
+        req = warc.create_warc_record(
+            f.page.url, "request", warc_headers_dict=dict(date),
+            http_headers=StatusAndHeaders(f.request_line, f.request_headers, is_http_request=True),
+        )
+        resp = warc.create_warc_record(
+            f.page.url, "response", payload=BytesIO(f.page.body), length=len(f.page.body), warc_headers_dict=dict(date),
+            http_headers=StatusAndHeaders(f.status_line, f.headers, protocol=f.protocol),
+        )
+        warc.write_request_response_pair(req, resp)

@@ -1,0 +1,233 @@
+"""The crawler against a local site that misbehaves in every way ingest must survive."""
+
+from __future__ import annotations
+
+import collections
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+from storage.artifact import Store, read_table
+from tasks import ingest
+from tasks.crawl import CrawlConfig, extract_links, media_type, normalize_url
+
+PROSE = "<p>" + "The administrator checks every log file before the weekly meeting. " * 5 + "</p>"
+
+
+def page(*links: str) -> bytes:
+    anchors = "".join(f'<li><a href="{href}">{href}</a></li>' for href in links)
+    return f"<!DOCTYPE html><html><head><title>t</title></head><body><ul>{anchors}</ul>{PROSE}</body></html>".encode()
+
+
+class Site:
+    """A ThreadingHTTPServer on 127.0.0.1 whose pages misbehave on purpose; counts every hit."""
+
+    def __init__(self, robots: bytes | None = b"User-agent: *\nDisallow: /private/\n", robots_status: int = 200):
+        self.hits: collections.Counter[str] = collections.Counter()
+        self.robots, self.robots_status = robots, robots_status
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                site.hits[self.path] += 1
+                try:
+                    site.serve(self, site.hits[self.path])
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def send(h, status: int, body: bytes = b"", ctype: str = "text/html; charset=utf-8", headers: dict | None = None, length: bool = True):
+        h.send_response(status)
+        h.send_header("Content-Type", ctype)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        if length:
+            h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def serve(self, h, hit: int) -> None:
+        path = h.path
+        if path == "/robots.txt":
+            if self.robots is None:
+                return self.send(h, 404, b"not found")
+            return self.send(h, self.robots_status, self.robots, "text/plain")
+        if path == "/":
+            return self.send(h, 200, page(
+                "a.html", "a.html#section", "private/secret.html", "missing.html", "flaky.html", "broken.html", "busy.html",
+                "data.json", "big.html", "big-stream.html", "loop0", "go", "go2", "slow.html",
+                f"http://localhost:{self.port}/offhost.html", "mailto:someone@example.org", "javascript:void(0)"))
+        if path == "/a.html":
+            return self.send(h, 200, page("/", "b.html"))
+        if path == "/b.html":
+            return self.send(h, 200, page("c.html"))
+        if path in ("/c.html", "/target.html", "/offhost.html", "/private/secret.html"):
+            return self.send(h, 200, page())
+        if path == "/flaky.html":
+            return self.send(h, 500 if hit == 1 else 200, page())
+        if path == "/busy.html":
+            return self.send(h, 429, b"slow down", headers={"Retry-After": "0"}) if hit == 1 else self.send(h, 200, page())
+        if path == "/broken.html":
+            return self.send(h, 500, b"oops")
+        if path == "/data.json":
+            return self.send(h, 200, b'{"a": 1}', "application/json")
+        if path == "/big.html":
+            return self.send(h, 200, b"<html>" + b"x" * 200_000)
+        if path == "/big-stream.html":  # no Content-Length: only reading tells it is too large
+            h.close_connection = True
+            return self.send(h, 200, b"<html>" + b"x" * 200_000, length=False)
+        if path.startswith("/loop"):
+            return self.send(h, 302, headers={"Location": f"/loop{int(path[5:]) + 1}"})
+        if path == "/go":
+            return self.send(h, 301, headers={"Location": "/target.html"})
+        if path == "/go2":
+            return self.send(h, 302, headers={"Location": "/a.html"})
+        if path == "/slow.html":
+            time.sleep(6)
+            return self.send(h, 200, page())
+        return self.send(h, 404, b"not found")
+
+
+@pytest.fixture
+def site():
+    s = Site()
+    yield s
+    s.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def crawl_cfg(seeds: list[str], **kw) -> ingest.IngestConfig:
+    settings = dict(seeds=seeds, max_depth=2, delay_seconds=0.0, workers=4, timeout_seconds=1.5, retries=1,
+                    backoff_seconds=0.01, max_bytes=100_000, max_redirects=3)
+    settings.update(kw)
+    return ingest.IngestConfig(kind="crawl", crawl=settings)
+
+
+def test_crawl_keeps_good_pages_and_drops_each_failure_with_its_reason(site, tmp_path):
+    dead = f"http://127.0.0.1:{closed_port()}/"
+    store = Store(tmp_path / "store")
+    m = ingest.run(store, crawl_cfg([site.url + "/", dead]))
+
+    kept = read_table(m).to_pylist()
+    u = site.url
+    assert [r["url"] for r in kept] == [f"{u}/", f"{u}/a.html", f"{u}/flaky.html", f"{u}/busy.html", f"{u}/target.html", f"{u}/b.html"]
+    assert {r["source"] for r in kept} == {"crawl"}
+    assert all(r["http_status"] == 200 and r["content_type"] == "text/html" and r["charset"] == "utf-8" for r in kept)
+    assert kept[1]["body"] == page("/", "b.html")
+
+    dropped = {r["url"]: r["dropped_reason"] for r in read_table(m, "dropped").to_pylist()}
+    assert dropped == {
+        dead: "connection_error",
+        f"{u}/private/secret.html": "robots_disallowed",
+        f"{u}/missing.html": "http_404",
+        f"{u}/broken.html": "http_500",
+        f"{u}/data.json": "not_html",
+        f"{u}/big.html": "too_large",
+        f"{u}/big-stream.html": "too_large",
+        f"{u}/loop0": "too_many_redirects",
+        f"{u}/go2": "duplicate_url",
+        f"{u}/slow.html": "timeout",
+    }
+    c = m.counters
+    assert (c["docs_in"], c["docs_out"]) == (16, 6)
+    assert {r: v["docs"] for r, v in c["dropped"].items()} == collections.Counter(dropped.values())
+
+    # Retries: the flaky and busy pages twice, the broken one retries+1 times; robots.txt obeyed,
+    # depth and host limits kept, the fragment link and the seed's back-link not fetched again.
+    assert site.hits["/flaky.html"] == 2 and site.hits["/busy.html"] == 2 and site.hits["/broken.html"] == 2
+    assert site.hits["/a.html"] == 1 and site.hits["/robots.txt"] == 1
+    assert site.hits["/loop0"] == site.hits["/loop3"] == 1 and "/loop4" not in site.hits
+    for never in ("/private/secret.html", "/c.html", "/offhost.html"):
+        assert never not in site.hits
+    assert m.meta["retries"] == 5  # flaky, busy, broken, slow and the dead host's robots.txt, once each
+    assert m.meta["body_bytes"] == sum(len(r["body"]) for r in kept)
+
+    # The WARC archive holds a request/response pair per kept page, bodies identical.
+    responses, requests = {}, []
+    for rec in ArchiveIterator(str(m.path(ingest.WARC_NAME)), record_types=WarcRecordType.response | WarcRecordType.request):
+        uri = rec.headers.get("WARC-Target-URI")
+        if rec.record_type == WarcRecordType.response:
+            assert rec.http_headers.status_code == 200
+            responses[uri] = rec.reader.read()
+        else:
+            requests.append(uri)
+    assert responses == {r["url"]: r["body"] for r in kept}
+    assert sorted(requests) == sorted(responses)
+
+
+def test_rerun_is_a_cache_hit_and_a_new_snapshot_fetches_again(site, tmp_path):
+    store = Store(tmp_path / "store")
+    cfg = crawl_cfg([site.url + "/a.html"], max_depth=0)
+    first = ingest.run(store, cfg)
+    again = ingest.run(store, cfg)
+    assert again.key == first.key and again.created_at == first.created_at
+    assert site.hits["/a.html"] == 1
+    fresh = ingest.run(store, cfg.model_copy(update={"snapshot": "2026-11-23"}))
+    assert fresh.key != first.key and site.hits["/a.html"] == 2
+
+
+def test_robots_5xx_disallows_and_robots_404_allows(tmp_path):
+    down = Site(robots=b"", robots_status=503)
+    missing = Site(robots=None)
+    try:
+        store = Store(tmp_path / "store")
+        with pytest.raises(ingest.StageError, match="robots_disallowed: 1"):
+            ingest.run(store, crawl_cfg([down.url + "/a.html"], max_depth=0, retries=0))
+        assert "/a.html" not in down.hits
+        assert not (store.root / "ingest").exists() or not any((store.root / "ingest").iterdir())
+        m = ingest.run(store, crawl_cfg([missing.url + "/a.html"], max_depth=0))
+        assert m.counters["docs_out"] == 1
+    finally:
+        down.close()
+        missing.close()
+
+
+def test_max_pages_bounds_the_attempts(site, tmp_path):
+    m = ingest.run(Store(tmp_path), crawl_cfg([site.url + "/"], max_pages=3))
+    assert m.counters["docs_in"] == 3
+    assert [r["url"] for r in read_table(m).to_pylist()] == [site.url + "/", site.url + "/a.html"]
+
+
+def test_normalize_url():
+    assert normalize_url("HTTP://Example.COM:80/a b/c?x=1 2#frag") == "http://example.com/a%20b/c?x=1%202"
+    assert normalize_url("https://example.com:8443") == "https://example.com:8443/"
+    assert normalize_url("https://example.com:443/p%20q") == "https://example.com/p%20q"
+    assert normalize_url("mailto:a@b.c") is None
+    assert normalize_url("javascript:void(0)") is None
+    assert normalize_url("http:///nohost") is None
+
+
+def test_extract_links_resolves_base_and_dedups():
+    html = b'<html><head><base href="/docs/"></head><body><a href="x.html">1</a><a href="x.html#top">2</a>' \
+           b'<a href="//other.org/y">3</a><a href="mailto:z@z.z">4</a><a>no href</a></body></html>'
+    assert extract_links(html, "utf-8", "http://h.org/index.html") == ["http://h.org/docs/x.html", "http://other.org/y"]
+
+
+def test_media_type_and_config_validation():
+    assert media_type([("Content-Type", 'text/HTML; Charset="ISO-8859-1"')]) == ("text/html", "iso-8859-1")
+    assert media_type([]) == ("", None)
+    with pytest.raises(ValueError, match="not an http"):
+        CrawlConfig(seeds=["ftp://example.org/"])
+    with pytest.raises(ValueError):
+        CrawlConfig(seeds=[])

@@ -1,0 +1,196 @@
+"""Dedup stage: planted exact and near duplicates found, distinct documents left alone, bands grouped by DuckDB."""
+
+import random
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+from datasketch import MinHash
+
+from storage.artifact import Store, read_table
+from storage.documents import make_doc_id
+from tasks import dedup, minhash
+from tasks.common import StageError
+
+RNG = random.Random(7)
+VOCAB = sorted({"".join(RNG.choice("abcdefghiklmnoprstuvwy") for _ in range(RNG.randint(3, 9))) for _ in range(3000)})
+
+
+def words(n, rng):
+    return [rng.choice(VOCAB) for _ in range(n)]
+
+
+def edit(ws, positions, rng):
+    """A copy with the words at ``positions`` replaced: Jaccard of 5-grams stays above 0.9 for 2 edits in 300 words."""
+    ws = list(ws)
+    for p in positions:
+        ws[p] = rng.choice(VOCAB) + "x"
+    return ws
+
+
+def corpus():
+    """(url, text) rows and the expected outcome, in artifact order.
+
+    - 40 distinct 300-word documents (d0..d39);
+    - near duplicates: d0 has two edited copies after it, d1 one; d2's edited copy comes
+      *before* d2, so the copy is the one kept;
+    - exact duplicates by case, whitespace and punctuation: of d3, of d4, and of d0's first
+      copy (an exact twin of a near duplicate);
+    - distinct look-alikes: d5 and d6 share their first 40% of words (Jaccard ~0.25);
+    - short texts under 5 words: "Hello, world!" and its exact twin; "Hello there" (distinct);
+    - a null text.
+    """
+    rng = random.Random(1)
+    base = [words(300, rng) for _ in range(40)]
+    base[6] = base[5][:120] + words(180, rng)
+    text = {f"d{i}": " ".join(ws) for i, ws in enumerate(base)}
+    text["d0_a"] = " ".join(edit(base[0], [50, 200], rng))
+    text["d0_b"] = " ".join(edit(base[0], [10, 150], rng))
+    text["d1_a"] = " ".join(edit(base[1], [100, 250], rng))
+    text["d2_a"] = " ".join(edit(base[2], [30, 270], rng))
+    text["d3_x"] = text["d3"].upper()
+    text["d4_x"] = "  " + text["d4"].replace(" ", "\n\t ", 20) + "\n"
+    text["d0_a_x"] = text["d0_a"].replace(" ", ", ", 10).title()
+    text["s1"], text["s1_x"], text["s2"] = "Hello, world!", "hello   WORLD", "Hello there"
+    text["null"] = None
+    order = ["d2_a"] + [f"d{i}" for i in range(40)] + ["d0_a", "d0_b", "d1_a", "d3_x", "d4_x", "d0_a_x", "s1", "s1_x", "s2", "null"]
+    return [(name, text[name]) for name in order]
+
+
+def publish(store, rows, key="docs", per_part=16):
+    table = [{"doc_id": make_doc_id(f"https://example.org/{name}", t or ""), "url": f"https://example.org/{name}", "source": "test",
+              "fetched_at": "2026-11-01T00:00:00Z", "text": t} for name, t in rows]
+    with store.writer("extract", key) as w:
+        for i in range(0, len(table), per_part):
+            w.write_table(pa.Table.from_pylist(table[i : i + per_part]))
+    return w.manifest, {name: row["doc_id"] for (name, _), row in zip(rows, table)}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    store = Store(tmp_path_factory.mktemp("dedup"))
+    docs, ids = publish(store, corpus())
+    return store, docs, ids, dedup.run(store, dedup.DedupConfig(), docs=docs)
+
+
+def by_name(table, ids):
+    names = {v: k for k, v in ids.items()}
+    return {names[r["doc_id"]]: r for r in table.to_pylist()}
+
+
+def test_planted_duplicates_found_and_distinct_docs_kept(result):
+    _, _, ids, m = result
+    assert m.counters["docs_in"] == 51
+    assert {r: v["docs"] for r, v in m.counters["dropped"].items()} == {"exact_duplicate": 4, "near_duplicate": 4, "missing_text": 1}
+    kept = by_name(read_table(m), ids)
+    assert set(kept) == {"d2_a", "s1", "s2"} | {f"d{i}" for i in range(40) if i != 2}
+    dropped = by_name(read_table(m, "dropped"), ids)
+    expected = {  # name: (reason, duplicate_of, cluster)
+        "d0_a": ("near_duplicate", "d0", "d0"), "d0_b": ("near_duplicate", "d0", "d0"), "d1_a": ("near_duplicate", "d1", "d1"),
+        "d2": ("near_duplicate", "d2_a", "d2_a"), "d3_x": ("exact_duplicate", "d3", "d3"), "d4_x": ("exact_duplicate", "d4", "d4"),
+        "d0_a_x": ("exact_duplicate", "d0_a", "d0"), "s1_x": ("exact_duplicate", "s1", "s1"),
+    }
+    for name, (reason, dup_of, cluster) in expected.items():
+        row = dropped[name]
+        assert (row["dropped_reason"], row["duplicate_of"], row["cluster_id"]) == (reason, ids[dup_of], ids[cluster]), name
+    assert dropped["null"]["dropped_reason"] == "missing_text" and dropped["null"]["cluster_id"] is None
+    assert all(row["cluster_id"] == row["doc_id"] for row in kept.values())  # a kept doc names its own cluster
+    assert m.meta["clusters"] == 6  # d0 (4 docs), d1, d2_a, d3, d4, s1
+    assert m.meta["largest_cluster"] == 4
+
+
+def test_bands_are_grouped_by_duckdb(result):
+    _, _, ids, m = result
+    bands = [str(m.path(f.path)) for f in m.files_with_prefix("bands-")]
+    assert len(bands) == 4  # one per input part (51 rows in parts of 16)
+    con = duckdb.connect()
+    n, per_doc = con.execute("SELECT count(*), count(*) / count(DISTINCT doc_id) FROM read_parquet($f)", {"f": bands}).fetchone()
+    assert (n, per_doc) == (46 * 14, 14)  # 51 rows - 4 exact twins - 1 null reach MinHash
+    pairs = con.execute(
+        """WITH b AS (SELECT list(doc_id ORDER BY doc_id) AS docs FROM read_parquet($f)
+                      GROUP BY band, band_hash HAVING count(*) > 1)
+           SELECT DISTINCT unnest(docs) AS d, docs FROM b""", {"f": bands}).fetchall()
+    names = {v: k for k, v in ids.items()}
+    groups = {frozenset(names[d] for d in docs) for _, docs in pairs}
+    assert set().union(*groups) == {"d0", "d0_a", "d0_b", "d1", "d1_a", "d2", "d2_a"}
+    assert m.meta["candidate_pairs"] == 4
+    assert dedup.candidate_buckets(bands) and all(len(b) > 1 for b in dedup.candidate_buckets(bands))
+
+
+def test_rerun_is_cached_and_config_changes_key(result):
+    store, docs, _, m = result
+    assert dedup.run(store, dedup.DedupConfig(), docs=docs).created_at == m.created_at
+    no_near = dedup.run(store, dedup.DedupConfig(near=False), docs=docs)
+    assert no_near.key != m.key and not no_near.files_with_prefix("bands-")
+    assert {r: v["docs"] for r, v in no_near.counters["dropped"].items()} == {"exact_duplicate": 4, "missing_text": 1}
+
+
+def test_verification_rejects_low_jaccard_candidates(tmp_path):
+    """With 56 bands x 2 rows, a pair at Jaccard ~0.33 is a candidate; verification at 0.8 rejects it."""
+    rng = random.Random(3)
+    a = words(300, rng)
+    rows = [("a", " ".join(a)), ("half", " ".join(a[:150] + words(150, rng))), ("copy", " ".join(edit(a, [100], rng)))]
+    store = Store(tmp_path)
+    docs, ids = publish(store, rows)
+    loose = dedup.DedupConfig(num_perm=112, bands=56, rows=2)
+    m = dedup.run(store, loose, docs=docs)
+    assert m.counters["dropped"]["near_duplicate"]["docs"] == 2
+    v = dedup.run(store, loose.model_copy(update={"verify_threshold": 0.8}), docs=docs)
+    assert v.counters["dropped"]["near_duplicate"]["docs"] == 1
+    assert by_name(read_table(v, "dropped"), ids)["copy"]["duplicate_of"] == ids["a"]
+    # Pairs checked: a-half (rejected), a-copy (accepted), half-copy (rejected: still another component).
+    assert (v.meta["verified_pairs"], v.meta["accepted_pairs"]) == (3, 1)
+
+
+def test_unspaced_scripts_shingle_by_character(tmp_path):
+    """Japanese has no spaces: characters are the words, so an edited copy still shares most 5-grams."""
+    rng = random.Random(4)
+    chars = "図書館駅近毎週水曜日子向読聞本借二間まであります。はのにをがでと"
+    a = "".join(rng.choice(chars) for _ in range(400))
+    b = a[:200] + "語" + a[201:]
+    c = "".join(rng.choice(chars) for _ in range(400))
+    assert len(minhash.normalize(a).split()) > 300
+    store = Store(tmp_path)
+    docs, ids = publish(store, [("a", a), ("b", b), ("c", c)])
+    m = dedup.run(store, dedup.DedupConfig(), docs=docs)
+    assert {r: v["docs"] for r, v in m.counters["dropped"].items()} == {"near_duplicate": 1}
+    assert by_name(read_table(m, "dropped"), ids)["b"]["duplicate_of"] == ids["a"]
+
+
+def test_signature_matches_datasketch_and_estimates_jaccard():
+    rng = random.Random(5)
+    a = words(400, rng)
+    b = a[:300] + words(100, rng)
+    sa = minhash.shingle_hashes(minhash.normalize(" ".join(a)), 5)
+    sb = minhash.shingle_hashes(minhash.normalize(" ".join(b)), 5)
+    reference = MinHash(num_perm=112, seed=1, hashfunc=lambda h: int(h) >> 32)
+    reference.update_batch(list(sa))
+    sig_a, sig_b = minhash.signature(sa, 112, 1), minhash.signature(sb, 112, 1)
+    assert np.array_equal(sig_a, reference.hashvalues)
+    true = minhash.jaccard(sa, sb)
+    assert true == pytest.approx(296 / 500, abs=0.01)
+    assert minhash.as_minhash(sig_a, 1).jaccard(minhash.as_minhash(sig_b, 1)) == pytest.approx(true, abs=0.15)
+
+
+def test_normalize_and_short_texts():
+    assert minhash.normalize("  Héllo,\tWORLD_2024!\n") == "hello world 0000"
+    short = minhash.shingle_hashes("hello world", 5)
+    assert len(short) == 1 and not np.array_equal(short, minhash.shingle_hashes("hello there", 5))
+    assert len(minhash.shingle_hashes("", 5)) == 1
+
+
+def test_bad_config_and_input(tmp_path):
+    with pytest.raises(ValueError, match="bands x rows must equal num_perm"):
+        dedup.DedupConfig(bands=10, rows=8)
+    with pytest.raises(ValueError):
+        dedup.DedupConfig(verify_threshold=1.5)
+    store = Store(tmp_path)
+    with store.writer("extract", "empty") as w:
+        pass
+    with pytest.raises(StageError, match="no documents"):
+        dedup.run(store, dedup.DedupConfig(), docs=w.manifest)
+    docs, _ = publish(store, [("a", "some text here")], key="one")
+    out = dedup.run(store, dedup.DedupConfig(), docs=docs)
+    with pytest.raises(StageError, match="already have"):
+        dedup.run(store, dedup.DedupConfig(), docs=out)

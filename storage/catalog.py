@@ -1,0 +1,236 @@
+"""The DuckDB catalog: artifact lineage and a queryable index of every tokenized document.
+
+It lives at ``<store>/catalog.duckdb`` and is derived data: everything in it comes from
+published manifests and ``index-*.parquet`` files, so deleting it and rerunning the
+shards stage (a cache hit) rebuilds it. Design decisions:
+
+- Three tables. ``artifacts`` (one row per artifact: lineage, config, counters, meta),
+  ``documents`` (one row per document of a shards artifact, the ``dataset``: metadata
+  plus where its tokens are), and ``token_shards`` (one row per ``.bin`` file, with its
+  absolute path and dtype). ``documents ⨝ token_shards`` turns a SQL filter into token
+  spans, which is how a finetune set or an eval slice is cut without copying data.
+- Every write is idempotent: ``register_artifact`` upserts, ``index_documents`` deletes
+  and reloads a dataset's rows in one transaction.
+- DuckDB lets one process at a time open the file for writing. A :class:`Catalog` is
+  opened, used and closed within a stage, never held across stages; opening waits up to
+  ``lock_timeout`` seconds for another process's lock to go away.
+- User filters are parsed as a single SQL expression (``duckdb.SQLExpression``) and
+  applied to a relation already restricted to one dataset, so a filter cannot reach past
+  its dataset or run a second statement; a bad one raises :class:`CatalogError` naming
+  the filter and DuckDB's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from storage.artifact import Manifest, Store
+
+log = logging.getLogger("lmforge.catalog")
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS artifacts (
+        ref VARCHAR PRIMARY KEY, stage VARCHAR NOT NULL, key VARCHAR NOT NULL, parents VARCHAR[],
+        config JSON, code_version VARCHAR, created_at TIMESTAMPTZ, counters JSON, meta JSON, root VARCHAR,
+        n_files INTEGER, bytes BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS documents (
+        dataset VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, url VARCHAR, source VARCHAR, lang VARCHAR,
+        lang_score DOUBLE, signals JSON, cluster_id VARCHAR, augmented_from VARCHAR, split VARCHAR NOT NULL,
+        shard VARCHAR NOT NULL, start BIGINT NOT NULL, n_tokens BIGINT NOT NULL, n_bytes BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS token_shards (
+        dataset VARCHAR NOT NULL, shard VARCHAR NOT NULL, split VARCHAR NOT NULL, path VARCHAR NOT NULL,
+        dtype VARCHAR NOT NULL, n_docs BIGINT, n_tokens BIGINT, PRIMARY KEY (dataset, shard))""",
+]
+DOCUMENT_COLUMNS = ["doc_id", "url", "source", "lang", "lang_score", "signals", "cluster_id", "augmented_from",
+                    "split", "shard", "start", "n_tokens", "n_bytes"]
+
+
+class CatalogError(RuntimeError):
+    """A catalog request cannot be answered; the message says which request and why."""
+
+
+class Catalog:
+    """The catalog file, open for one unit of work: ``with Catalog(store.catalog_path) as cat: ...``."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False, lock_timeout: float = 60.0):
+        self.path = Path(path)
+        if read_only and not self.path.exists():
+            raise CatalogError(f"no catalog at {self.path}: run the shards stage to create it")
+        self.con = _connect(self.path, read_only, lock_timeout)
+        if not read_only:
+            for ddl in SCHEMA:
+                self.con.execute(ddl)
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.con.close()
+
+    # --- lineage ---------------------------------------------------------------------
+
+    def register_artifact(self, manifest: Manifest) -> None:
+        """Insert or update one artifact's row."""
+        self.con.execute(
+            "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                manifest.ref, manifest.stage, manifest.key, list(manifest.parents),
+                json.dumps(manifest.config, default=str), manifest.code_version, manifest.created_at,
+                json.dumps(manifest.counters, default=str), json.dumps(manifest.meta, default=str), manifest.root,
+                len(manifest.files), sum(f.bytes for f in manifest.files),
+            ],
+        )
+
+    def register_lineage(self, store: Store, manifest: Manifest) -> list[str]:
+        """Register an artifact and all its ancestors; return the refs registered.
+
+        Parents are ``stage/key`` refs loaded from ``store``. An ancestor no longer in the
+        store is logged and skipped; its ref stays in its child's ``parents``.
+        """
+        seen: set[str] = set()
+        todo = [manifest]
+        with self._transaction():
+            while todo:
+                m = todo.pop()
+                if m.ref in seen:
+                    continue
+                seen.add(m.ref)
+                self.register_artifact(m)
+                for ref in m.parents:
+                    stage, _, key = ref.partition("/")
+                    parent = store.load(stage, key)
+                    if parent is None:
+                        log.warning("catalog: ancestor %s of %s is not in the store %s", ref, m.ref, store.root)
+                    elif parent.ref not in seen:
+                        todo.append(parent)
+        return sorted(seen)
+
+    def lineage(self, ref: str) -> list[dict[str, Any]]:
+        """Every registered ancestor of ``ref``, nearest first (depth 1 = a parent)."""
+        self._require_artifact(ref)
+        rows = self.con.execute(
+            """WITH RECURSIVE anc(ref, depth) AS (
+                   SELECT unnest(parents), 1 FROM artifacts WHERE ref = $1
+                   UNION
+                   SELECT unnest(a.parents), anc.depth + 1 FROM artifacts a JOIN anc ON a.ref = anc.ref)
+               SELECT anc.ref, a.stage, a.key, min(anc.depth) AS depth, a.code_version, a.created_at
+               FROM anc LEFT JOIN artifacts a ON a.ref = anc.ref
+               GROUP BY ALL ORDER BY depth, anc.ref""",
+            [ref],
+        ).fetchall()
+        keys = ["ref", "stage", "key", "depth", "code_version", "created_at"]
+        return [dict(zip(keys, r)) for r in rows]
+
+    # --- documents -------------------------------------------------------------------
+
+    def index_documents(self, manifest: Manifest) -> int:
+        """(Re)load a shards artifact's document index and shard list; return the document count."""
+        files = [str(manifest.path(f.path)) for f in manifest.files_with_prefix("index-") if f.path.endswith(".parquet")]
+        if not files or "dtype" not in manifest.meta:
+            raise CatalogError(f"artifact {manifest.ref} has no index-*.parquet or token dtype: not a shards artifact")
+        dtype = manifest.meta["dtype"]
+        shards = [
+            (manifest.ref, f.path, f.path.split("-")[1], str(manifest.path(f.path)), dtype, f.rows, f.bytes // np.dtype(dtype).itemsize)
+            for f in manifest.files_with_prefix("tokens-") if f.path.endswith(".bin")
+        ]
+        cols = ", ".join(DOCUMENT_COLUMNS)
+        try:
+            with self._transaction():
+                self.con.execute("DELETE FROM documents WHERE dataset = ?", [manifest.ref])
+                self.con.execute("DELETE FROM token_shards WHERE dataset = ?", [manifest.ref])
+                self.con.execute(f"INSERT INTO documents SELECT $1 AS dataset, {cols} FROM read_parquet($2)", [manifest.ref, files])
+                if shards:
+                    self.con.executemany("INSERT INTO token_shards VALUES (?, ?, ?, ?, ?, ?, ?)", shards)
+                return self._scalar("SELECT count(*) FROM documents WHERE dataset = ?", [manifest.ref])
+        except duckdb.Error as e:
+            raise CatalogError(f"cannot index artifact {manifest.ref}: {str(e).splitlines()[0]} (the catalog keeps its previous rows)") from e
+
+    def has_dataset(self, dataset_ref: str) -> bool:
+        """Whether a shards artifact's documents are indexed."""
+        return self._scalar("SELECT EXISTS (SELECT 1 FROM documents WHERE dataset = ?)", [dataset_ref])
+
+    def select_documents(self, dataset_ref: str, where_sql: str | None = None, split: str | None = None) -> pa.Table:
+        """Documents of one dataset matching a SQL filter (e.g. ``"lang = 'fr'"``), with token locations.
+
+        Columns: the ``documents`` columns plus ``path`` and ``dtype`` of each document's
+        shard, ordered by shard and offset (the order that reads the shards sequentially).
+        """
+        if not self.has_dataset(dataset_ref):
+            raise CatalogError(f"dataset {dataset_ref!r} is not indexed in {self.path}: run the shards stage that produces it")
+        rel = self.con.sql(
+            """SELECT d.* EXCLUDE (dataset), s.path, s.dtype
+               FROM documents d JOIN token_shards s USING (dataset, shard)
+               WHERE d.dataset = $1 AND ($2::VARCHAR IS NULL OR d.split = $2)""",
+            params=[dataset_ref, split],
+        )
+        try:
+            if where_sql is not None:
+                rel = rel.filter(duckdb.SQLExpression(where_sql))
+            return rel.order("shard, start").to_arrow_table()
+        except duckdb.Error as e:
+            reason = str(e).splitlines()[0]
+            raise CatalogError(
+                f"documents filter {where_sql!r} is not a valid SQL condition over the documents table: {reason} "
+                f"(columns: {', '.join(DOCUMENT_COLUMNS)}; e.g. \"lang = 'fr' AND lang_score > 0.9\")"
+            ) from None
+
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
+        """Run any SQL over the catalog; an Arrow table of the result (empty for statements)."""
+        rel = self.con.sql(sql, params=params)
+        return rel.to_arrow_table() if rel is not None else pa.table({})
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    def _scalar(self, sql: str, params: list[Any]) -> Any:
+        # fetchall, not fetchone: duckdb 2.0 refuses new work while a result is unfinished.
+        return self.con.execute(sql, params).fetchall()[0][0]
+
+    def _require_artifact(self, ref: str) -> None:
+        if not self._scalar("SELECT EXISTS (SELECT 1 FROM artifacts WHERE ref = ?)", [ref]):
+            raise CatalogError(f"artifact {ref!r} is not registered in {self.path}")
+
+
+def token_spans(table: pa.Table) -> list[tuple[str, int, int]]:
+    """``(shard path, start, n_tokens)`` of each row of :meth:`Catalog.select_documents`.
+
+    Feed them to :func:`storage.tokens.read_spans` with the table's ``dtype`` to
+    materialize a subset (each span ends with the EOT id).
+    """
+    missing = {"path", "start", "n_tokens"} - set(table.column_names)
+    if missing:
+        raise CatalogError(f"token_spans needs columns path, start, n_tokens; the table lacks {sorted(missing)}")
+    return list(zip(table.column("path").to_pylist(), table.column("start").to_pylist(), table.column("n_tokens").to_pylist()))
+
+
+def _connect(path: Path, read_only: bool, lock_timeout: float) -> duckdb.DuckDBPyConnection:
+    """Open the file, waiting while another process holds its lock."""
+    deadline = time.monotonic() + lock_timeout
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower() or time.monotonic() >= deadline:
+                raise CatalogError(f"cannot open the catalog {path}: {str(e).splitlines()[0]}") from e
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)

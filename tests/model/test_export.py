@@ -1,0 +1,157 @@
+"""ONNX export contracts: torch == ONNX fp32, INT8 close and fully quantized, ONNX generation == torch, the gate.
+
+One tiny model is trained (a few dozen steps on a repeated sentence, so its loss means
+something) and exported once for the whole module; every test reads that export.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model.config import GPTConfig
+from model.evaluate import EvalDoc
+from model.export import INT8_FILE, expected_matmul_integer, export_model, graph_signature, parity, release_gate
+from model.generate import generate
+from model.gpt import GPT
+from model.onnx_generate import OnnxGenerator, OnnxLM
+
+REPO = Path(__file__).resolve().parents[2]
+TEXT = "the cat sat on the mat. a dog ran to the park. "
+EOT = "<|endoftext|>"
+
+
+def build_tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT * 20], trainer)
+    return tok
+
+
+def train_tiny(tok: Tokenizer, eot_id: int) -> GPT:
+    """A few dozen AdamW steps on the repeated sentence; documents start after EOT as in the shards."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(cfg)
+    stream = np.array(([eot_id] + tok.encode(TEXT * 12).ids) * 4, dtype=np.int64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        starts = rng.integers(0, len(stream) - cfg.block_size - 1, 8)
+        x = torch.from_numpy(np.stack([stream[s : s + cfg.block_size] for s in starts]))
+        y = torch.from_numpy(np.stack([stream[s + 1 : s + 1 + cfg.block_size] for s in starts]))
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.set_num_threads(1)
+    tok = build_tokenizer()
+    eot_id = tok.token_to_id(EOT)
+    model = train_tiny(tok, eot_id)
+    d = tmp_path_factory.mktemp("export")
+    tok_file = d / "source-tokenizer.json"
+    tok.save(str(tok_file))
+    texts = [TEXT * 2, "a dog ran to the park. the cat sat", TEXT * 3 + "the cat"]
+    docs = [EvalDoc(np.array(tok.encode(t).ids + [eot_id]), len(t.encode()), g) for t, g in zip(texts, "xyx")]
+    result = export_model(model, d / "model", eot_id=eot_id, val_docs=docs, tokenizer_file=tok_file, threads=1)
+    return model, result, eot_id, tok
+
+
+def test_graph_keeps_batch_seq_and_past_symbolic(exported):
+    _, result, _, _ = exported
+    sig = graph_signature(result.dir / "model.onnx")
+    assert sig["input_ids"] == ["batch", "seq"]
+    assert sig["past_key"] == [2, "batch", 2, "past", 16] == sig["past_value"]
+    assert sig["logits"][:2] == ["batch", "seq"]
+    assert all(isinstance(sig["present_key"][a], str) for a in (1, 3))
+    meta = json.loads((result.dir / "export.json").read_text())
+    assert meta["gpt_config"]["n_layer"] == 2 and meta["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    assert set(meta["bytes"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json"}
+
+
+def test_onnx_fp32_matches_torch_on_prefill_and_decode_shapes(exported):
+    model, result, _, _ = exported
+    shapes = list(product((1, 3), (1, 7), (0, 5)))
+    assert parity(model, result.dir / "model.onnx", shapes, threads=1) < 1e-4
+
+
+def test_int8_quantizes_every_linear_including_the_lm_head(exported):
+    _, result, _, _ = exported
+    counts = result.meta["int8_op_counts"]
+    assert counts["MatMulInteger"] == expected_matmul_integer(2) == 15
+    assert counts["MatMul"] == 2 * 2  # only q@k^T and attn@v per block stay fp32 (no weights)
+    assert result.meta["bytes"]["model.int8.onnx"] < result.meta["bytes"]["model.onnx"]
+
+
+def test_int8_is_close_and_its_val_loss_within_a_few_percent(exported):
+    model, result, _, _ = exported
+    val = result.meta["val"]
+    assert abs(val["onnx_fp32"]["loss"] - val["torch"]["loss"]) < 1e-5
+    assert val["torch"]["loss"] < 1.5  # the model learned the sentence (uniform would be ln 290 = 5.7)
+    assert abs(val["onnx_int8"]["loss"] - val["onnx_fp32"]["loss"]) / val["onnx_fp32"]["loss"] < 0.05
+    assert result.verdict.passed, result.verdict.message
+    x = np.array([[5, 9, 30, 31, 7]])
+    lm = OnnxLM(result.dir / INT8_FILE, threads=1)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))[0].numpy()
+    assert np.abs(lm.logits(x) - ref).max() < 0.5
+    assert (lm.logits(x).argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+
+def test_onnx_greedy_generation_equals_torch_token_for_token(exported):
+    model, result, eot_id, tok = exported
+    prompt = [eot_id] + tok.encode("the cat").ids
+    want = generate(model, prompt, 40, temperature=0, eot_id=eot_id)
+    assert len(want) == 32 - len(prompt) + 1  # stopped when the context window was full
+    assert OnnxGenerator(result.dir, precision="fp32", threads=1).generate_ids(prompt, 40, temperature=0) == want
+    sampled = generate(model, prompt, 40, temperature=1.0, top_k=20, top_p=0.9, eot_id=eot_id, seed=3)
+    assert OnnxGenerator(result.dir, precision="fp32", threads=1).generate_ids(prompt, 40, temperature=1.0, top_k=20, top_p=0.9, seed=3) == sampled
+
+
+def test_gate_fails_with_a_message_naming_the_check(exported):
+    _, result, _, _ = exported
+    diff = result.meta["parity_max_abs_diff"]
+    fp32, int8 = result.meta["val"]["onnx_fp32"]["loss"], result.meta["val"]["onnx_int8"]["loss"]
+    strict = release_gate(diff, fp32, int8, max_logit_diff=1e-12)
+    assert not strict.passed and "ONNX fp32 differs from torch" in strict.message and "INT8" not in strict.message
+    assert not strict.checks["onnx_parity"]["passed"] and strict.checks["int8_val_loss"]["passed"]
+    worse = release_gate(1e-6, 2.00, 2.10)
+    assert not worse.passed and "INT8 val loss 2.1000 is +5.00%" in worse.message
+    assert release_gate(1e-6, 2.00, 2.03).passed
+
+
+def test_onnx_generate_runs_without_torch(exported):
+    _, result, _, _ = exported
+    script = (
+        "import json, sys\n"
+        "from model.onnx_generate import OnnxGenerator\n"
+        f"g = OnnxGenerator({str(result.dir)!r}, threads=1)\n"
+        "text = g.generate('the cat', max_new_tokens=30, temperature=0)\n"
+        "print(json.dumps({'text': text, 'torch': 'torch' in sys.modules}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False
+    assert out["text"] == OnnxGenerator(result.dir, threads=1).generate("the cat", max_new_tokens=30, temperature=0)
+    assert len(out["text"]) > 20 and ("the cat" + out["text"])[:40] in TEXT * 3
+
+
+def test_generator_names_a_missing_export(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an exported lmforge model"):
+        OnnxGenerator(tmp_path)

@@ -1,0 +1,134 @@
+"""The ``lmforge`` command: ``run`` the pipeline flow, ``generate`` with an exported model.
+
+``generate`` imports only onnxruntime, numpy and tokenizers: a deployed model needs no
+torch and no Prefect. ``run`` points Prefect's result storage into the artifact store
+(unless set), so a store and its cache records live and die together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def _prepare_environment(store: Path) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lmforge")
+    # Without a server Prefect starts a temporary one; on a loaded 2-core machine that can take 30 s+.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(store / "_prefect_results"))
+
+
+def _store_of(config_path: str) -> Path:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(config_path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        raw = {}
+    return Path(raw.get("store", ".lmforge/store") if isinstance(raw, dict) else ".lmforge/store").expanduser().resolve()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _prepare_environment(_store_of(args.config))
+    from flows.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"lmforge: {e}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.output_dir or f"runs/{config.name}").resolve()
+
+    from flows.pipeline import pipeline
+    from flows.summary import format_eval, format_funnel, format_stages, write_summary
+    from storage.artifact import Store
+
+    t0 = time.perf_counter()
+    try:
+        result = pipeline(config)
+    except Exception as e:  # the flow already logged the traceback; say it plainly
+        write_summary(out_dir, {"config": args.config, "status": "failed", "error": str(e), "seconds": time.perf_counter() - t0})
+        print(f"\nlmforge: the pipeline failed: {e}\nsummary: {out_dir / 'summary.json'}", file=sys.stderr)
+        return 1
+
+    store = Store(config.store)
+    records = result["records"]
+    report_m = store.load(*result["report"].split("/"))
+    export_m = store.load(*result["export"].split("/"))
+    report = json.loads(report_m.path("report.json").read_text())
+    model_dir = out_dir / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(export_m.dir, model_dir, ignore=shutil.ignore_patterns("manifest.json"))
+
+    from model.onnx_generate import OnnxGenerator
+
+    gen = OnnxGenerator(model_dir)
+    samples = [{"prompt": p, "completion": gen.generate(p, max_new_tokens=40, temperature=0.8, top_p=0.95, seed=0)} for p in config.evaluate.prompts]
+    summary = {
+        "config": str(Path(args.config).resolve()),
+        "status": "completed",
+        "seconds": round(time.perf_counter() - t0, 2),
+        "store": str(store.root),
+        "stages": {n: r.to_dict() for n, r in records.items()},
+        "evaluation": {k: v for k, v in report.items() if k != "generations"},
+        "export": {"artifact": export_m.ref, "dir": str(export_m.dir), "copied_to": str(model_dir), **export_m.meta},
+        "generations_int8": samples,
+    }
+    path = write_summary(out_dir, summary)
+
+    print("\n== stages ==\n" + format_stages(records))
+    print("\n== funnel (documents and whitespace words in/out, drops by reason) ==\n" + format_funnel(records))
+    print("\n== evaluation (held-out documents) ==\n" + format_eval(report))
+    print(f"\n== export ==\nINT8 ONNX model: {model_dir}  (artifact {export_m.dir})")
+    print("\n== generations from the INT8 ONNX model ==")
+    for s in samples:
+        print(f"> {s['prompt']}\n{s['completion']}\n")
+    print(f"summary: {path}\n{out_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from model.onnx_generate import OnnxGenerator
+
+    try:
+        gen = OnnxGenerator(Path(args.model))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"lmforge generate: {e}", file=sys.stderr)
+        return 2
+    print(gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmforge", description="Web text to a deployable small language model.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the whole pipeline flow on a YAML profile")
+    r.add_argument("--config", required=True, help="YAML profile, e.g. configs/demo.yaml")
+    r.add_argument("--output-dir", help="where summary.json and the exported model go (default runs/<name>)")
+    r.set_defaults(fn=cmd_run)
+    g = sub.add_parser("generate", help="generate text with an exported INT8 ONNX model (no torch needed)")
+    g.add_argument("--model", required=True, help="exported model directory (e.g. runs/demo/model)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The pipeline's configuration: one pydantic model with a section per stage.
+
+YAML profiles in ``configs/`` validate against :class:`PipelineConfig`; so do the
+Prefect UI's parameter forms, which render from the same models (every field has a
+description). Unknown keys and out-of-range values are errors that name the file,
+the key and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError
+
+from storage.documents import SplitConfig
+from tasks.augment import AugmentConfig
+from tasks.common import StageConfig
+from tasks.dedup import DedupConfig
+from tasks.evaluate import EvaluateConfig
+from tasks.export import ExportConfig
+from tasks.extract import ExtractConfig
+from tasks.filter import FilterConfig
+from tasks.finetune import FinetuneConfig
+from tasks.ingest import IngestConfig
+from tasks.pretrain import PretrainConfig
+from tasks.shards import ShardsConfig
+from tasks.tokenizer import TokenizerConfig
+
+
+class PipelineConfig(StageConfig):
+    """Every stage's settings, crawl to export."""
+
+    name: str = Field("lmforge", description="Name of this profile, shown in reports.")
+    store: str = Field(".lmforge/store", description="Root directory of artifacts and the DuckDB catalog (relative to the working directory). Use shared storage when workers run on several hosts.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Train/validation split by document hash.")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="Where documents come from: a crawl, WARC files or a directory.")
+    extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Main-content text extraction from HTML.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and MinHash near-duplicate removal.")
+    filter: FilterConfig = Field(default_factory=FilterConfig, description="Language identification and quality rules.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Back-translation augmentation.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Byte-level BPE training.")
+    shards: ShardsConfig = Field(default_factory=ShardsConfig, description="Token shards and the catalog.")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Model shape and pretraining budget.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="LoRA finetuning on a catalog subset.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Held-out evaluation and sample generations.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX + INT8 export and the release gate.")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, key and reason."""
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a YAML profile."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"[config] {path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"[config] {path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"[config] {path}: top level must be a mapping of stage sections")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"[config] {path}: {problems}") from None

@@ -1,0 +1,28 @@
+"""Flow: the whole pipeline, crawl to INT8 ONNX, as one run of nested subflows.
+
+    data-refresh -> pretrain -> finetune -> release
+
+Each subflow can also run alone (from the UI or a deployment); here each hands the
+artifact it produced to the next, so nothing upstream is re-resolved.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.config import PipelineConfig
+from flows.data_refresh import data_refresh
+from flows.finetune import finetune
+from flows.pretrain import pretrain
+from flows.release import release
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(config: PipelineConfig) -> dict:
+    """Run every stage; returns the refs of every artifact and every stage's record."""
+    data = data_refresh(config)
+    trained = pretrain(config, dataset=data["dataset"])
+    tuned = finetune(config, base_model=trained["model"])
+    released = release(config, model=tuned["model"])
+    records = {**data["records"], **trained["records"], **tuned["records"], **released["records"]}
+    return {**released, "records": records}

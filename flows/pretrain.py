@@ -1,0 +1,32 @@
+"""Flow: pretrain the GPT on a dataset version (torchrun child: DDP over nccl or gloo)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from prefect import flow
+from pydantic import Field
+
+from flows.config import PipelineConfig
+from flows.data_refresh import data_refresh
+from flows.records import StageRecord, run_stage
+from flows.refs import load_ref, parent_of
+from storage.artifact import Store
+from tasks import pretrain as pretrain_stage
+
+
+@flow(name="pretrain", log_prints=True)
+def pretrain(
+    config: PipelineConfig,
+    dataset: Annotated[str | None, Field(description="Shards artifact ref to train on ('shards/<key>'); empty builds it with data-refresh.")] = None,
+) -> dict:
+    """Returns ``{"dataset", "model", "records"}``."""
+    store = Store(config.store)
+    records: dict[str, StageRecord] = {}
+    if not dataset:
+        upstream = data_refresh(config)
+        dataset, records = upstream["dataset"], dict(upstream["records"])
+    data = load_ref(store, dataset, "shards")
+    tok = parent_of(store, data, "tokenizer")
+    model = run_stage(records, "pretrain", pretrain_stage.task, store=store, cfg=config.pretrain, shards=data, tokenizer=tok)
+    return {"dataset": dataset, "model": model.ref, "records": records}

@@ -1,0 +1,62 @@
+"""What a flow keeps of each stage it ran: state, cache hit, time, counts, artifact.
+
+Flows submit every stage through :func:`run_stage`, which waits for the result and
+records whether Prefect served it from cache. The records become ``summary.json``,
+the funnel table and the Prefect table artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from storage.artifact import Manifest
+
+
+@dataclass
+class StageRecord:
+    """One stage of one run, as the summary and the funnel show it."""
+
+    stage: str
+    status: str
+    cached: bool
+    seconds: float
+    artifact: str
+    docs_in: int | None = None
+    docs_out: int | None = None
+    words_in: int | None = None
+    words_out: int | None = None
+    dropped: dict[str, Any] = field(default_factory=dict)
+    counters: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def record_from(stage: str, manifest: Manifest, state_name: str, seconds: float) -> StageRecord:
+    c = dict(manifest.counters)
+    return StageRecord(
+        stage=stage,
+        status=state_name,
+        cached=state_name == "Cached",
+        seconds=round(seconds, 3),
+        artifact=manifest.ref,
+        docs_in=c.pop("docs_in", None),
+        docs_out=c.pop("docs_out", None),
+        words_in=c.pop("words_in", None),
+        words_out=c.pop("words_out", None),
+        dropped=c.pop("dropped", {}),
+        counters=c,
+        meta=manifest.meta,
+    )
+
+
+def run_stage(records: dict[str, StageRecord], stage: str, task, **kwargs) -> Manifest:
+    """Submit a stage task, wait for it, record its state; failures propagate to the flow."""
+    t0 = time.perf_counter()
+    future = task.submit(**kwargs)
+    manifest = future.result()
+    records[stage] = record_from(stage, manifest, future.state.name, time.perf_counter() - t0)
+    return manifest

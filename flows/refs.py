@@ -1,0 +1,31 @@
+"""Artifact references as flow parameters.
+
+Flows after data-refresh accept optional artifact refs (``"shards/<key>"``) so a person
+can train or release a specific dataset or model version from the UI; empty means
+"build it from the config", which runs the upstream flow (all cache hits when nothing
+changed).
+"""
+
+from __future__ import annotations
+
+from storage.artifact import Manifest, Store
+from tasks.common import StageError
+
+
+def load_ref(store: Store, ref: str, expect_stage: str) -> Manifest:
+    """The published manifest behind ``stage/key``, or a clear error."""
+    stage, _, key = ref.partition("/")
+    if stage != expect_stage or not key:
+        raise StageError(expect_stage, ref, f"expected an artifact ref like '{expect_stage}/<key>'")
+    m = store.load(stage, key)
+    if m is None:
+        raise StageError(expect_stage, ref, f"no such artifact in {store.root}", "run the upstream flow first or leave it empty")
+    return m
+
+
+def parent_of(store: Store, manifest: Manifest, stage: str) -> Manifest:
+    """The parent artifact of a given stage (e.g. the tokenizer of a shards artifact)."""
+    for ref in manifest.parents:
+        if ref.startswith(stage + "/"):
+            return load_ref(store, ref, stage)
+    raise StageError(manifest.stage, manifest.ref, f"has no {stage} parent")

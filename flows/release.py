@@ -1,0 +1,43 @@
+"""Flow: evaluate base and finetuned models, export ONNX + INT8, apply the release gate."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from prefect import flow
+from pydantic import Field
+
+from flows.config import PipelineConfig
+from flows.finetune import finetune
+from flows.records import StageRecord, run_stage
+from flows.refs import load_ref, parent_of
+from storage.artifact import Store
+from tasks import evaluate as evaluate_stage
+from tasks import export as export_stage
+
+
+@flow(name="release", log_prints=True)
+def release(
+    config: PipelineConfig,
+    model: Annotated[str | None, Field(description="Finetune artifact ref ('finetune/<key>'); empty builds it with the finetune flow.")] = None,
+) -> dict:
+    """Returns ``{"report", "export", "records", ...refs}``; fails when the release gate fails."""
+    store = Store(config.store)
+    records: dict[str, StageRecord] = {}
+    if not model:
+        upstream = finetune(config)
+        model, records = upstream["model"], dict(upstream["records"])
+    tuned = load_ref(store, model, "finetune")
+    base = parent_of(store, tuned, "pretrain")
+    data = parent_of(store, tuned, "shards")
+    tok = parent_of(store, data, "tokenizer")
+    report = run_stage(records, "evaluate", evaluate_stage.task, store=store, cfg=config.evaluate, base=base, finetuned=tuned, shards=data, tokenizer=tok)
+    exported = run_stage(records, "export", export_stage.task, store=store, cfg=config.export, model=tuned, shards=data, tokenizer=tok)
+    return {
+        "dataset": data.ref,
+        "base_model": base.ref,
+        "model": tuned.ref,
+        "report": report.ref,
+        "export": exported.ref,
+        "records": records,
+    }

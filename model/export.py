@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -102,8 +104,9 @@ def export_onnx(model: torch.nn.Module, out_dir: str | Path, opset: int | None =
     ids = torch.zeros((2, 2), dtype=torch.long)
     past_k, past_v = (torch.zeros(cfg.n_layer, 2, cfg.n_head, 2, cfg.head_dim) for _ in range(2))
     external = sum(p.numel() * 4 for p in gpt.parameters()) > _EXTERNAL_DATA_BYTES
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet("torch.onnx"):
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
         torch.onnx.export(
             _CachedStep(gpt).eval(),
             (ids, past_k, past_v),
@@ -130,8 +133,22 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> dict[str, int]
     """Dynamic INT8 (QInt8 weights) of an exported graph; returns the INT8 graph's op counts."""
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     external = fp32_path.stat().st_size > _EXTERNAL_DATA_BYTES or fp32_path.with_name(fp32_path.name + ".data").exists()
-    quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, use_external_data_format=external)
+    with _quiet(""):  # onnxruntime's advice to pre-process goes to the root logger on every call
+        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, use_external_data_format=external)
     return op_counts(out_path)
+
+
+@contextmanager
+def _quiet(logger_name: str):
+    """Raise a logger to ERROR for a block: the exporters' notices (missing torchvision ops,
+    pre-processing advice) are not problems of this export and would bury the real log."""
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def expected_matmul_integer(n_layer: int) -> int:

@@ -48,7 +48,14 @@ class StageError(RuntimeError):
 
 
 def stage_logger(stage: str) -> logging.Logger:
-    """Loggers under ``lmforge.`` reach the Prefect run log (PREFECT_LOGGING_EXTRA_LOGGERS)."""
+    """Loggers under ``lmforge.`` reach the Prefect run log (PREFECT_LOGGING_EXTRA_LOGGERS).
+
+    Prefect attaches its API handler to them but leaves their level at the root's
+    WARNING, which would drop every progress line: the package logger is set to INFO.
+    """
+    root = logging.getLogger("lmforge")
+    if root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
     return logging.getLogger(f"lmforge.{stage}")
 
 

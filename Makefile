@@ -41,7 +41,7 @@ debs:
 corpus: $(HANDBOOK)/en-US/index.html
 $(HANDBOOK)/en-US/index.html:
 	mkdir -p $(CACHE)/deb
-	cd $(CACHE)/deb && rm -f debian-handbook_*.deb && apt-get download debian-handbook
+	cd $(CACHE)/deb && rm -f debian-handbook_*.deb && (apt-get download debian-handbook || (apt-get update -qq && apt-get download debian-handbook))
 	rm -rf $(CACHE)/deb/x && dpkg-deb -x $(CACHE)/deb/debian-handbook_*.deb $(CACHE)/deb/x
 	rm -rf $(HANDBOOK) && mkdir -p $(dir $(HANDBOOK))
 	mv $(CACHE)/deb/x/usr/share/doc/debian-handbook/html $(HANDBOOK)

@@ -7,8 +7,8 @@ stream, the same batch geometry, the same optimizer settings and the same precis
 windows after warmup. MFU uses model.flops (6N + 12·L·H·Q·T per token, dense bf16 peak of
 the device).
 
-    python bench/pretrain_throughput.py --device cuda --sizes demo gpt2-small --compile
-    python bench/pretrain_throughput.py --device cpu --sizes demo --steps 12
+    python bench/pretrain_throughput.py --device cuda --sizes tiny gpt2-small --compile
+    python bench/pretrain_throughput.py --device cpu --sizes tiny --steps 12
 
 Writes ``bench/results/pretrain_throughput-<device>.json`` and ``.md`` (or ``--out DIR``).
 """
@@ -37,8 +37,8 @@ from model.optim import configure_optimizer  # noqa: E402
 from model.trainer import TrainConfig, Trainer  # noqa: E402
 
 SIZES = {
-    # the demo's model (configs/demo.yaml)
-    "demo": dict(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256, micro_batch=128),
+    # 5.3M parameters: 4 x 256, vocabulary 8192
+    "tiny": dict(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256, micro_batch=128),
     # GPT-2-small-sized Llama: 12 x 768, 1024 context
     "gpt2-small": dict(vocab_size=32768, block_size=1024, n_layer=12, n_head=12, n_embd=768, micro_batch=32),
 }
@@ -114,7 +114,7 @@ def bench_hf_llama(cfg: GPTConfig, micro_batch: int, data: TokenWindows, device:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", nargs="+", default=["demo"], choices=sorted(SIZES))
+    ap.add_argument("--sizes", nargs="+", default=["tiny"], choices=sorted(SIZES))
     ap.add_argument("--steps", type=int, default=60, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--window", type=int, default=10, help="steps per timed window (the median is over windows)")

@@ -31,7 +31,7 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH  # noqa: E402
 
 from storage.artifact import Store, read_table  # noqa: E402
 from tasks import dedup  # noqa: E402
-from tasks.minhash import normalize, shingle_hashes  # noqa: E402
+from tasks.minhash import normalize  # noqa: E402
 
 
 def machine() -> dict:
@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     summary = json.loads(Path(args.summary).read_text())
+    if all(s.get("cached") for s in summary["stages"].values()):
+        raise SystemExit(f"{args.summary} is a rerun served from cache: time a run on a fresh store "
+                         "(e.g. `rm -rf .lmforge/demo && make demo`)")
     store = Store(summary["store"])
     stages = {n: {k: s.get(k) for k in ("seconds", "cached", "docs_in", "docs_out", "words_out")} for n, s in summary["stages"].items()}
     result = {"machine": machine(), "demo_run": {"summary": args.summary, "total_seconds": summary["seconds"], "stages": stages},

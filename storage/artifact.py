@@ -303,6 +303,56 @@ class ArtifactWriter:
         self.manifest = manifest
 
 
+class PartBuffer:
+    """Buffers rows (dicts) or tables and writes ``<prefix>-NNNNN.parquet`` parts of bounded size.
+
+    A part closes at ``max_rows`` rows or when the rows' ``size_of`` reaches ``max_bytes``
+    (e.g. raw HTML bodies), so a stage streams any input with bounded memory.
+    """
+
+    def __init__(self, writer: "ArtifactWriter", prefix: str = "part", schema: pa.Schema | None = None,
+                 max_rows: int = 20_000, max_bytes: int = 128 << 20, size_of=None):
+        self.writer, self.prefix, self.schema = writer, prefix, schema
+        self.max_rows, self.max_bytes, self.size_of = max_rows, max_bytes, size_of
+        self._rows: list[dict] = []
+        self._tables: list[pa.Table] = []
+        self._n = 0
+        self._bytes = 0
+
+    def add(self, row: dict) -> None:
+        self._rows.append(row)
+        self._n += 1
+        if self.size_of is not None:
+            self._bytes += self.size_of(row)
+        if self._n >= self.max_rows or self._bytes >= self.max_bytes:
+            self.flush()
+
+    def add_table(self, table: pa.Table) -> None:
+        self._gather()
+        self._tables.append(table)
+        self._n += table.num_rows
+        while self._n >= self.max_rows:
+            self._write(self.max_rows)
+
+    def flush(self) -> None:
+        """Write what is buffered (nothing when empty)."""
+        self._gather()
+        while self._n:
+            self._write(min(self._n, self.max_rows))
+        self._bytes = 0
+
+    def _gather(self) -> None:
+        if self._rows:
+            self._tables.append(pa.Table.from_pylist(self._rows, schema=self.schema))
+            self._rows = []
+
+    def _write(self, n: int) -> None:
+        table = pa.concat_tables(self._tables) if len(self._tables) > 1 else self._tables[0]
+        self.writer.write_table(table.slice(0, n), self.prefix)
+        rest = table.slice(n)
+        self._tables, self._n = ([rest] if rest.num_rows else []), rest.num_rows
+
+
 def read_table(manifest: Manifest, prefix: str = "part", columns: list[str] | None = None) -> pa.Table:
     """All ``<prefix>-*.parquet`` parts of an artifact as one table (empty if none)."""
     parts = [manifest.path(f.path) for f in manifest.files_with_prefix(prefix + "-") if f.path.endswith(".parquet")]

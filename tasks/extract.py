@@ -36,7 +36,7 @@ from pydantic import Field
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 
-from storage.artifact import Manifest, Store, iter_batches
+from storage.artifact import Manifest, PartBuffer, Store, iter_batches
 from storage.documents import BASE_FIELDS, BASE_SCHEMA, Funnel
 from tasks.common import StageConfig, StageError, begin, code_version, stage_logger, stage_task
 
@@ -214,11 +214,10 @@ def run(store: Store, cfg: ExtractConfig, raw: Manifest) -> Manifest:
     if b.done:
         return b.done
     funnel = Funnel()
-    kept: list[dict] = []
-    dropped: list[dict] = []
-    kept_chars = 0
     columns = ["doc_id", "url", "source", "fetched_at", "content_type", "charset", "body"]
     with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w, ExtractorPool(cfg) as pool:
+        kept = PartBuffer(w, "part", BASE_SCHEMA, max_rows=PART_ROWS, max_bytes=PART_CHARS, size_of=lambda row: len(row["text"]))
+        dropped = PartBuffer(w, "dropped", DROPPED_SCHEMA, max_rows=PART_ROWS)
         for batch in iter_batches(raw, batch_size=BATCH_ROWS, columns=columns):
             rows = batch.to_pylist()
             outcomes = pool.map([(r["body"], r["content_type"], r["charset"]) for r in rows])
@@ -231,26 +230,17 @@ def run(store: Store, cfg: ExtractConfig, raw: Manifest) -> Manifest:
                 funnel.seen(text)
                 if reason is None:
                     funnel.kept(text)
-                    kept.append(doc)
-                    kept_chars += len(text)
+                    kept.add(doc)
                 else:
                     funnel.dropped(reason, text)
-                    dropped.append(doc | {"dropped_reason": reason, "detail": detail})
-            if len(kept) >= PART_ROWS or kept_chars >= PART_CHARS:
-                w.write_table(pa.Table.from_pylist(kept, schema=BASE_SCHEMA))
-                kept, kept_chars = [], 0
-            if len(dropped) >= PART_ROWS:
-                w.write_table(pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA), "dropped")
-                dropped = []
+                    dropped.add(doc | {"dropped_reason": reason, "detail": detail})
             log.info("extract: %d pages done, %d kept", funnel.docs_in, funnel.docs_out)
         if funnel.docs_out == 0:
             reasons = ", ".join(f"{r}: {n}" for r, n in funnel.dropped_docs.most_common(5)) or "no input pages"
             raise StageError(STAGE, raw.ref, f"no text kept out of {funnel.docs_in} pages ({reasons})",
                              "check the ingest artifact's content types, or lower min_chars / raise timeout_seconds")
-        if kept:
-            w.write_table(pa.Table.from_pylist(kept, schema=BASE_SCHEMA))
-        if dropped:
-            w.write_table(pa.Table.from_pylist(dropped, schema=DROPPED_SCHEMA), "dropped")
+        kept.flush()
+        dropped.flush()
         w.counters.update(funnel.as_counters())
         w.meta.update({"worker_restarts": pool.restarts})
     return w.manifest

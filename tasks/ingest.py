@@ -35,7 +35,7 @@ import pyarrow as pa
 from fastwarc.warc import ArchiveIterator, WarcRecord, WarcRecordType, has_block_digest
 from pydantic import Field, model_validator
 
-from storage.artifact import ArtifactWriter, Manifest, Store
+from storage.artifact import Manifest, PartBuffer, Store
 from storage.documents import Funnel, make_doc_id
 from tasks.common import StageConfig, StageError, begin, code_version, stage_logger, stage_task
 from tasks.crawl import HTML_TYPES, CrawlConfig, Crawler, Drop, Page
@@ -236,26 +236,6 @@ def read_warcs(paths: list[Path], verify: bool) -> Iterator[Page | Drop]:
 
 # --- the stage -------------------------------------------------------------------------------
 
-class _Parts:
-    """Buffers rows and writes Parquet parts of at most PART_ROWS rows / ~PART_BYTES bytes."""
-
-    def __init__(self, w: ArtifactWriter, prefix: str, schema: pa.Schema):
-        self.w, self.prefix, self.schema = w, prefix, schema
-        self.rows: list[dict] = []
-        self.bytes = 0
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        self.bytes += len(row.get("body") or b"")
-        if len(self.rows) >= PART_ROWS or self.bytes >= PART_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.rows:
-            self.w.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), self.prefix)
-        self.rows, self.bytes = [], 0
-
-
 def run(store: Store, cfg: IngestConfig) -> Manifest:
     """Fetch or read raw pages into an artifact of undecoded bodies plus a dropped table."""
     b = begin(store, STAGE, CODE_VERSION, cfg, fingerprint=cache_fingerprint(cfg))
@@ -276,7 +256,9 @@ def run(store: Store, cfg: IngestConfig) -> Manifest:
             paths = files_under(cfg.files)
             items, what = read_files(paths), f"folder {cfg.files.root}"
             meta["files"] = len(paths)
-        kept, dropped = _Parts(w, "part", RAW_SCHEMA), _Parts(w, "dropped", DROPPED_SCHEMA)
+        body_size = lambda row: len(row["body"])  # noqa: E731  (raw HTML bounds a part, not its row count)
+        kept = PartBuffer(w, "part", RAW_SCHEMA, max_rows=PART_ROWS, max_bytes=PART_BYTES, size_of=body_size)
+        dropped = PartBuffer(w, "dropped", DROPPED_SCHEMA, max_rows=PART_ROWS)
         body_bytes = 0
         for item in items:
             funnel.seen("")

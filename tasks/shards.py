@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from storage.artifact import Manifest, Store
+from storage.artifact import Manifest, PartBuffer, Store
 from storage.catalog import Catalog
 from storage.documents import Funnel, SplitConfig
 from storage.tokens import DEFAULT_MAX_TOKENS, TokenShardWriter, token_dtype
@@ -74,31 +74,6 @@ def _metadata(batch: pa.RecordBatch, name: str, keep: pa.Array) -> pa.Array:
     if name == "signals" and not pa.types.is_string(col.type):
         return pa.array([_as_json(v) for v in col.to_pylist(maps_as_pydicts="lossy")], typ)
     return col.cast(typ)
-
-
-class _Index:
-    """Buffers index rows and writes ``index-NNNNN.parquet`` parts of at most INDEX_ROWS rows."""
-
-    def __init__(self, writer) -> None:
-        self.writer = writer
-        self.tables: list[pa.Table] = []
-        self.rows = 0
-
-    def add(self, table: pa.Table) -> None:
-        self.tables.append(table)
-        self.rows += table.num_rows
-        while self.rows >= INDEX_ROWS:
-            self._flush(INDEX_ROWS)
-
-    def close(self) -> None:
-        if self.rows:
-            self._flush(self.rows)
-
-    def _flush(self, n: int) -> None:
-        table = pa.concat_tables(self.tables)
-        self.writer.write_table(table.slice(0, n), "index")
-        rest = table.slice(n)
-        self.tables, self.rows = [rest], rest.num_rows
 
 
 def _triage(batch: pa.RecordBatch, splits: list[str], funnel: Funnel) -> list[bool]:
@@ -154,7 +129,7 @@ def run(store: Store, cfg: ShardsConfig, docs: Manifest, tokenizer: Manifest, sp
     totals = {k: dict.fromkeys(SPLITS, 0) for k in ("docs", "tokens", "bytes")}
     with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
         writers = {s: TokenShardWriter(w.dir, s, vocab_size, eot_id, cfg.max_tokens_per_shard) for s in SPLITS}
-        index = _Index(w)
+        index = PartBuffer(w, "index", max_rows=INDEX_ROWS)
         wanted = ["doc_id", "text", *(c for c in METADATA if c in columns)]
         for batch, splits in iter_with_splits(docs, split, wanted, batch_size=cfg.batch_size):
             keep = _triage(batch, splits, funnel)
@@ -164,13 +139,13 @@ def run(store: Store, cfg: ShardsConfig, docs: Manifest, tokenizer: Manifest, sp
             mask = pa.array(keep)
             placed = _encode(tok, writers, batch.column("text").filter(mask).to_pylist(), kept_splits)
             table = _index_table(batch, mask, kept_splits, placed)
-            index.add(table)
+            index.add_table(table)
             for s in SPLITS:
                 rows = table.filter(pc.equal(table["split"], s))
                 totals["docs"][s] += rows.num_rows
                 totals["tokens"][s] += pc.sum(rows["n_tokens"]).as_py() or 0
                 totals["bytes"][s] += pc.sum(rows["n_bytes"]).as_py() or 0
-        index.close()
+        index.flush()
         for s in SPLITS:
             for info in writers[s].close():
                 w.set_rows(info.bin, info.n_docs)

@@ -132,3 +132,27 @@ def test_key_depends_on_parents_config_and_code(tmp_path):
     relocated = store.load("ingest", "p1")
     relocated.root = str(moved)
     assert artifact_key("dedup", [relocated], {"n": 5}, "v1") == base  # digest ignores where the store lives
+
+
+def test_part_buffer_bounds_parts_by_rows_and_bytes(tmp_path):
+    from storage.artifact import PartBuffer
+
+    store = Store(tmp_path)
+    with store.writer("ingest", "parts") as w:
+        by_rows = PartBuffer(w, "part", max_rows=4)
+        for i in range(10):
+            by_rows.add({"doc_id": f"d{i}", "body": b"x"})
+        by_rows.flush()
+        by_bytes = PartBuffer(w, "big", max_rows=100, max_bytes=10, size_of=lambda r: len(r["body"]))
+        for i in range(5):
+            by_bytes.add({"doc_id": f"b{i}", "body": b"123456"})
+        by_bytes.flush()
+        tables = PartBuffer(w, "index", max_rows=3)
+        tables.add_table(pa.table({"n": list(range(5))}))
+        tables.add_table(pa.table({"n": list(range(5, 8))}))
+        tables.flush()
+    m = w.manifest
+    assert [f.rows for f in m.files_with_prefix("part-")] == [4, 4, 2]
+    assert [f.rows for f in m.files_with_prefix("big-")] == [2, 2, 1]  # 12 bytes >= 10 closes a part
+    assert [f.rows for f in m.files_with_prefix("index-")] == [3, 3, 2]
+    assert read_table(m, "index")["n"].to_pylist() == list(range(8))

@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from prefect import task
+from prefect.cache_policies import CachePolicy
 from pydantic import BaseModel, ConfigDict
 
 from storage.artifact import Manifest, Store, artifact_key
@@ -137,38 +139,31 @@ def _not_bad_input(task, task_run, state) -> bool:
     return True
 
 
-def _policy():
-    from prefect.cache_policies import CachePolicy
+@dataclass
+class ManifestCachePolicy(CachePolicy):
+    """Cache key = store root + the task's code + its inputs by content (manifest digests)."""
 
-    @dataclass
-    class ManifestCachePolicy(CachePolicy):
-        """Cache key = store root + the task's code + its inputs by content (manifest digests)."""
-
-        def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-            fn = task_ctx.task.fn
-            module = inspect.getmodule(fn)
-            payload = {
-                "task": f"{fn.__module__}.{fn.__qualname__}",
-                "code": getattr(module, "CODE_VERSION", None) or code_version(fn.__module__),
-                "inputs": {k: _jsonable(v) for k, v in sorted(inputs.items())},
-            }
-            # Stages that read outside the store (local files) fold their content in here.
-            fingerprint = getattr(module, "cache_fingerprint", None)
-            if fingerprint is not None:
-                payload["fingerprint"] = fingerprint(**inputs)
-            return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-    return ManifestCachePolicy()
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        fn = task_ctx.task.fn
+        module = inspect.getmodule(fn)
+        payload = {
+            "task": f"{fn.__module__}.{fn.__qualname__}",
+            "code": getattr(module, "CODE_VERSION", None) or code_version(fn.__module__),
+            "inputs": {k: _jsonable(v) for k, v in sorted(inputs.items())},
+        }
+        # Stages that read outside the store (local files) fold their content in here.
+        fingerprint = getattr(module, "cache_fingerprint", None)
+        if fingerprint is not None:
+            payload["fingerprint"] = fingerprint(**inputs)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def stage_task(fn: Callable[..., Manifest], *, name: str, retries: int = 0, retry_delay_seconds: float = 5.0, timeout_seconds: float | None = None):
     """The Prefect task of a stage: content-hash caching, retries on transient failures."""
-    from prefect import task
-
     return task(
         fn,
         name=name,
-        cache_policy=_policy(),
+        cache_policy=ManifestCachePolicy(),
         persist_result=True,
         cache_result_in_memory=False,
         retries=retries,

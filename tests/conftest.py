@@ -1,9 +1,12 @@
 """Test-wide settings: one torch thread, isolated Prefect state, offline telemetry."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _prefect_home = tempfile.mkdtemp(prefix="lmforge-prefect-")
+atexit.register(shutil.rmtree, _prefect_home, ignore_errors=True)
 os.environ.setdefault("PREFECT_HOME", _prefect_home)
 os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(_prefect_home, "results"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -7,7 +7,6 @@ part (every stage for real: crawl over HTTP, torchrun training, ONNX export).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

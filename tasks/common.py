@@ -48,6 +48,10 @@ class StageError(RuntimeError):
             msg += f" ({hint})"
         super().__init__(msg)
 
+    def __reduce__(self):
+        # Prefect pickles a failed task's exception into its state; rebuild it from its parts.
+        return type(self), (self.stage, self.input, self.reason, self.hint)
+
 
 def stage_logger(stage: str) -> logging.Logger:
     """Loggers under ``lmforge.`` reach the Prefect run log (PREFECT_LOGGING_EXTRA_LOGGERS).

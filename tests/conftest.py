@@ -21,3 +21,11 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # storage-only environments
     pass
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Prefect stops its temporary server at interpreter exit and logs that to a stream
+    pytest has already closed (a "Logging error" trace after the summary): keep it quiet."""
+    import logging
+
+    logging.getLogger("prefect").setLevel(logging.WARNING)

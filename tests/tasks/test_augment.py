@@ -13,17 +13,8 @@ from storage.documents import SplitConfig, make_doc_id, split_of
 from tasks import augment
 from tasks.augment import AugmentConfig, selection_rank, text_prefix
 from tasks.common import StageError
+from tests.tasks.sentences import EN
 
-EN = [
-    "The old library in the town centre opens at nine o'clock every morning.",
-    "Farmers in the valley grow apples, pears and plums on small family plots.",
-    "She wrote a long letter to her brother, who lives on the other side of the ocean.",
-    "The train to the capital was delayed because of heavy snow on the tracks.",
-    "Children learn to read faster when their parents read stories to them at night.",
-    "The committee will publish its report on water quality next week.",
-    "Our neighbours painted their kitchen yellow and bought a new table.",
-    "Scientists measured the temperature of the lake every day for a year.",
-]
 ES = [
     "Los agricultores del valle cultivan manzanas, peras y ciruelas en pequeñas parcelas familiares.",
     "Ella escribió una carta larga a su hermano, que vive al otro lado del océano.",

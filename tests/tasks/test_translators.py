@@ -12,15 +12,9 @@ from storage.artifact import Store, read_table
 from storage.documents import SplitConfig, make_doc_id, split_of
 from tasks import augment
 from tasks.translators import ApertiumTranslator, MarianTranslator, TranslatorError
+from tests.tasks.sentences import EN as ALL_EN
 
-EN = [
-    "The old library in the town centre opens at nine o'clock every morning.",
-    "Farmers in the valley grow apples, pears and plums on small family plots.",
-    "She wrote a long letter to her brother, who lives on the other side of the ocean.",
-    "The train to the capital was delayed because of heavy snow on the tracks.",
-    "Children learn to read faster when their parents read stories to them at night.",
-    "The committee will publish its report on water quality next week.",
-]
+EN = ALL_EN[:6]
 ES = [
     "La biblioteca antigua del centro abre a las nueve de la mañana todos los días.",
     "Los agricultores del valle cultivan manzanas, peras y ciruelas en pequeñas parcelas familiares.",

@@ -86,6 +86,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     print("\n== stages ==\n" + format_stages(records))
     print("\n== funnel (documents and whitespace words in/out, drops by reason) ==\n" + format_funnel(records))
+    tokens = records["shards"].meta.get("tokens", {}) if "shards" in records else {}
+    if tokens:
+        print("BPE tokens after shards: " + ", ".join(f"{split} {n:,}" for split, n in tokens.items()))
     print("\n== evaluation (held-out documents) ==\n" + format_eval(report))
     print(f"\n== export ==\nINT8 ONNX model: {model_dir}  (artifact {export_m.dir})")
     print("\n== generations from the INT8 ONNX model ==")

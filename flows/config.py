@@ -4,10 +4,16 @@ YAML profiles in ``configs/`` validate against :class:`PipelineConfig`; so do th
 Prefect UI's parameter forms, which render from the same models (every field has a
 description). Unknown keys and out-of-range values are errors that name the file,
 the key and the reason.
+
+The flows' parameter default (what the UI's form shows before anyone edits it) is the
+profile named by ``LMFORGE_CONFIG``, else ``configs/demo.yaml``: it is read once, when
+the flows are imported, by the process that registers the deployments and by each
+worker's flow run, so ``lmforge server --config X`` makes X the form's default.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -67,3 +73,15 @@ def load_config(path: str | Path) -> PipelineConfig:
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"[config] {path}: {problems}") from None
+
+
+CONFIG_ENV = "LMFORGE_CONFIG"
+DEMO_PROFILE = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def default_config() -> PipelineConfig:
+    """The profile the flows take when no config is given (``$LMFORGE_CONFIG`` or the demo)."""
+    return load_config(os.environ.get(CONFIG_ENV) or DEMO_PROFILE)
+
+
+DEFAULT_CONFIG = default_config()

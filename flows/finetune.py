@@ -7,7 +7,8 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field
 
-from flows.config import PipelineConfig
+from flows.artifacts import publish_run, publish_training
+from flows.config import DEFAULT_CONFIG, PipelineConfig
 from flows.pretrain import pretrain
 from flows.records import StageRecord, run_stage
 from flows.refs import load_ref, parent_of
@@ -17,7 +18,7 @@ from tasks import finetune as finetune_stage
 
 @flow(name="finetune", log_prints=True)
 def finetune(
-    config: PipelineConfig,
+    config: PipelineConfig = DEFAULT_CONFIG,
     base_model: Annotated[str | None, Field(description="Pretrain artifact ref ('pretrain/<key>'); empty builds it with the pretrain flow.")] = None,
 ) -> dict:
     """Returns ``{"dataset", "base_model", "model", "records"}``."""
@@ -30,4 +31,6 @@ def finetune(
     data = parent_of(store, base, "shards")
     tok = parent_of(store, data, "tokenizer")
     tuned = run_stage(records, "finetune", finetune_stage.task, store=store, cfg=config.finetune, base=base, shards=data, tokenizer=tok)
+    publish_training(tuned)
+    publish_run("finetune", records)
     return {"dataset": data.ref, "base_model": base.ref, "model": tuned.ref, "records": records}

@@ -4,13 +4,17 @@
 
 Each subflow can also run alone (from the UI or a deployment); here each hands the
 artifact it produced to the next, so nothing upstream is re-resolved.
+
+Every flow ends by publishing what a person looks at in the Prefect UI (flows/artifacts.py):
+its stage table, and here and in data-refresh the data funnel.
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from flows.config import PipelineConfig
+from flows.artifacts import publish_run
+from flows.config import DEFAULT_CONFIG, PipelineConfig
 from flows.data_refresh import data_refresh
 from flows.finetune import finetune
 from flows.pretrain import pretrain
@@ -18,11 +22,12 @@ from flows.release import release
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(config: PipelineConfig) -> dict:
+def pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict:
     """Run every stage; returns the refs of every artifact and every stage's record."""
     data = data_refresh(config)
     trained = pretrain(config, dataset=data["dataset"])
     tuned = finetune(config, base_model=trained["model"])
     released = release(config, model=tuned["model"])
     records = {**data["records"], **trained["records"], **tuned["records"], **released["records"]}
+    publish_run("pipeline", records, funnel=True)
     return {**released, "records": records}

@@ -7,7 +7,8 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field
 
-from flows.config import PipelineConfig
+from flows.artifacts import publish_run, publish_training
+from flows.config import DEFAULT_CONFIG, PipelineConfig
 from flows.data_refresh import data_refresh
 from flows.records import StageRecord, run_stage
 from flows.refs import load_ref, parent_of
@@ -17,7 +18,7 @@ from tasks import pretrain as pretrain_stage
 
 @flow(name="pretrain", log_prints=True)
 def pretrain(
-    config: PipelineConfig,
+    config: PipelineConfig = DEFAULT_CONFIG,
     dataset: Annotated[str | None, Field(description="Shards artifact ref to train on ('shards/<key>'); empty builds it with data-refresh.")] = None,
 ) -> dict:
     """Returns ``{"dataset", "model", "records"}``."""
@@ -29,4 +30,6 @@ def pretrain(
     data = load_ref(store, dataset, "shards")
     tok = parent_of(store, data, "tokenizer")
     model = run_stage(records, "pretrain", pretrain_stage.task, store=store, cfg=config.pretrain, shards=data, tokenizer=tok)
+    publish_training(model)
+    publish_run("pretrain", records)
     return {"dataset": dataset, "model": model.ref, "records": records}

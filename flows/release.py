@@ -7,7 +7,8 @@ from typing import Annotated
 from prefect import flow
 from pydantic import Field
 
-from flows.config import PipelineConfig
+from flows.artifacts import publish_evaluation, publish_export, publish_run
+from flows.config import DEFAULT_CONFIG, PipelineConfig
 from flows.finetune import finetune
 from flows.records import StageRecord, run_stage
 from flows.refs import load_ref, parent_of
@@ -18,7 +19,7 @@ from tasks import export as export_stage
 
 @flow(name="release", log_prints=True)
 def release(
-    config: PipelineConfig,
+    config: PipelineConfig = DEFAULT_CONFIG,
     model: Annotated[str | None, Field(description="Finetune artifact ref ('finetune/<key>'); empty builds it with the finetune flow.")] = None,
 ) -> dict:
     """Returns ``{"report", "export", "records", ...refs}``; fails when the release gate fails."""
@@ -32,7 +33,10 @@ def release(
     data = parent_of(store, tuned, "shards")
     tok = parent_of(store, data, "tokenizer")
     report = run_stage(records, "evaluate", evaluate_stage.task, store=store, cfg=config.evaluate, base=base, finetuned=tuned, shards=data, tokenizer=tok)
+    publish_evaluation(report)
     exported = run_stage(records, "export", export_stage.task, store=store, cfg=config.export, model=tuned, shards=data, tokenizer=tok)
+    publish_export(exported)
+    publish_run("release", records)
     return {
         "dataset": data.ref,
         "base_model": base.ref,

@@ -3,7 +3,8 @@
 The base model is frozen; only the adapters train (B starts at zero, so step 0 is the
 base model exactly). The artifact holds the adapters on their own (``adapter.safetensors``
 + ``lora.json``, small, reusable) and the merged model (``model.safetensors``), which is
-a plain GPT that evaluation and export use like any other.
+a plain GPT that evaluation and export use like any other, plus the metrics log and
+its loss curve (``loss.png``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pydantic import Field
 from storage.artifact import Manifest, Store
 from tasks.common import StageConfig, StageError, begin, code_version, stage_logger, stage_task
 from tasks.subsets import select, write_token_file
-from tasks.training import TrainSettings, copy_model_files, data_files, train_in_child, training_counters
+from tasks.training import TrainSettings, copy_model_files, data_files, train_in_child, training_counters, write_loss_plot
 
 STAGE = "finetune"
 CODE_VERSION = code_version(__name__, "tasks.training", "tasks.subsets", "model.lora", "model.trainer", "model.train", "model.data")
@@ -70,6 +71,7 @@ def run(store: Store, cfg: FinetuneConfig, base: Manifest, shards: Manifest, tok
     with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
         copy_model_files(final, w.dir, ("model.safetensors", "config.json", "summary.json", "adapter.safetensors", "lora.json"))
         copy_model_files(final.parent / "checkpoints", w.dir, ("metrics.jsonl",))
+        write_loss_plot(STAGE, w.dir / "metrics.jsonl", w.dir / "loss.png")
         copy_model_files(tokenizer.dir, w.dir, ("tokenizer.json",))
         w.counters.update(training_counters(final))
         w.counters.update({"subset_docs": {s: n for s, (n, _) in sizes.items()}, "subset_tokens": {s: t for s, (_, t) in sizes.items()}})

@@ -2,8 +2,9 @@
 
 DDP over nccl on GPUs and gloo on CPU (``train.nproc``). The model's vocabulary comes
 from the shards (the tokenizer's), its shape from this config. The artifact holds the
-final weights (safetensors), their config, the tokenizer, the training summary and the
-metrics log; checkpoints to resume from live in the store's work directory.
+final weights (safetensors), their config, the tokenizer, the training summary, the
+metrics log and its loss curve (``loss.png``); checkpoints to resume from live in the
+store's work directory.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pydantic import Field
 
 from storage.artifact import Manifest, Store
 from tasks.common import StageConfig, StageError, begin, code_version, stage_task
-from tasks.training import TrainSettings, copy_model_files, data_files, train_in_child, training_counters
+from tasks.training import TrainSettings, copy_model_files, data_files, train_in_child, training_counters, write_loss_plot
 
 STAGE = "pretrain"
 CODE_VERSION = code_version(__name__, "tasks.training", "model.gpt", "model.trainer", "model.train", "model.data", "model.optim")
@@ -58,6 +59,7 @@ def run(store: Store, cfg: PretrainConfig, shards: Manifest, tokenizer: Manifest
     with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
         copy_model_files(final, w.dir, ("model.safetensors", "config.json", "summary.json"))
         copy_model_files(final.parent / "checkpoints", w.dir, ("metrics.jsonl",))
+        write_loss_plot(STAGE, w.dir / "metrics.jsonl", w.dir / "loss.png")
         copy_model_files(tokenizer.dir, w.dir, ("tokenizer.json",))
         w.counters.update(training_counters(final))
         w.meta.update({"eot_id": int(shards.meta["eot_id"]), "vocab_size": int(shards.meta["vocab_size"])})

@@ -8,11 +8,19 @@ Design decisions:
   run of the same key resumes from the latest one (the Trainer does this), so a killed
   pretraining loses at most ``ckpt_every`` steps. Only the final model is published, by
   the usual atomic artifact write.
+- Progress: the child's ``step N/M`` lines (model.trainer's log line) drive a Prefect
+  progress artifact (tasks.progress), so the UI shows how far training is without a
+  second channel from the child; a resumed run starts the bar at its checkpoint step.
+- The loss curve (``loss.png``, tasks.plots) is drawn from ``metrics.jsonl`` when the
+  artifact is written. It is a view of the run, not the model: a plotting failure logs
+  a warning and publishes the model without it, and tasks.plots is left out of the
+  stages' CODE_VERSION so restyling a figure never retrains a model.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -20,6 +28,9 @@ from typing import Literal
 from pydantic import Field
 
 from tasks.common import StageConfig, StageError, stage_logger
+from tasks.progress import StageProgress
+
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) \|")
 
 
 class TrainSettings(StageConfig):
@@ -64,10 +75,21 @@ def train_in_child(stage: str, work: Path, spec: dict, nproc: int | None) -> Pat
     spec_path.write_text(json.dumps(spec, indent=2))
     n = nproc or default_nproc()
     log.info("%s: launching torchrun with %d process(es); spec %s", stage, n, spec_path)
+    progress = StageProgress(stage, f"{stage}: optimizer steps done")
+
+    def on_line(line: str) -> None:
+        # Logged from the task's own thread (launch reads the pipe there), so Prefect's
+        # API handler finds the task run's context and files the line under it.
+        log.info("%s", line)
+        m = STEP_LINE.match(line)
+        if m:
+            progress.update(int(m.group(1)) / max(int(m.group(2)), 1))
+
     try:
-        launch(spec_path, n, on_line=lambda line: log.info("%s", line))
+        launch(spec_path, n, on_line=on_line)
     except RuntimeError as e:
         raise RuntimeError(f"[{stage}] {e}") from None
+    progress.done()
     if not (final / "model.safetensors").exists():
         raise StageError(stage, str(final), "training finished without writing a model")
     return final
@@ -77,6 +99,17 @@ def copy_model_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:
     for name in names:
         if (src / name).exists():
             shutil.copyfile(src / name, dst / name)
+
+
+def write_loss_plot(stage: str, metrics: Path, out: Path) -> Path | None:
+    """Draw ``metrics.jsonl`` as ``out`` (PNG); None, with a warning, when it cannot."""
+    from tasks.plots import plot_loss, read_loss_history
+
+    try:
+        return plot_loss(read_loss_history(metrics), out, title=f"{stage}: loss per optimizer step")
+    except Exception as e:  # the model is the product; the picture is a convenience
+        stage_logger(stage).warning("%s: no loss plot (%s: %s)", stage, type(e).__name__, e)
+        return None
 
 
 def training_counters(final: Path) -> dict:

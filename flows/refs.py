@@ -29,3 +29,21 @@ def parent_of(store: Store, manifest: Manifest, stage: str) -> Manifest:
         if ref.startswith(stage + "/"):
             return load_ref(store, ref, stage)
     raise StageError(manifest.stage, manifest.ref, f"has no {stage} parent")
+
+
+def ancestors(store: Store, manifest: Manifest) -> list[Manifest]:
+    """Every ancestor of an artifact still in the store, nearest first (breadth-first, each once)."""
+    out: list[Manifest] = []
+    seen = {manifest.ref}
+    todo = list(manifest.parents)
+    while todo:
+        ref = todo.pop(0)
+        if ref in seen:
+            continue
+        seen.add(ref)
+        stage, _, key = ref.partition("/")
+        m = store.load(stage, key)
+        if m is not None:
+            out.append(m)
+            todo.extend(m.parents)
+    return out

@@ -157,6 +157,14 @@ class Catalog:
         except duckdb.Error as e:
             raise CatalogError(f"cannot index artifact {manifest.ref}: {str(e).splitlines()[0]} (the catalog keeps its previous rows)") from e
 
+    def datasets(self) -> list[str]:
+        """Refs of the indexed datasets, oldest first (by their artifact's creation time)."""
+        rows = self.con.execute(
+            """SELECT a.ref FROM artifacts a WHERE a.stage = 'shards'
+                 AND EXISTS (SELECT 1 FROM documents d WHERE d.dataset = a.ref)
+               ORDER BY a.created_at, a.ref""").fetchall()
+        return [r[0] for r in rows]
+
     def has_dataset(self, dataset_ref: str) -> bool:
         """Whether a shards artifact's documents are indexed."""
         return self._scalar("SELECT EXISTS (SELECT 1 FROM documents WHERE dataset = ?)", [dataset_ref])

@@ -67,7 +67,8 @@ class TokenShardWriter:
     records. ``close`` writes the last ``.idx`` and lists every shard written.
     """
 
-    def __init__(self, directory: str | Path, split: str, vocab_size: int, eot_id: int, max_tokens: int = DEFAULT_MAX_TOKENS):
+    def __init__(self, directory: str | Path, split: str, vocab_size: int, eot_id: int, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 first: int = 0):
         if not 0 <= eot_id < vocab_size:
             raise ValueError(f"eot_id {eot_id} is outside the vocabulary of {vocab_size} ids")
         if max_tokens < 1:
@@ -77,6 +78,7 @@ class TokenShardWriter:
         self.vocab_size = vocab_size
         self.eot_id = eot_id
         self.max_tokens = max_tokens
+        self.first = first  # number of the first shard written (files below it exist already)
         self.dtype = token_dtype(vocab_size)
         self.shards: list[ShardInfo] = []
         self._file: BinaryIO | None = None
@@ -107,7 +109,7 @@ class TokenShardWriter:
                 j = i + 1  # a document longer than max_tokens: a shard of its own
             if self._file is None:
                 self._open_shard()
-            name = shard_names(self.split, len(self.shards))[0]
+            name = shard_names(self.split, self.first + len(self.shards))[0]
             starts = self._tokens + np.concatenate(([0], ends[i : j - 1] - base))
             self._file.write(flat[base : int(ends[j - 1])].tobytes())
             self._lengths.append(lengths[i:j])
@@ -123,7 +125,7 @@ class TokenShardWriter:
         return list(self.shards)
 
     def _open_shard(self) -> None:
-        self._file = open(self.directory / shard_names(self.split, len(self.shards))[0], "wb")
+        self._file = open(self.directory / shard_names(self.split, self.first + len(self.shards))[0], "wb")
         self._lengths = []
         self._tokens = 0
 
@@ -133,7 +135,7 @@ class TokenShardWriter:
         self._file = None
         lengths = np.concatenate(self._lengths)
         offsets = np.concatenate(([0], np.cumsum(lengths))).astype(IDX_DTYPE)
-        bin_name, idx_name = shard_names(self.split, len(self.shards))
+        bin_name, idx_name = shard_names(self.split, self.first + len(self.shards))
         offsets.tofile(self.directory / idx_name)
         self.shards.append(ShardInfo(self.split, bin_name, idx_name, len(lengths), int(offsets[-1])))
         self._tokens = 0

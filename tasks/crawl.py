@@ -25,12 +25,22 @@ Design decisions:
   retries or redirects, and socket timeouts that surface as ``TimeoutError``.
 - Every kept page is archived as a WARC request/response pair (warcio, one gzip member
   per record), so the crawl can be re-ingested later with kind ``warc``.
+- Incremental recrawls: given what an earlier crawl learned of each URL (a
+  :class:`Validator`: ETag, Last-Modified, the body's SHA-256 and the page's links), a
+  request for a known URL is conditional (``If-None-Match`` and ``If-Modified-Since``,
+  RFC 9110 13.1; a server that knows ETags lets If-None-Match win). A 304 is not a page:
+  it is yielded as an :class:`Unchanged` (reason ``not_modified``, no body read or
+  archived) and the breadth-first search goes on through the links stored for that URL,
+  so new pages behind unchanged ones are still found. A 200 whose body hashes as before
+  (a server that ignores validators) is ``unchanged`` the same way. :attr:`Crawler.validators`
+  is what the next crawl needs: every page fetched or confirmed unchanged by this one.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import email.utils
+import hashlib
 import http.client
 import re
 import ssl
@@ -109,6 +119,29 @@ class Drop:
     http_status: int | None = None
 
 
+@dataclass(frozen=True)
+class Validator:
+    """What a crawl knew of one URL, for the next crawl's conditional request."""
+
+    url: str
+    etag: str | None
+    last_modified: str | None
+    sha256: str
+    links: tuple[str, ...] = ()
+
+
+@dataclass
+class Unchanged:
+    """A known URL whose page did not change since the crawl that made ``validator``."""
+
+    url: str
+    reason: str  # not_modified (HTTP 304) or unchanged (200, same bytes)
+    detail: str
+    fetched_at: str
+    http_status: int
+    validator: Validator
+
+
 @dataclass
 class _Fetched:
     """One crawled page plus what the WARC and the frontier need."""
@@ -120,6 +153,7 @@ class _Fetched:
     status_line: str
     headers: list[tuple[str, str]]
     links: list[str] = field(default_factory=list)
+    validator: Validator | None = None
 
 
 @dataclass
@@ -189,6 +223,12 @@ def extract_links(body: bytes, charset: str | None, base_url: str) -> list[str]:
     return list(links)
 
 
+def header(headers: list[tuple[str, str]], name: str) -> str | None:
+    """The first value of a header (case-insensitive name), or None."""
+    name = name.lower()
+    return next((v for k, v in headers if k.lower() == name), None)
+
+
 def _retry_after(headers: list[tuple[str, str]]) -> float | None:
     value = next((v for k, v in headers if k.lower() == "retry-after"), None)
     if value is None:
@@ -220,11 +260,19 @@ class _HostGate:
 
 
 class Crawler:
-    """One crawl: call :meth:`crawl` once and consume its pages and drops."""
+    """One crawl: call :meth:`crawl` once and consume its pages, drops and unchanged URLs.
 
-    def __init__(self, cfg: CrawlConfig):
+    ``previous`` maps URLs to what an earlier crawl knew of them: their requests become
+    conditional (see the module docstring). After the crawl, :attr:`validators` holds the
+    same for this crawl, in the order pages were reached.
+    """
+
+    def __init__(self, cfg: CrawlConfig, previous: dict[str, Validator] | None = None):
         self.cfg = cfg
-        self.stats = {"requests": 0, "retries": 0, "bytes_fetched": 0, "redirects": 0}
+        self.previous = previous or {}
+        self.validators: dict[str, Validator] = {}
+        self.stats = {"requests": 0, "retries": 0, "bytes_fetched": 0, "redirects": 0,
+                      "conditional_requests": 0, "not_modified": 0, "unchanged": 0, "new": 0, "changed": 0}
         self._stats_lock = threading.Lock()
         self._gates: dict[str, _HostGate] = {}
         self._robots: dict[str, urllib.robotparser.RobotFileParser | _Failure] = {}
@@ -240,7 +288,15 @@ class Crawler:
     def _request_headers(self) -> list[tuple[str, str]]:
         return [("User-Agent", self.cfg.user_agent), ("Accept", "text/html,application/xhtml+xml;q=0.9,*/*;q=0.1"), ("Accept-Encoding", "identity")]
 
-    def _once(self, url: str, want_body) -> _Response:
+    def _conditional_headers(self, url: str) -> list[tuple[str, str]]:
+        """If-None-Match / If-Modified-Since for a URL an earlier crawl knew (else none)."""
+        known = self.previous.get(url)
+        if known is None:
+            return []
+        return ([("If-None-Match", known.etag)] if known.etag else []) + (
+            [("If-Modified-Since", known.last_modified)] if known.last_modified else [])
+
+    def _once(self, url: str, want_body, extra_headers: list[tuple[str, str]] = ()) -> _Response:
         """One GET, no retries. ``want_body(status, headers)`` says whether to read the body."""
         parts = urlsplit(url)
         conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
@@ -252,7 +308,8 @@ class Crawler:
         deadline = time.monotonic() + self.cfg.timeout_seconds
         self._count("requests")
         try:
-            conn.request("GET", urlunsplit(("", "", parts.path or "/", parts.query, "")), headers=dict(self._request_headers()))
+            sent = dict([*self._request_headers(), *extra_headers])
+            conn.request("GET", urlunsplit(("", "", parts.path or "/", parts.query, "")), headers=sent)
             resp = conn.getresponse()
             headers = resp.getheaders()
             body = None
@@ -275,12 +332,12 @@ class Crawler:
         finally:
             conn.close()
 
-    def _get(self, url: str, want_body) -> _Response:
+    def _get(self, url: str, want_body, extra_headers: list[tuple[str, str]] = ()) -> _Response:
         """GET with retries on transient failures; a 5xx/429 that persists becomes a response."""
         for attempt in range(self.cfg.retries + 1):
             last = attempt == self.cfg.retries
             try:
-                resp = self._once(url, want_body)
+                resp = self._once(url, want_body, extra_headers)
             except _Failure as f:
                 if not f.retry or last:
                     raise
@@ -347,14 +404,26 @@ class Crawler:
             raise _Failure("encoded_body", "server sent a Content-Encoding despite Accept-Encoding: identity", status)
         return True
 
-    def _visit(self, url: str) -> _Fetched | Drop:
+    def _unchanged(self, url: str, reason: str, detail: str, fetched_at: str, resp: _Response) -> Unchanged:
+        """A known URL confirmed unchanged; fresher validators from the answer replace the old."""
+        known = self.previous[url]
+        validator = Validator(url, header(resp.headers, "etag") or known.etag,
+                              header(resp.headers, "last-modified") or known.last_modified, known.sha256, known.links)
+        return Unchanged(url, reason, detail, fetched_at, resp.status, validator)
+
+    def _visit(self, url: str) -> _Fetched | Unchanged | Drop:
         """Fetch one frontier URL, following redirects; runs on a pool thread."""
         fetched_at = now_iso()
         try:
             self._check_robots(url)
             current, hops = url, 0
             while True:
-                resp = self._get(current, self._want_page_body)
+                conditional = self._conditional_headers(current)
+                if conditional:
+                    self._count("conditional_requests")
+                resp = self._get(current, self._want_page_body, conditional)
+                if resp.status == 304 and conditional:
+                    return self._unchanged(current, "not_modified", "HTTP 304 Not Modified", fetched_at, resp)
                 location = next((v for k, v in resp.headers if k.lower() == "location"), None)
                 if resp.status not in REDIRECT_STATUSES or not location:
                     break
@@ -379,19 +448,24 @@ class Crawler:
                 ctype = "text/html"
         except _Failure as f:
             return Drop(url, f.reason, f.detail, fetched_at, f.status)
+        sha = hashlib.sha256(body).hexdigest()
+        known = self.previous.get(current)
+        if known is not None and known.sha256 == sha:
+            return self._unchanged(current, "unchanged", f"HTTP {resp.status}, body identical to the previous crawl's", fetched_at, resp)
         parts = urlsplit(current)
         fetched = _Fetched(
             page=Page(current, fetched_at, resp.status, ctype, charset, body),
             request_line=f"GET {urlunsplit(('', '', parts.path or '/', parts.query, ''))} HTTP/1.1",
-            request_headers=[("Host", parts.netloc), *self._request_headers()],
+            request_headers=[("Host", parts.netloc), *self._request_headers(), *conditional],
             protocol=resp.protocol,
             status_line=f"{resp.status} {resp.reason}".strip(),
             headers=[(k, v) for k, v in resp.headers if k.lower() != "transfer-encoding"],
         )
         fetched.links = extract_links(body, charset, current)
+        fetched.validator = Validator(current, header(resp.headers, "etag"), header(resp.headers, "last-modified"), sha, tuple(fetched.links))
         return fetched
 
-    def crawl(self, warc_path: Path) -> Iterator[Page | Drop]:
+    def crawl(self, warc_path: Path) -> Iterator[Page | Unchanged | Drop]:
         """Yield every attempted URL's outcome in breadth-first order; archive kept pages."""
         cfg = self.cfg
         seeds = list(dict.fromkeys(u for u in map(normalize_url, cfg.seeds) if u))
@@ -415,16 +489,27 @@ class Crawler:
                         if isinstance(result, Drop):
                             yield result
                             continue
-                        final = result.page.url
+                        final = result.url if isinstance(result, Unchanged) else result.page.url
                         if final != url:
                             if final in seen:
-                                yield Drop(url, "duplicate_url", f"redirects to {final}, crawled on its own", result.page.fetched_at, result.page.http_status)
+                                when, status = ((result.fetched_at, result.http_status) if isinstance(result, Unchanged)
+                                                else (result.page.fetched_at, result.page.http_status))
+                                yield Drop(url, "duplicate_url", f"redirects to {final}, crawled on its own", when, status)
                                 continue
                             seen.add(final)
-                        self._archive(warc, result)
-                        yield result.page
+                        if isinstance(result, Unchanged):
+                            self._count(result.reason)
+                            self.validators[final] = result.validator
+                            links = result.validator.links
+                            yield result
+                        else:
+                            self._count("changed" if final in self.previous else "new")
+                            self.validators[final] = result.validator
+                            self._archive(warc, result)
+                            links = result.links
+                            yield result.page
                         if depth < cfg.max_depth:
-                            for link in result.links:
+                            for link in links:
                                 if link not in seen and host_of(link) in self._gates:
                                     seen.add(link)
                                     next_level.append(link)

@@ -24,7 +24,22 @@ Design decisions:
   doc_id is the ``cluster_id`` of every member, kept or dropped, exact twins included.
   A singleton's cluster_id is its own doc_id.
 - ``duplicate_of`` names what a dropped document duplicates: an exact duplicate's
-  first twin, a near duplicate's kept document. Following it always ends at a kept doc.
+  first twin, a near duplicate's kept document. Following it always ends at a kept doc
+  (for the ``seen_*`` reasons below, one kept by an earlier run).
+- Every document's content hash goes to ``hashes-*.parquet`` (doc_id, hash: the
+  16-byte BLAKE2b of its normalized text), beside its band keys, so that later runs
+  can dedup against this corpus exactly as well as approximately.
+- Incremental refresh: ``earlier`` lists the dedup artifacts of the dataset being
+  extended (its lineage). A new document whose hash is in their ``hashes-*`` is
+  ``seen_exact``; one that shares a band key with their ``bands-*`` is ``seen_near``
+  (two DuckDB joins over the files, no index in memory); ``duplicate_of`` is the earlier
+  document, its own doc_id first when it matches, so a changed page whose new text is
+  close to its old version reads "seen_near, duplicate of itself" and the old version
+  stays. Seen documents leave before clustering: they neither anchor a cluster of new
+  documents nor are kept, and an exact twin of one inherits its reason. Band keys only
+  compare under the same MinHash parameters (``meta["minhash"]``): an earlier artifact
+  with others is an error, not a silent miss. A substantially changed page (same URL,
+  hence same doc_id) passes, and the shards stage lets it replace its old version.
 - Memory holds one batch of texts plus, per document, its id and a 16-byte content
   hash; texts are streamed twice (three times with verification).
 """
@@ -81,6 +96,8 @@ class _Scan:
     ids: list[str] = field(default_factory=list)
     exact_of: list[int] = field(default_factory=list)  # row of the first exact twin; itself if first; -1 for null text
     row_of: dict[str, int] = field(default_factory=dict)  # doc_id -> row, for rows that reached MinHash
+    hashes: list[bytes | None] = field(default_factory=list)  # content hash per row (None for null text)
+    seen: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (seen_exact | seen_near, earlier doc_id)
 
 
 class _UnionFind:
@@ -122,16 +139,20 @@ def _scan(docs: Manifest, cfg: DedupConfig, w: ArtifactWriter) -> _Scan:
     scan = _Scan()
     first_of: dict[bytes, int] = {}
     for batch in iter_batches(docs, columns=["doc_id", "text"], batch_size=PART_ROWS):
-        band_ids, sigs = [], []
+        band_ids, sigs, hash_ids, hashes = [], [], [], []
         for doc_id, text in zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist()):
             row = len(scan.ids)
             scan.ids.append(doc_id)
             if text is None:
                 scan.exact_of.append(-1)
+                scan.hashes.append(None)
                 continue
             norm = minhash.normalize(text)
+            key = hashlib.blake2b(norm.encode(), digest_size=16).digest()
+            scan.hashes.append(key)
+            hash_ids.append(doc_id)
+            hashes.append(key)
             if cfg.exact:
-                key = hashlib.blake2b(norm.encode(), digest_size=16).digest()
                 twin = first_of.setdefault(key, row)
                 scan.exact_of.append(twin)
                 if twin != row:
@@ -152,7 +173,65 @@ def _scan(docs: Manifest, cfg: DedupConfig, w: ArtifactWriter) -> _Scan:
                 "band": pa.array(np.tile(np.arange(cfg.bands, dtype=np.int16), len(band_ids))),
                 "band_hash": pa.array(keys.reshape(-1)),
             }), "bands")
+        if hashes:
+            w.write_table(pa.table({"doc_id": pa.array(hash_ids, pa.string()), "hash": pa.array(hashes, pa.binary(16))}), "hashes")
     return scan
+
+
+def minhash_params(cfg: DedupConfig) -> dict:
+    """What band keys depend on: two artifacts' keys compare only when these are equal."""
+    return {"scheme": minhash.SCHEME, "ngram": cfg.ngram, "num_perm": cfg.num_perm, "bands": cfg.bands, "rows": cfg.rows, "seed": cfg.seed}
+
+
+def _files(manifests: list[Manifest], prefix: str) -> list[str]:
+    return [str(m.path(f.path)) for m in manifests for f in m.files_with_prefix(prefix + "-") if f.path.endswith(".parquet")]
+
+
+def _check_earlier(store: Store, cfg: DedupConfig, earlier: list[Manifest]) -> None:
+    for m in earlier:
+        if m.stage != STAGE or store.load(m.stage, m.key) is None:
+            raise StageError(STAGE, m.ref, "an earlier dedup artifact is missing from the store", "run a full refresh (incremental off)")
+        theirs = m.meta.get("minhash")
+        if cfg.near and m.files_with_prefix("bands-") and theirs != minhash_params(cfg):
+            raise StageError(STAGE, m.ref, f"its band keys were made with MinHash {theirs}, not {minhash_params(cfg)}",
+                             "restore the dedup settings of the dataset being refreshed, or run a full refresh (incremental off)")
+
+
+# The earlier document a new one matches: its own doc_id if that matches (a changed page), else the least.
+_EARLIER_MATCH = "coalesce(max(e.doc_id) FILTER (WHERE e.doc_id = n.doc_id), min(e.doc_id))"
+
+
+def _seen_before(new: list[str], old: list[str], key: str, on: str) -> dict[tuple, str]:
+    """``key`` columns of the new rows -> the earlier doc_id they match, joining ``on`` columns."""
+    if not old or not new:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="lmforge-dedup-") as tmp:
+        con = duckdb.connect(config={"temp_directory": tmp})
+        try:
+            rows = con.execute(
+                f"""SELECT {key}, {_EARLIER_MATCH} FROM read_parquet($new) n JOIN read_parquet($old) e ON {on}
+                    GROUP BY ALL""", {"new": new, "old": old}).fetchall()
+        finally:
+            con.close()
+    return {tuple(r[:-1]): r[-1] for r in rows}
+
+
+def _mark_seen(cfg: DedupConfig, scan: _Scan, w: ArtifactWriter, earlier: list[Manifest]) -> dict:
+    """Fill ``scan.seen`` with the first-of-group rows that duplicate an earlier artifact's documents."""
+    if cfg.exact:
+        exact = _seen_before(sorted(str(p) for p in w.dir.glob("hashes-*.parquet")), _files(earlier, "hashes"),
+                             "n.doc_id, n.hash", "n.hash = e.hash")
+        for row, twin in enumerate(scan.exact_of):
+            if twin == row and (scan.ids[row], scan.hashes[row]) in exact:
+                scan.seen[row] = ("seen_exact", exact[scan.ids[row], scan.hashes[row]])
+    if cfg.near:
+        near = _seen_before(sorted(str(p) for p in w.dir.glob("bands-*.parquet")), _files(earlier, "bands"),
+                            "n.doc_id", "n.band = e.band AND n.band_hash = e.band_hash")
+        for (doc_id,), of in near.items():
+            row = scan.row_of[doc_id]
+            scan.seen.setdefault(row, ("seen_near", of))
+    reasons = Counter(reason for reason, _ in scan.seen.values())
+    return {"earlier": [m.ref for m in earlier], "seen_exact_first": reasons["seen_exact"], "seen_near_first": reasons["seen_near"]}
 
 
 def candidate_buckets(band_files: list[str]) -> list[list[str]]:
@@ -186,7 +265,8 @@ def _shingle_sets(docs: Manifest, rows: set[int], ngram: int) -> dict[int, np.nd
 
 def _cluster(docs: Manifest, cfg: DedupConfig, scan: _Scan, buckets: list[list[str]], uf: _UnionFind) -> dict:
     """Union candidate pairs (verified if configured); return counts for the manifest."""
-    groups = sorted(sorted(scan.row_of[d] for d in b) for b in buckets)
+    rows = [[scan.row_of[d] for d in b if scan.row_of[d] not in scan.seen] for b in buckets]
+    groups = sorted(sorted(g) for g in rows if len(g) > 1)
     pairs = {(g[0], r) for g in groups for r in g[1:]}
     stats = {"candidate_buckets": len(groups), "candidate_pairs": len(pairs)}
     if cfg.verify_threshold is None:
@@ -213,6 +293,9 @@ def _decide(row: int, scan: _Scan, uf: _UnionFind) -> tuple[str | None, str | No
     twin = scan.exact_of[row]
     if twin < 0:
         return None, "missing_text", None
+    if twin in scan.seen:
+        reason, earlier = scan.seen[twin]
+        return earlier, reason, earlier
     root = uf.find(twin)
     if twin != row:
         return scan.ids[root], "exact_duplicate", scan.ids[twin]
@@ -252,26 +335,30 @@ def _write_docs(docs: Manifest, scan: _Scan, uf: _UnionFind, w: ArtifactWriter, 
     return sizes
 
 
-def run(store: Store, cfg: DedupConfig, docs: Manifest) -> Manifest:
-    """Drop exact and near duplicates of ``docs``; every document gets a ``cluster_id``."""
-    b = begin(store, STAGE, CODE_VERSION, cfg, docs=docs)
+def run(store: Store, cfg: DedupConfig, docs: Manifest, earlier: list[Manifest] | None = None) -> Manifest:
+    """Drop exact and near duplicates of ``docs`` (and of ``earlier`` dedup artifacts' documents);
+    every document gets a ``cluster_id``."""
+    earlier = list(earlier or [])
+    b = begin(store, STAGE, CODE_VERSION, cfg, docs=docs, earlier=earlier)
     if b.done:
         return b.done
     _check_input(docs)
+    _check_earlier(store, cfg, earlier)
     started = time.monotonic()
     funnel = Funnel()
-    with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
+    with store.writer(STAGE, b.key, parents=[*b.parents, *earlier], config=b.config, code_version=CODE_VERSION) as w:
         scan = _scan(docs, cfg, w)
+        seen = _mark_seen(cfg, scan, w, earlier) if earlier else {}
         band_files = sorted(str(p) for p in w.dir.glob("bands-*.parquet"))
         buckets = candidate_buckets(band_files)
         uf = _UnionFind()
-        stats = _cluster(docs, cfg, scan, buckets, uf)
+        stats = _cluster(docs, cfg, scan, buckets, uf) | seen
         sizes = _write_docs(docs, scan, uf, w, funnel)
         w.counters.update(funnel.as_counters())
         w.meta.update(stats)
         w.meta["clusters"] = sum(1 for n in sizes.values() if n > 1)
         w.meta["largest_cluster"] = max(sizes.values(), default=0)
-        w.meta["minhash"] = {"scheme": minhash.SCHEME, "ngram": cfg.ngram, "num_perm": cfg.num_perm, "bands": cfg.bands, "rows": cfg.rows, "seed": cfg.seed}
+        w.meta["minhash"] = minhash_params(cfg)
     elapsed = time.monotonic() - started
     log.info("dedup: %d docs in, %d kept, %d clusters of duplicates, %d candidate pairs (%.0f docs/s)",
              funnel.docs_in, funnel.docs_out, w.meta["clusters"], stats["candidate_pairs"], funnel.docs_in / max(elapsed, 1e-9))

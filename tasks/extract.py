@@ -208,9 +208,14 @@ class ExtractorPool:
         return results
 
 
-def run(store: Store, cfg: ExtractConfig, raw: Manifest) -> Manifest:
-    """Decode and extract the text of every page of an ingest artifact."""
-    b = begin(store, STAGE, CODE_VERSION, cfg, raw=raw)
+def run(store: Store, cfg: ExtractConfig, raw: Manifest, allow_empty: bool = False) -> Manifest:
+    """Decode and extract the text of every page of an ingest artifact.
+
+    Keeping no text is an error unless ``allow_empty``: an incremental refresh whose only
+    changed pages are too short (an index page that gained a link) has nothing new, and
+    publishes an artifact without documents for the flow to see that.
+    """
+    b = begin(store, STAGE, CODE_VERSION, cfg, raw=raw, allow_empty=allow_empty)
     if b.done:
         return b.done
     funnel = Funnel()
@@ -235,7 +240,7 @@ def run(store: Store, cfg: ExtractConfig, raw: Manifest) -> Manifest:
                     funnel.dropped(reason, text)
                     dropped.add(doc | {"dropped_reason": reason, "detail": detail})
             log.info("extract: %d pages done, %d kept", funnel.docs_in, funnel.docs_out)
-        if funnel.docs_out == 0:
+        if funnel.docs_out == 0 and not allow_empty:
             reasons = ", ".join(f"{r}: {n}" for r, n in funnel.dropped_docs.most_common(5)) or "no input pages"
             raise StageError(STAGE, raw.ref, f"no text kept out of {funnel.docs_in} pages ({reasons})",
                              "check the ingest artifact's content types, or lower min_chars / raise timeout_seconds")

@@ -18,7 +18,9 @@ Design decisions:
   lengths skip ``unsegmented_languages`` (scripts written without spaces); line rules
   run for every language.
 - An empty or null text is dropped as ``empty_text`` before LID. A configured language
-  the model does not know, or a run that keeps nothing, is an error naming why.
+  the model does not know, or a run that keeps nothing, is an error naming why, except
+  with ``allow_empty``: an incremental refresh filters only its new documents, and
+  "none of them passed" is an answer (the flow then publishes no new dataset version).
 """
 
 from __future__ import annotations
@@ -121,9 +123,12 @@ def _check_input(docs: Manifest, cfg: FilterConfig) -> None:
         raise StageError(STAGE, "config.languages", f"the LID model knows no language {unknown}", f"use lid.176 codes, e.g. {sorted(known)[:8]}...")
 
 
-def run(store: Store, cfg: FilterConfig, docs: Manifest) -> Manifest:
-    """Keep documents in the wanted languages that pass the quality rules; add lang, lang_score, signals."""
-    b = begin(store, STAGE, CODE_VERSION, cfg, docs=docs)
+def run(store: Store, cfg: FilterConfig, docs: Manifest, allow_empty: bool = False) -> Manifest:
+    """Keep documents in the wanted languages that pass the quality rules; add lang, lang_score, signals.
+
+    ``allow_empty``: publish an artifact without documents instead of failing when every one is dropped.
+    """
+    b = begin(store, STAGE, CODE_VERSION, cfg, docs=docs, allow_empty=allow_empty)
     if b.done:
         return b.done
     _check_input(docs, cfg)
@@ -170,7 +175,7 @@ def run(store: Store, cfg: FilterConfig, docs: Manifest) -> Manifest:
             dropped = table.append_column("dropped_reason", pa.array(reasons, pa.string())).filter(pc.invert(keep))
             if dropped.num_rows:
                 w.write_table(dropped, "dropped")
-        if not funnel.docs_out:
+        if not funnel.docs_out and not allow_empty:
             top = ", ".join(f"{r} ({n})" for r, n in funnel.dropped_docs.most_common(3))
             raise StageError(STAGE, docs.ref, f"every one of {funnel.docs_in} documents was dropped; top reasons: {top}",
                              "loosen filter.languages, filter.min_lang_score or the rule that drops most")

@@ -19,6 +19,21 @@ Design decisions:
   is dropped as ``malformed_record`` and reading resumes at the next record boundary
   (the next ``WARC/1.`` line, or the next gzip member), so one bad record does not
   cost the rest of the file. A missing or unreadable file fails the stage, naming it.
+- Incremental refresh: ``previous`` is an earlier ingest artifact of the same sources.
+  Every artifact holds ``validators-*.parquet`` (url, etag, last_modified, sha256 of
+  the body, links): one row per page this ingest fetched, read, or confirmed unchanged.
+  Given ``previous``, a crawl sends conditional requests for the URLs it lists and walks
+  the stored links of the ones that did not change (:mod:`tasks.crawl`); any kind drops
+  a page whose body hashes as before. Those URLs land in ``dropped-*`` as
+  ``not_modified`` (HTTP 304, no body transferred) or ``unchanged``, and their
+  validators are carried forward, so the next refresh still knows them. ``previous``
+  is a parent: the lineage of a dataset version reaches back through every crawl.
+  Counters ``meta["new"]`` / ``meta["changed"]`` count pages absent from / different
+  from ``previous``.
+- When ``previous`` is given and no page is new or changed, the stage publishes
+  nothing and returns None: an unchanged site makes no artifact, and the flow says so.
+  With no previous, or when pages failed rather than being unchanged, keeping nothing
+  is an error as before.
 """
 
 from __future__ import annotations
@@ -35,10 +50,11 @@ import pyarrow as pa
 from fastwarc.warc import ArchiveIterator, WarcRecord, WarcRecordType, has_block_digest
 from pydantic import Field, model_validator
 
-from storage.artifact import Manifest, PartBuffer, Store
+from storage.artifact import Manifest, PartBuffer, Store, read_table
 from storage.documents import Funnel, make_doc_id
 from tasks.common import StageConfig, StageError, begin, code_version, stage_logger, stage_task
-from tasks.crawl import HTML_TYPES, CrawlConfig, Crawler, Drop, Page
+from tasks.crawl import HTML_TYPES, CrawlConfig, Crawler, Drop, Page, Unchanged, Validator
+from tasks.progress import StageProgress
 
 STAGE = "ingest"
 CODE_VERSION = code_version(__name__, "tasks.crawl")
@@ -65,6 +81,14 @@ DROPPED_SCHEMA = pa.schema([
     pa.field("http_status", pa.int32()),
     pa.field("dropped_reason", pa.string()),
     pa.field("detail", pa.string()),
+])
+
+VALIDATORS_SCHEMA = pa.schema([
+    pa.field("url", pa.string()),
+    pa.field("etag", pa.string()),
+    pa.field("last_modified", pa.string()),
+    pa.field("sha256", pa.string()),
+    pa.field("links", pa.list_(pa.string())),
 ])
 
 
@@ -236,56 +260,125 @@ def read_warcs(paths: list[Path], verify: bool) -> Iterator[Page | Drop]:
 
 # --- the stage -------------------------------------------------------------------------------
 
-def run(store: Store, cfg: IngestConfig) -> Manifest:
-    """Fetch or read raw pages into an artifact of undecoded bodies plus a dropped table."""
-    b = begin(store, STAGE, CODE_VERSION, cfg, fingerprint=cache_fingerprint(cfg))
+class _NothingNew(Exception):
+    """Raised inside the writer so that it publishes nothing (its temp dir is removed)."""
+
+
+def read_validators(previous: Manifest | None) -> dict[str, Validator]:
+    """What an earlier ingest knew of each page (empty for None or an artifact without them)."""
+    if previous is None:
+        return {}
+    table = read_table(previous, "validators")
+    if not table.num_rows:
+        return {}
+    return {r["url"]: Validator(r["url"], r["etag"], r["last_modified"], r["sha256"], tuple(r["links"] or ()))
+            for r in table.to_pylist()}
+
+
+def _check_previous(previous: Manifest | None) -> None:
+    if previous is not None and previous.stage != STAGE:
+        raise StageError(STAGE, previous.ref, "previous must be an ingest artifact", "pass the ingest ancestor of the dataset to refresh")
+
+
+def run(store: Store, cfg: IngestConfig, previous: Manifest | None = None) -> Manifest | None:
+    """Fetch or read raw pages into an artifact of undecoded bodies plus a dropped table.
+
+    With ``previous`` (an earlier ingest), only new or changed pages are kept; None
+    (nothing published) when there is none.
+    """
+    _check_previous(previous)
+    b = begin(store, STAGE, CODE_VERSION, cfg, fingerprint=cache_fingerprint(cfg), previous=previous)
     if b.done:
         return b.done
+    known = read_validators(previous)
     funnel = Funnel()
-    with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
-        meta: dict = {"kind": cfg.kind}
-        if cfg.kind == "crawl":
-            crawler = Crawler(cfg.crawl)
-            items, what = crawler.crawl(w.dir / WARC_NAME), f"crawl of {', '.join(cfg.crawl.seeds)}"
-            meta["warc"] = WARC_NAME
-        elif cfg.kind == "warc":
-            paths = warc_paths(cfg.warc)
-            items, what = read_warcs(paths, cfg.warc.verify_digests), f"{len(paths)} WARC file(s)"
-            meta["files"] = len(paths)
-        else:
-            paths = files_under(cfg.files)
-            items, what = read_files(paths), f"folder {cfg.files.root}"
-            meta["files"] = len(paths)
-        body_size = lambda row: len(row["body"])  # noqa: E731  (raw HTML bounds a part, not its row count)
-        kept = PartBuffer(w, "part", RAW_SCHEMA, max_rows=PART_ROWS, max_bytes=PART_BYTES, size_of=body_size)
-        dropped = PartBuffer(w, "dropped", DROPPED_SCHEMA, max_rows=PART_ROWS)
-        body_bytes = 0
-        for item in items:
-            funnel.seen("")
-            if isinstance(item, Drop):
-                funnel.dropped(item.reason)
-                dropped.add({"doc_id": make_doc_id(item.url), "url": item.url, "source": cfg.kind, "fetched_at": item.fetched_at,
-                             "http_status": item.http_status, "dropped_reason": item.reason, "detail": item.detail})
-            else:
-                funnel.kept("")
-                body_bytes += len(item.body)
-                kept.add({"doc_id": make_doc_id(item.url), "url": item.url, "source": cfg.kind, "fetched_at": item.fetched_at,
-                          "http_status": item.http_status, "content_type": item.content_type, "charset": item.charset, "body": item.body})
-            if funnel.docs_in % 1000 == 0:
-                log.info("%d pages attempted, %d kept", funnel.docs_in, funnel.docs_out)
-        if funnel.docs_out == 0:
-            reasons = ", ".join(f"{r}: {n}" for r, n in funnel.dropped_docs.most_common(5)) or "nothing found"
-            raise StageError(STAGE, what, f"no page kept out of {funnel.docs_in} ({reasons})",
-                             "check the seeds or paths, robots.txt and the network")
-        kept.flush()
-        dropped.flush()
-        if cfg.kind == "crawl":
-            meta.update(crawler.stats)
-        meta["body_bytes"] = body_bytes
-        w.counters.update(funnel.as_counters())
-        w.meta.update(meta)
-        log.info("ingest %s: %d kept, %d dropped %s", what, funnel.docs_out, funnel.docs_in - funnel.docs_out, dict(funnel.dropped_docs))
+    try:
+        with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
+            meta = _ingest(cfg, known, w, funnel, previous)
+    except _NothingNew:
+        log.info("ingest: no new or changed page since %s (%s); nothing published", previous.ref, dict(funnel.dropped_docs))
+        return None
+    log.info("ingest %s: %d kept, %d dropped %s", meta["what"], funnel.docs_out, funnel.docs_in - funnel.docs_out, dict(funnel.dropped_docs))
     return w.manifest
+
+
+def _ingest(cfg: IngestConfig, known: dict[str, Validator], w, funnel: Funnel, previous: Manifest | None) -> dict:
+    """Fill the writer ``w``; returns the meta it recorded (plus a description, ``what``)."""
+    meta: dict = {"kind": cfg.kind}
+    if cfg.kind == "crawl":
+        crawler = Crawler(cfg.crawl, known)
+        items, what, total = crawler.crawl(w.dir / WARC_NAME), f"crawl of {', '.join(cfg.crawl.seeds)}", cfg.crawl.max_pages
+        meta["warc"] = WARC_NAME
+    elif cfg.kind == "warc":
+        paths = warc_paths(cfg.warc)
+        items, what, total = read_warcs(paths, cfg.warc.verify_digests), f"{len(paths)} WARC file(s)", None
+        meta["files"] = len(paths)
+    else:
+        paths = files_under(cfg.files)
+        items, what, total = read_files(paths), f"folder {cfg.files.root}", len(paths)
+        meta["files"] = len(paths)
+    body_size = lambda row: len(row["body"])  # noqa: E731  (raw HTML bounds a part, not its row count)
+    kept = PartBuffer(w, "part", RAW_SCHEMA, max_rows=PART_ROWS, max_bytes=PART_BYTES, size_of=body_size)
+    dropped = PartBuffer(w, "dropped", DROPPED_SCHEMA, max_rows=PART_ROWS)
+    validators: dict[str, Validator] = {}
+    progress = StageProgress(STAGE, f"ingest: {what}")
+    body_bytes = 0
+    for item in items:
+        funnel.seen("")
+        if isinstance(item, Page) and cfg.kind != "crawl":  # the crawler compares bodies itself
+            item = _compare_body(item, known, validators)
+        if isinstance(item, (Drop, Unchanged)):
+            funnel.dropped(item.reason)
+            dropped.add({"doc_id": make_doc_id(item.url), "url": item.url, "source": cfg.kind, "fetched_at": item.fetched_at,
+                         "http_status": item.http_status, "dropped_reason": item.reason, "detail": item.detail})
+            if isinstance(item, Unchanged):
+                validators[item.url] = item.validator
+        else:
+            funnel.kept("")
+            body_bytes += len(item.body)
+            kept.add({"doc_id": make_doc_id(item.url), "url": item.url, "source": cfg.kind, "fetched_at": item.fetched_at,
+                      "http_status": item.http_status, "content_type": item.content_type, "charset": item.charset, "body": item.body})
+        if funnel.docs_in % 1000 == 0:
+            log.info("%d pages attempted, %d kept", funnel.docs_in, funnel.docs_out)
+        if total:
+            progress.update(funnel.docs_in / total)
+    progress.done()
+    if cfg.kind == "crawl":
+        validators = crawler.validators
+    unchanged = funnel.dropped_docs["not_modified"] + funnel.dropped_docs["unchanged"]
+    if funnel.docs_out == 0 and previous is not None and unchanged:
+        raise _NothingNew()
+    if funnel.docs_out == 0:
+        reasons = ", ".join(f"{r}: {n}" for r, n in funnel.dropped_docs.most_common(5)) or "nothing found"
+        raise StageError(STAGE, what, f"no page kept out of {funnel.docs_in} ({reasons})",
+                         "check the seeds or paths, robots.txt and the network")
+    kept.flush()
+    dropped.flush()
+    rows = PartBuffer(w, "validators", VALIDATORS_SCHEMA, max_rows=PART_ROWS)
+    for v in validators.values():
+        rows.add({"url": v.url, "etag": v.etag, "last_modified": v.last_modified, "sha256": v.sha256, "links": list(v.links)})
+    rows.flush()
+    if cfg.kind == "crawl":
+        meta.update(crawler.stats)
+    else:
+        meta["new"] = sum(1 for u in validators if u not in known)
+        meta["changed"] = funnel.docs_out - meta["new"]
+    meta["body_bytes"] = body_bytes
+    meta["previous"] = previous.ref if previous is not None else None
+    w.counters.update(funnel.as_counters())
+    w.meta.update(meta)
+    return {**meta, "what": what}
+
+
+def _compare_body(page: Page, known: dict[str, Validator], validators: dict[str, Validator]) -> Page | Unchanged:
+    """A file or WARC page, or Unchanged when its bytes are those ``known`` recorded for its URL."""
+    sha = hashlib.sha256(page.body).hexdigest()
+    validator = Validator(page.url, None, None, sha)
+    before = known.get(page.url)
+    if before is not None and before.sha256 == sha:
+        return Unchanged(page.url, "unchanged", "body identical to the previous ingest's", page.fetched_at, page.http_status, validator)
+    validators[page.url] = validator
+    return page
 
 
 task = stage_task(run, name=STAGE, retries=2)

@@ -19,20 +19,39 @@ Design decisions:
 - Encoding goes through ``encode_batch_fast`` (Rust, all cores, no offsets computed).
 - An empty train split, or an empty validation split beside a non-empty train split,
   is a StageError: pretraining or evaluation would have nothing to read.
+- Incremental refresh: with ``previous`` (the dataset version being extended), the new
+  version is the previous one's documents, less those ``docs`` replace, plus ``docs``
+  (the new and changed documents only). A document of ``docs`` replaces the previous
+  document with its doc_id (the same URL: a changed page) and that document's
+  paraphrases, so no doc_id appears twice. ``docs`` must be tokenized with the previous
+  version's tokenizer: token ids stay comparable, and nothing is re-encoded.
+  A previous shard none of whose documents is replaced is hard-linked into the new
+  artifact (``os.link``, a copy across file systems): no bytes written, no disk space
+  doubled per nightly version, and pretraining, which reads whole ``.bin`` files, sees
+  the same tokens. A shard holding a replaced document is rewritten, its other
+  documents' token spans copied (not re-encoded), since a whole-file link would keep
+  the stale tokens in training. Linked shards are renumbered first, then rewritten
+  spans and new documents fill the following shards, so names never collide. The index
+  lists the carried documents first, then the new ones; ``previous`` is a parent, so
+  the catalog's lineage reaches every earlier version.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from storage.artifact import Manifest, PartBuffer, Store
+from storage.artifact import ArtifactWriter, Manifest, PartBuffer, Store, iter_batches, read_table
 from storage.catalog import Catalog
 from storage.documents import Funnel, SplitConfig
-from storage.tokens import DEFAULT_MAX_TOKENS, TokenShardWriter, token_dtype
+from storage.tokens import DEFAULT_MAX_TOKENS, TokenShard, TokenShardWriter, shard_names, token_dtype
 from tasks.common import StageConfig, StageError, begin, code_version, stage_logger, stage_task
 from tasks.tokenizer import NO_DOCS_HINT, iter_with_splits, load_tokenizer, require_columns
 
@@ -116,20 +135,107 @@ def _index_table(batch: pa.RecordBatch, keep: pa.Array, splits: list[str], place
     )
 
 
-def run(store: Store, cfg: ShardsConfig, docs: Manifest, tokenizer: Manifest, split: SplitConfig) -> Manifest:
-    """Tokenize ``docs`` with ``tokenizer`` into train/val token shards; register them in the catalog."""
-    b = begin(store, STAGE, CODE_VERSION, cfg, docs=docs, tokenizer=tokenizer, split=split)
+@dataclass
+class _Carried:
+    """What an incremental version took over from the previous one."""
+
+    index: list[pa.Table] = field(default_factory=list)
+    stats: dict = field(default_factory=lambda: {"carried_docs": 0, "replaced_docs": 0, "linked_shards": 0, "rewritten_shards": 0})
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard-link an immutable file into a new artifact; copy it where links cannot cross file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _check_previous(previous: Manifest, tokenizer: Manifest) -> None:
+    if previous.stage != STAGE:
+        raise StageError(STAGE, previous.ref, "previous must be a shards artifact (a dataset version)")
+    if tokenizer.ref not in previous.parents:
+        raise StageError(STAGE, previous.ref, f"was not tokenized with {tokenizer.ref}: its token ids would not match the new documents'",
+                         "extend a dataset with its own tokenizer, or run a full refresh (incremental off)")
+
+
+def _replaced(docs: Manifest) -> pa.Array:
+    """doc_ids of the documents in ``docs``: each replaces the previous version's document with its id."""
+    ids = [b.column("doc_id") for b in iter_batches(docs, columns=["doc_id"])]
+    return pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
+
+
+def _carry(previous: Manifest, replaced: pa.Array, w: ArtifactWriter, writers: dict[str, TokenShardWriter], cfg: ShardsConfig,
+           vocab_size: int, eot_id: int) -> _Carried:
+    """Link or rewrite the previous version's shards into ``w``; create ``writers`` after them."""
+    out = _Carried()
+    index = read_table(previous, "index").cast(INDEX_SCHEMA)
+    stale = pc.fill_null(pc.or_(pc.is_in(index["doc_id"], value_set=replaced),
+                                pc.is_in(index["augmented_from"], value_set=replaced)), False)
+    out.stats["replaced_docs"] = pc.sum(stale).as_py() or 0
+    rows = {f.path: f.rows for f in previous.files}
+    for s in SPLITS:
+        rewrite: list[tuple[str, pa.Table]] = []
+        number = 0
+        for f in previous.files_with_prefix(f"tokens-{s}-"):
+            if not f.path.endswith(".bin"):
+                continue
+            in_shard = pc.equal(index["shard"], f.path)
+            keep = index.filter(pc.and_(in_shard, pc.invert(stale)))
+            if keep.num_rows < (pc.sum(in_shard).as_py() or 0):
+                rewrite.append((f.path, keep))
+                continue
+            bin_name, idx_name = shard_names(s, number)
+            number += 1
+            _link(previous.path(f.path), w.dir / bin_name)
+            _link(previous.path(f.path[: -len(".bin")] + ".idx"), w.dir / idx_name)
+            w.set_rows(bin_name, rows[f.path])
+            w.set_rows(idx_name, rows[f.path] + 1)
+            out.index.append(keep.set_column(keep.schema.get_field_index("shard"), "shard", pa.array([bin_name] * keep.num_rows, pa.string())))
+            out.stats["linked_shards"] += 1
+            out.stats["carried_docs"] += keep.num_rows
+        writers[s] = TokenShardWriter(w.dir, s, vocab_size, eot_id, cfg.max_tokens_per_shard, first=number)
+        for path, keep in rewrite:
+            out.stats["rewritten_shards"] += 1
+            out.stats["carried_docs"] += keep.num_rows
+            if not keep.num_rows:
+                continue
+            shard = TokenShard(previous.path(path), previous.path(path[: -len(".bin")] + ".idx"), previous.meta["dtype"])
+            spans = [shard.span(st, n)[:-1] for st, n in zip(keep["start"].to_pylist(), keep["n_tokens"].to_pylist())]
+            placed = writers[s].add(spans)
+            names, starts, _ = zip(*placed)
+            keep = keep.set_column(keep.schema.get_field_index("shard"), "shard", pa.array(names, pa.string()))
+            out.index.append(keep.set_column(keep.schema.get_field_index("start"), "start", pa.array(starts, pa.int64())))
+    return out
+
+
+def run(store: Store, cfg: ShardsConfig, docs: Manifest, tokenizer: Manifest, split: SplitConfig,
+        previous: Manifest | None = None) -> Manifest:
+    """Tokenize ``docs`` with ``tokenizer`` into train/val token shards; register them in the catalog.
+
+    With ``previous`` (a dataset version made with the same tokenizer), the result is a
+    new version: the previous documents that ``docs`` do not replace, plus ``docs``.
+    """
+    b = begin(store, STAGE, CODE_VERSION, cfg, docs=docs, tokenizer=tokenizer, split=split, previous=previous)
     if b.done:
         register(store, b.done)
         return b.done
+    if previous is not None:
+        _check_previous(previous, tokenizer)
     columns = require_columns(STAGE, docs, ["doc_id", "text"])
     tok = load_tokenizer(tokenizer)
     eot_id, vocab_size = int(tokenizer.meta["eot_id"]), tok.get_vocab_size()
     funnel = Funnel()
     totals = {k: dict.fromkeys(SPLITS, 0) for k in ("docs", "tokens", "bytes")}
     with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
-        writers = {s: TokenShardWriter(w.dir, s, vocab_size, eot_id, cfg.max_tokens_per_shard) for s in SPLITS}
+        writers: dict[str, TokenShardWriter] = {}
+        carried = _carry(previous, _replaced(docs), w, writers, cfg, vocab_size, eot_id) if previous is not None else None
+        for s in SPLITS:
+            writers.setdefault(s, TokenShardWriter(w.dir, s, vocab_size, eot_id, cfg.max_tokens_per_shard))
         index = PartBuffer(w, "index", max_rows=INDEX_ROWS)
+        for table in carried.index if carried else []:
+            index.add_table(table)
+            _add_totals(totals, table)
         wanted = ["doc_id", "text", *(c for c in METADATA if c in columns)]
         for batch, splits in iter_with_splits(docs, split, wanted, batch_size=cfg.batch_size):
             keep = _triage(batch, splits, funnel)
@@ -140,11 +246,7 @@ def run(store: Store, cfg: ShardsConfig, docs: Manifest, tokenizer: Manifest, sp
             placed = _encode(tok, writers, batch.column("text").filter(mask).to_pylist(), kept_splits)
             table = _index_table(batch, mask, kept_splits, placed)
             index.add_table(table)
-            for s in SPLITS:
-                rows = table.filter(pc.equal(table["split"], s))
-                totals["docs"][s] += rows.num_rows
-                totals["tokens"][s] += pc.sum(rows["n_tokens"]).as_py() or 0
-                totals["bytes"][s] += pc.sum(rows["n_bytes"]).as_py() or 0
+            _add_totals(totals, table)
         index.flush()
         for s in SPLITS:
             for info in writers[s].close():
@@ -154,9 +256,19 @@ def run(store: Store, cfg: ShardsConfig, docs: Manifest, tokenizer: Manifest, sp
         w.counters.update(funnel.as_counters())
         w.counters.update({"tokens_out": sum(totals["tokens"].values()), "tokens": totals["tokens"]})
         w.meta.update({"dtype": token_dtype(vocab_size).name, "vocab_size": vocab_size, "eot_id": eot_id, **totals})
+        if carried is not None:
+            w.meta["incremental"] = {"previous": previous.ref, "new_docs": funnel.docs_out, **carried.stats}
     log.info("shards: %s tokens, %s documents written", totals["tokens"], totals["docs"])
     register(store, w.manifest)
     return w.manifest
+
+
+def _add_totals(totals: dict, table: pa.Table) -> None:
+    for s in SPLITS:
+        rows = table.filter(pc.equal(table["split"], s))
+        totals["docs"][s] += rows.num_rows
+        totals["tokens"][s] += pc.sum(rows["n_tokens"]).as_py() or 0
+        totals["bytes"][s] += pc.sum(rows["n_bytes"]).as_py() or 0
 
 
 def _check_splits(docs: Manifest, split: SplitConfig, n_docs: dict[str, int], funnel: Funnel) -> None:

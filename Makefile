@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup debs corpus demo test bench clean
+.PHONY: setup debs browser corpus demo server test bench clean
 
 setup: $(STAMP) debs
 
@@ -47,14 +47,30 @@ $(HANDBOOK)/en-US/index.html:
 	mv $(CACHE)/deb/x/usr/share/doc/debian-handbook/html $(HANDBOOK)
 	rm -rf $(CACHE)/deb/x
 
+# The browser test drives Debian's chromium with Playwright (never `playwright install`:
+# it downloads a browser build, and only the package registries are reachable).
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "lmforge: please install the Debian package 'chromium' (needs root)"; exit 1; fi
+
+# Serves the handbook on 127.0.0.1:$(DEMO_PORT) for as long as the command after it runs.
+WITH_HANDBOOK_SITE = $(BIN)/python -m http.server $(DEMO_PORT) --bind 127.0.0.1 --directory $(HANDBOOK) >/dev/null 2>&1 & \
+	site=$$!; trap "kill $$site 2>/dev/null" EXIT INT TERM; \
+	for i in $$(seq 50); do $(BIN)/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$(DEMO_PORT)/')" 2>/dev/null && break; sleep 0.2; done;
+
 # The whole pipeline on the handbook, crawled over real HTTP from a loopback server.
 demo: setup corpus
-	@$(BIN)/python -m http.server $(DEMO_PORT) --bind 127.0.0.1 --directory $(HANDBOOK) >/dev/null 2>&1 & \
-	server=$$!; trap "kill $$server 2>/dev/null" EXIT INT TERM; \
-	for i in $$(seq 50); do $(BIN)/python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$(DEMO_PORT)/')" 2>/dev/null && break; sleep 0.2; done; \
-	$(BIN)/lmforge run --config configs/demo.yaml --output-dir $(DEMO_OUT)
+	@$(WITH_HANDBOOK_SITE) $(BIN)/lmforge run --config configs/demo.yaml --output-dir $(DEMO_OUT)
 
-test: setup
+# The Prefect UI at http://127.0.0.1:4200 with lmforge's deployments and a cpu worker;
+# the handbook site stays up so the demo profile's crawl works from the UI.
+SERVER_ARGS ?=
+server: setup corpus
+	@$(WITH_HANDBOOK_SITE) $(BIN)/lmforge server $(SERVER_ARGS)
+
+test: setup browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup corpus

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
+    from flows.server import add_parser as add_server_parser
+
+    add_server_parser(sub)
     return p
 
 

@@ -106,16 +106,40 @@ class Begun:
 
 
 FAIL_STAGE_ENV = "LMFORGE_FAIL_STAGE"
+FAIL_STAGE_FILE_ENV = "LMFORGE_FAIL_STAGE_FILE"
+
+
+def _injected_failure(stage: str) -> str | None:
+    """Which switch asks ``stage`` to fail, if any.
+
+    ``LMFORGE_FAIL_STAGE=<stage>`` fails it in every run of this process. A worker's
+    environment is fixed when it starts, so for runs started from the UI the switch is
+    a file instead: ``LMFORGE_FAIL_STAGE_FILE=<path>`` fails the stage named in that file
+    while the file exists; delete it and press Retry.
+    """
+    if os.environ.get(FAIL_STAGE_ENV) == stage:
+        return FAIL_STAGE_ENV
+    path = os.environ.get(FAIL_STAGE_FILE_ENV)
+    if path:
+        try:
+            with open(path) as f:
+                if f.read().strip() == stage:
+                    return path
+        except OSError:
+            pass
+    return None
 
 
 def begin(store: Store, stage: str, code: str, cfg: BaseModel, **inputs: Any) -> Begun:
     """Compute the key; return the published artifact if it exists (verifying its files).
 
-    Setting ``LMFORGE_FAIL_STAGE=<stage>`` makes that stage fail here, before it writes
-    anything: fault injection for testing rerun-from-cache, and for rehearsing recovery.
+    A failure switch (:func:`_injected_failure`) makes the stage fail here, before it
+    writes anything: fault injection for testing rerun-from-cache, and for rehearsing
+    recovery.
     """
-    if os.environ.get(FAIL_STAGE_ENV) == stage:
-        raise StageError(stage, FAIL_STAGE_ENV, "failure injected on purpose", f"unset {FAIL_STAGE_ENV} to run normally")
+    switch = _injected_failure(stage)
+    if switch:
+        raise StageError(stage, switch, "failure injected on purpose", f"clear {switch} to run normally")
     key = stage_key(stage, code, cfg, inputs)
     parents = [inputs[k] for k in sorted(inputs) if isinstance(inputs[k], Manifest)]
     for p in parents:

@@ -7,7 +7,7 @@ import pytest
 from pydantic import Field
 
 from storage.artifact import Store
-from tasks.common import FAIL_STAGE_ENV, StageConfig, StageError, begin, stage_key
+from tasks.common import FAIL_STAGE_ENV, FAIL_STAGE_FILE_ENV, StageConfig, StageError, begin, stage_key
 
 
 class _Cfg(StageConfig):
@@ -48,6 +48,19 @@ def test_injected_failure_names_the_switch(tmp_path, monkeypatch):
     monkeypatch.setenv(FAIL_STAGE_ENV, "a")
     with pytest.raises(StageError, match="failure injected"):
         begin(Store(tmp_path), "a", "v1", _Cfg())
+
+
+def test_failure_file_fails_only_the_named_stage_while_it_exists(tmp_path, monkeypatch):
+    switch = tmp_path / "fail-stage"
+    monkeypatch.setenv(FAIL_STAGE_FILE_ENV, str(switch))
+    store = Store(tmp_path / "store")
+    begin(store, "a", "v1", _Cfg())  # no file yet: runs
+    switch.write_text("a\n")
+    with pytest.raises(StageError, match=f"{switch}: failure injected"):
+        begin(store, "a", "v1", _Cfg())
+    begin(store, "b", "v1", _Cfg())  # another stage is not affected
+    switch.unlink()
+    assert begin(store, "a", "v1", _Cfg()).done is None
 
 
 def test_stage_error_round_trips_through_pickle():

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from typing import Annotated
 
-from prefect import flow, get_run_logger, runtime
+from prefect import flow, get_run_logger, runtime, task
 from prefect.events import emit_event
-from pydantic import Field
 
 from flows.artifacts import publish_run
 from flows.config import DEFAULT_CONFIG, PipelineConfig
@@ -46,9 +44,22 @@ def registered_datasets(store: Store) -> list[str]:
 
 
 def run_label() -> str:
-    """This flow run's id (the same across its retries), or the time outside a Prefect run."""
-    run_id = runtime.flow_run.id
+    """The id of this run's root flow run (the same across retries of it, and of a parent
+    that runs this flow as a subflow), or the time outside a Prefect run."""
+    run_id = runtime.flow_run.id and runtime.flow_run.root_flow_run_id
     return str(run_id) if run_id else _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+@task(name="datasets-at-start", cache_key_fn=lambda _ctx, params: f"lmforge-datasets-{params['run']}-{params['root']}",
+      persist_result=True)
+def datasets_at_start(root: str, run: str) -> list[str]:
+    """The catalog's dataset versions when this run first started, kept for its retries.
+
+    A retry must extend the same version as the attempt it repeats: read afresh, the
+    catalog could already hold the version that attempt published before it failed, and
+    the retry would find "nothing new" and never announce it.
+    """
+    return registered_datasets(Store(root))
 
 
 def _run_optional(records: dict[str, StageRecord], stage: str, task, **kwargs) -> Manifest | None:
@@ -67,18 +78,25 @@ def _run_optional(records: dict[str, StageRecord], stage: str, task, **kwargs) -
 @flow(name="data-refresh", log_prints=True)
 def data_refresh(
     config: PipelineConfig = DEFAULT_CONFIG,
-    incremental: Annotated[bool, Field(description="Extend the catalog's latest dataset version with only new or changed pages (conditional requests, dedup against it), instead of rebuilding from everything; a full refresh when there is none yet.")] = False,
+    incremental: bool = False,
 ) -> dict:
     """Crawl or read sources, extract, deduplicate, filter, augment, train the tokenizer, shard.
 
     Returns ``{"dataset": <shards artifact ref>, "records": {stage: StageRecord}, "new": bool}``;
     ``new`` is False when the run published no new dataset version (``dataset`` is then
     the latest one, and ``"reason"`` says why).
+
+    Args:
+        config: Every stage's settings, crawl to export; the form starts from the profile the
+            deployments were registered with (LMFORGE_CONFIG, else configs/demo.yaml).
+        incremental: Extend the catalog's latest dataset version with only new or changed pages
+            (conditional requests, dedup against everything already there) instead of rebuilding
+            from everything; a full refresh when there is no dataset yet.
     """
     log = get_run_logger()
     store = Store(config.store)
     records: dict[str, StageRecord] = {}
-    known = registered_datasets(store)
+    known = datasets_at_start(str(store.root), run_label())
     if incremental and not known:
         log.info("incremental refresh: no dataset in the catalog %s yet, doing a full refresh", store.catalog_path)
     if not (incremental and known):
@@ -130,7 +148,9 @@ def _published(data: Manifest, records: dict[str, StageRecord], new: bool, incre
     if not new:
         return {"dataset": data.ref, "records": records, "new": False, "reason": f"{data.ref} was already in the catalog"}
     new_docs = int(data.counters.get("docs_out", 0))
-    emit_event(event=PUBLISHED_EVENT, resource={"prefect.resource.id": f"lmforge.dataset.{data.ref}"},
+    # The deployment label lets an automation react to the nightly refresh only (deployments/prefect.yaml).
+    resource = {"prefect.resource.id": f"lmforge.dataset.{data.ref}", "lmforge.deployment": runtime.deployment.name or ""}
+    emit_event(event=PUBLISHED_EVENT, resource=resource,
                payload={"dataset": data.ref, "new_docs": new_docs, "incremental": incremental})
     get_run_logger().info("data-refresh: published %s (%d new documents%s)", data.ref, new_docs,
                           f", extending {data.meta['incremental']['previous']}" if incremental else "")

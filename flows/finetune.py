@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
 
 from prefect import flow
-from pydantic import Field
 
 from flows.artifacts import publish_run, publish_training
 from flows.config import DEFAULT_CONFIG, PipelineConfig
@@ -19,9 +17,15 @@ from tasks import finetune as finetune_stage
 @flow(name="finetune", log_prints=True)
 def finetune(
     config: PipelineConfig = DEFAULT_CONFIG,
-    base_model: Annotated[str | None, Field(description="Pretrain artifact ref ('pretrain/<key>'); empty builds it with the pretrain flow.")] = None,
+    base_model: str | None = None,
 ) -> dict:
-    """Returns ``{"dataset", "base_model", "model", "records"}``."""
+    """LoRA-finetune a pretrained model; returns ``{"dataset", "base_model", "model", "records"}``.
+
+    Args:
+        config: Every stage's settings, crawl to export; the form starts from the profile the
+            deployments were registered with (LMFORGE_CONFIG, else configs/demo.yaml).
+        base_model: Pretrain artifact ref ('pretrain/<key>'); empty builds it with the pretrain flow.
+    """
     store = Store(config.store)
     records: dict[str, StageRecord] = {}
     if not base_model:

@@ -23,7 +23,12 @@ from flows.release import release
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict:
-    """Run every stage; returns the refs of every artifact and every stage's record."""
+    """Run every stage; returns the refs of every artifact and every stage's record.
+
+    Args:
+        config: Every stage's settings, crawl to export; the form starts from the profile the
+            deployments were registered with (LMFORGE_CONFIG, else configs/demo.yaml).
+    """
     data = data_refresh(config)
     trained = pretrain(config, dataset=data["dataset"])
     tuned = finetune(config, base_model=trained["model"])

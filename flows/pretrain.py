@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
 
 from prefect import flow
-from pydantic import Field
 
 from flows.artifacts import publish_run, publish_training
 from flows.config import DEFAULT_CONFIG, PipelineConfig
@@ -19,9 +17,15 @@ from tasks import pretrain as pretrain_stage
 @flow(name="pretrain", log_prints=True)
 def pretrain(
     config: PipelineConfig = DEFAULT_CONFIG,
-    dataset: Annotated[str | None, Field(description="Shards artifact ref to train on ('shards/<key>'); empty builds it with data-refresh.")] = None,
+    dataset: str | None = None,
 ) -> dict:
-    """Returns ``{"dataset", "model", "records"}``."""
+    """Pretrain on a dataset version; returns ``{"dataset", "model", "records"}``.
+
+    Args:
+        config: Every stage's settings, crawl to export; the form starts from the profile the
+            deployments were registered with (LMFORGE_CONFIG, else configs/demo.yaml).
+        dataset: Shards artifact ref to train on ('shards/<key>'); empty builds it with data-refresh.
+    """
     store = Store(config.store)
     records: dict[str, StageRecord] = {}
     if not dataset:

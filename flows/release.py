@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
 
 from prefect import flow
-from pydantic import Field
 
 from flows.artifacts import publish_evaluation, publish_export, publish_run
 from flows.config import DEFAULT_CONFIG, PipelineConfig
@@ -20,9 +18,15 @@ from tasks import export as export_stage
 @flow(name="release", log_prints=True)
 def release(
     config: PipelineConfig = DEFAULT_CONFIG,
-    model: Annotated[str | None, Field(description="Finetune artifact ref ('finetune/<key>'); empty builds it with the finetune flow.")] = None,
+    model: str | None = None,
 ) -> dict:
-    """Returns ``{"report", "export", "records", ...refs}``; fails when the release gate fails."""
+    """Evaluate and export; returns ``{"report", "export", "records", ...refs}``; fails when the release gate fails.
+
+    Args:
+        config: Every stage's settings, crawl to export; the form starts from the profile the
+            deployments were registered with (LMFORGE_CONFIG, else configs/demo.yaml).
+        model: Finetune artifact ref ('finetune/<key>'); empty builds it with the finetune flow.
+    """
     store = Store(config.store)
     records: dict[str, StageRecord] = {}
     if not model:

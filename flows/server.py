@@ -170,6 +170,20 @@ def wait_healthy(sup: Supervisor, timeout: float) -> float:
     raise ServerError(f"the Prefect server was not healthy after {timeout:.0f}s; see {sup.logs / 'server.log'}")
 
 
+def wait_worker_online(sup: Supervisor, pool: str, name: str, timeout: float) -> None:
+    """Block until the worker has sent its first heartbeat: "ready" means runs get picked up."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        proc = sup.children[f"worker-{pool}"]
+        if proc.poll() is not None:
+            raise ServerError(f"the {pool} worker exited with code {proc.returncode}; see {sup.logs / f'worker-{pool}.log'}")
+        workers = api_call(sup.env, f"/work_pools/{pool}/workers/filter", {})
+        if any(w["name"] == name and w["status"] == "ONLINE" for w in workers):
+            return
+        time.sleep(1)
+    raise ServerError(f"the {pool} worker did not come online within {timeout:.0f}s; see {sup.logs / f'worker-{pool}.log'}")
+
+
 def ensure_pools(sup: Supervisor) -> None:
     existing = sup.prefect("work-pool", "ls")
     for pool in POOLS:
@@ -225,8 +239,9 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"lmforge server: deployments {', '.join(names)} (defaults from {env['LMFORGE_CONFIG']})", flush=True)
         pools = ["cpu"] + (["gpu"] if args.gpu_worker or (args.gpu_worker is None and has_gpu()) else [])
         for pool in pools:
-            sup.start(f"worker-{pool}", [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
-                                         "--name", f"lmforge-{pool}-{os.uname().nodename}"])
+            name = f"lmforge-{pool}-{os.uname().nodename}"
+            sup.start(f"worker-{pool}", [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--name", name])
+            wait_worker_online(sup, pool, name, args.startup_timeout)
         print(f"lmforge server: workers on pool(s) {', '.join(pools)}; logs in {sup.logs}", flush=True)
         ui = env["PREFECT_API_URL"].removesuffix("/api")
         print(f"lmforge server: ready. Open the UI at {ui}  (Ctrl-C stops everything)", flush=True)

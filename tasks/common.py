@@ -30,9 +30,15 @@ from storage.artifact import Manifest, Store, artifact_key
 
 
 class StageConfig(BaseModel):
-    """Base of every stage config: unknown keys are an error, values are immutable."""
+    """Base of every stage config: unknown keys are an error, values are immutable.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Defaults go through the validators too: a validator that normalizes (sorts a list of
+    languages, say) must give the same value whether it came from the default or from a
+    form or YAML file that spells the default out, or the same settings would hash to two
+    artifact keys.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class StageError(RuntimeError):

@@ -1,5 +1,6 @@
 """Config files: the shipped profiles validate; bad ones fail with the file, key and reason."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,11 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("ingest: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_defaults_spelled_out_give_the_same_config():
+    """The UI's form sends every default back explicitly; it must hash to the same keys."""
+    default = PipelineConfig()
+    spelled_out = PipelineConfig.model_validate(json.loads(default.model_dump_json()))
+    assert spelled_out.model_dump(mode="json") == default.model_dump(mode="json")
+    assert spelled_out.filter.unsegmented_languages == sorted(spelled_out.filter.unsegmented_languages)

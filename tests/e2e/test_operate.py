@@ -1,0 +1,376 @@
+"""Operating lmforge as its users do: `lmforge server`, its deployments, and a person at a browser.
+
+One `lmforge server` serves the whole module (starting it is the expensive part: the
+Prefect server, the work pools, `prefect deploy`, a worker), with basic auth on, on a
+free loopback port, against a generated site and configs/smoke.yaml. The tests run in
+file order, each building on the state the last one left:
+
+1. the deployments, schedules, parameter forms and basic auth, read through the API;
+2. the automation: switched on, a nightly refresh that publishes a dataset starts a
+   pretraining run on it; a second nightly refresh finds nothing new and starts nothing;
+3. in Debian's chromium (Playwright): log in, start a custom run of pipeline/full from
+   the form with a changed parameter, wait for Completed, read the funnel artifact;
+4. a run made to fail at finetune (the file switch LMFORGE_FAIL_STAGE_FILE), retried
+   with the UI's Retry button, ends Completed with every earlier stage Cached;
+5. Ctrl-C stops everything: no process that carries the server's PREFECT_HOME is left.
+
+Screenshots of every browser step go to test-output/browser/ (kept after the run).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+
+from flows.server import processes_with_env
+from tests.e2e.site import build_site, serve
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "test-output" / "browser"
+AUTH = "lmforge:test-secret"
+TIMEZONE = "Europe/Berlin"
+DEPLOYMENTS = {"data-refresh/nightly", "pretrain/gpu", "finetune/gpu", "release/cpu", "pipeline/full"}
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Operated:
+    """The running `lmforge server` and what the tests need to reach and steer it."""
+
+    proc: subprocess.Popen
+    ui: str
+    state: Path
+    store: Path
+    config: dict
+    fail_switch: Path
+    output: list[str] = field(default_factory=list)
+
+    def api(self, path: str, body: dict | None = None, method: str | None = None, auth: str | None = AUTH):
+        """(HTTP status, JSON body) of one API call."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.ui}/api{path}", data=data, method=method, headers={"Content-Type": "application/json"})
+        if auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as e:
+            return e.code, None
+
+    def ok(self, path: str, body: dict | None = None, method: str | None = None):
+        status, out = self.api(path, body, method)
+        assert 200 <= status < 300, (path, status)
+        return out
+
+    def deployment(self, name: str) -> dict:
+        flow_name, dep_name = name.split("/")
+        found = self.ok("/deployments/filter", {"flows": {"name": {"any_": [flow_name]}}, "deployments": {"name": {"any_": [dep_name]}}})
+        assert len(found) == 1, name
+        return found[0]
+
+    def flow_runs(self, deployment: dict, **flow_run_filter) -> list[dict]:
+        return self.ok("/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}, "flow_runs": flow_run_filter})
+
+    def wait_for_state(self, run_id: str, states: set[str], timeout: float = 600) -> dict:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            run = self.ok(f"/flow_runs/{run_id}")
+            if run["state_name"] in states:
+                return run
+            assert self.proc.poll() is None, "lmforge server died:\n" + "\n".join(self.output[-30:])
+            time.sleep(2)
+        raise AssertionError(f"flow run {run_id} not in {states} after {timeout}s: {run['state_name']}")
+
+    def task_runs_since(self, since: str) -> dict[str, str]:
+        """Stage name -> state of the task runs started after ``since`` (ISO time)."""
+        runs = self.ok("/task_runs/filter", {"task_runs": {"start_time": {"after_": since}}, "sort": "EXPECTED_START_TIME_ASC"})
+        return {r["name"].rsplit("-", 1)[0]: r["state_name"] for r in runs}
+
+
+@pytest.fixture(scope="module")
+def operated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("operate")
+    build_site(tmp / "site")
+    site, url = serve(tmp / "site")
+    config = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    config["store"] = str(tmp / "store")
+    config["ingest"]["crawl"]["seeds"] = [url]
+    (tmp / "smoke.yaml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "PREFECT_RESULTS_"))}
+    env.update({"PREFECT_SERVER_API_AUTH_STRING": AUTH, "LMFORGE_FAIL_STAGE_FILE": str(tmp / "fail-stage"),
+                "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "server", "--port", str(port), "--state-dir", str(tmp / "state"),
+         "--config", str(tmp / "smoke.yaml"), "--timezone", TIMEZONE],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    op = Operated(proc, f"http://127.0.0.1:{port}", tmp / "state", tmp / "store", config, tmp / "fail-stage")
+    ready = threading.Event()
+
+    def read_output() -> None:
+        for line in proc.stdout:
+            op.output.append(line.rstrip())
+            if "lmforge server: ready." in line:
+                ready.set()
+
+    threading.Thread(target=read_output, daemon=True).start()
+    t0 = time.monotonic()
+    while not ready.wait(1):
+        assert proc.poll() is None and time.monotonic() - t0 < 300, "lmforge server did not get ready:\n" + "\n".join(op.output[-40:])
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield op
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(120)
+        site.shutdown()
+
+
+# --- 1. through the API -------------------------------------------------------------------
+
+def test_deployments_land_on_their_pools_and_are_not_paused(operated):
+    names = set()
+    for d in operated.ok("/deployments/filter", {}):
+        flow = operated.ok(f"/flows/{d['flow_id']}")
+        names.add(f"{flow['name']}/{d['name']}")
+        assert not d["paused"], d["name"]
+        assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+        if d["name"] == "gpu":
+            assert d["work_pool_name"] == "gpu"
+            assert d["global_concurrency_limit"]["limit"] == 1  # at most one GPU run at a time
+            assert d["job_variables"]["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+        else:
+            assert d["work_pool_name"] == "cpu"
+    assert names == DEPLOYMENTS
+    pools = {p["name"]: p["type"] for p in operated.ok("/work_pools/filter", {})}
+    assert pools.items() >= {"cpu": "process", "gpu": "process"}.items()
+    # Without a GPU on this host only the cpu pool has a worker.
+    workers = operated.ok("/work_pools/cpu/workers/filter", {})
+    assert [w["status"] for w in workers] == ["ONLINE"]
+
+
+def test_nightly_schedule_is_active_and_creates_runs_at_two_in_its_time_zone(operated):
+    nightly = operated.deployment("data-refresh/nightly")
+    [schedule] = nightly["schedules"]
+    assert schedule["active"] and schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == TIMEZONE
+    assert nightly["parameters"] == {"incremental": True}
+    t0 = time.monotonic()
+    while not (runs := operated.flow_runs(nightly, state={"type": {"any_": ["SCHEDULED"]}})):
+        assert time.monotonic() - t0 < 120, "the scheduler created no run for the nightly deployment"
+        time.sleep(3)
+    starts = sorted(dt.datetime.fromisoformat(r["expected_start_time"]).astimezone(ZoneInfo(TIMEZONE)) for r in runs)
+    assert all((s.hour, s.minute) == (2, 0) for s in starts), starts
+    assert starts[0] > dt.datetime.now(dt.timezone.utc)
+    assert all(b - a == dt.timedelta(days=1) for a, b in zip(starts, starts[1:]))
+
+
+def _properties(schema: dict, node: dict, path: str):
+    """Every (dotted path, property) of a JSON schema, following $ref into definitions."""
+    if "$ref" in node:
+        node = schema["definitions"][node["$ref"].rsplit("/", 1)[1]]
+    for options in node.get("anyOf", []) + node.get("allOf", []):
+        yield from _properties(schema, options, path)
+    for name, prop in node.get("properties", {}).items():
+        yield f"{path}.{name}", prop
+        yield from _properties(schema, prop, f"{path}.{name}")
+
+
+def test_every_parameter_has_a_description_and_the_profile_default(operated):
+    for name in DEPLOYMENTS:
+        schema = operated.deployment(name)["parameter_openapi_schema"]
+        props = list(_properties(schema, schema, name))
+        assert len(props) > 100, name  # every stage's settings, nested
+        undocumented = [p for p, prop in props if not prop.get("description")]
+        assert not undocumented, undocumented
+        default = schema["properties"]["config"]["default"]
+        assert default["store"] == operated.config["store"] and default["name"] == "smoke"
+
+
+def test_basic_auth_guards_the_api_but_not_the_health_check(operated):
+    assert operated.api("/deployments/filter", {}, auth=None)[0] == 401
+    assert operated.api("/deployments/filter", {}, auth="lmforge:wrong")[0] == 401
+    assert operated.api("/health", auth=None) == (200, True)
+
+
+# --- 2. the automation: nightly refresh -> pretrain -----------------------------------------
+
+def test_automation_starts_pretraining_when_the_nightly_refresh_publishes_new_data(operated):
+    [automation] = operated.ok("/automations/filter", {})
+    assert automation["name"] == "pretrain-on-new-data" and automation["enabled"] is False
+    assert automation["trigger"]["expect"] == ["lmforge.dataset.published"]
+    operated.ok(f"/automations/{automation['id']}", {"enabled": True}, method="PATCH")
+    nightly, gpu = operated.deployment("data-refresh/nightly"), operated.deployment("pretrain/gpu")
+    try:
+        first = operated.ok(f"/deployments/{nightly['id']}/create_flow_run", {})
+        assert operated.wait_for_state(first["id"], {"Completed", "Failed", "Crashed"})["state_name"] == "Completed"
+        t0 = time.monotonic()
+        while not (triggered := operated.flow_runs(gpu)):
+            assert time.monotonic() - t0 < 90, "no pretrain run was started by the automation"
+            time.sleep(2)
+        [run] = triggered
+        assert re.fullmatch(r"shards/[0-9a-f]+", run["parameters"]["dataset"]), run["parameters"]
+        assert (operated.store / run["parameters"]["dataset"] / "manifest.json").exists()
+
+        # Unchanged site: the next nightly run publishes nothing and starts nothing.
+        second = operated.ok(f"/deployments/{nightly['id']}/create_flow_run", {})
+        assert operated.wait_for_state(second["id"], {"Completed", "Failed", "Crashed"})["state_name"] == "Completed"
+        time.sleep(10)
+        assert [r["id"] for r in operated.flow_runs(gpu)] == [run["id"]]
+    finally:
+        operated.ok(f"/automations/{automation['id']}", {"enabled": False}, method="PATCH")
+        for r in operated.flow_runs(gpu):  # no gpu worker here: do not leave it waiting
+            operated.api(f"/flow_runs/{r['id']}", method="DELETE")
+
+
+# --- 3-4. in a real browser ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is missing: `make test` installs it (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                              "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, operated):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(operated.ui + "/deployments")
+    page.get_by_placeholder("admin:pass").fill(AUTH)  # basic auth: the UI asks for the credentials once
+    page.get_by_role("button", name="Login").click()
+    page.get_by_text(f"{len(DEPLOYMENTS)} Deployments").wait_for()
+    yield page
+    context.close()
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def _form_field(page, label: str):
+    """The input of one field of a deployment's parameter form, by its label."""
+    page.get_by_text(label, exact=True).first.wait_for()
+    labels = page.locator(".schema-form-property__label", has_text=re.compile(f"^{re.escape(label)}$"))
+    assert labels.count() == 1, f"{labels.count()} form fields are labelled {label!r}"
+    prop = labels.locator("xpath=ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]")
+    return prop.locator("input, textarea").first
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def test_custom_run_from_the_form_completes_and_shows_the_funnel(operated, page):
+    page.get_by_role("link", name="full", exact=True).click()
+    page.get_by_text("Entrypoint").wait_for()
+    _shot(page, "01-deployment-pipeline-full")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run").click()
+    page.get_by_text("Run Name").wait_for()
+    field_ = _form_field(page, "Max New Tokens (Optional)")
+    assert field_.input_value() == str(operated.config["evaluate"]["max_new_tokens"])
+    field_.fill("12")
+    _shot(page, "02-custom-run-form")
+    started = _now()
+    page.get_by_role("button", name="Submit").click()
+
+    full = operated.deployment("pipeline/full")
+    t0 = time.monotonic()
+    while not (runs := operated.flow_runs(full)):
+        assert time.monotonic() - t0 < 30, "the form created no flow run"
+        time.sleep(1)
+    [run] = runs
+    assert run["parameters"]["config"]["evaluate"]["max_new_tokens"] == 12
+    done = operated.wait_for_state(run["id"], {"Completed", "Failed", "Crashed"})
+    assert done["state_name"] == "Completed", done["state"]["message"]
+    states = operated.task_runs_since(started)
+    # The nightly refresh of the last test built the data: it is reused; the model stages ran.
+    assert {s: states[s] for s in ("ingest", "shards", "pretrain", "evaluate")} == {
+        "ingest": "Cached", "shards": "Cached", "pretrain": "Completed", "evaluate": "Completed"}, states
+
+    page.goto(f"{operated.ui}/runs/flow-run/{run['id']}")
+    page.get_by_text("Completed", exact=True).first.wait_for()
+    _shot(page, "03-flow-run-completed")
+    page.get_by_text("Artifacts", exact=True).click()
+    page.get_by_text("data-funnel").first.click()
+    table = page.locator("table").first
+    table.wait_for()
+    _shot(page, "04-funnel-artifact")
+    text = table.inner_text()
+    for stage in ("ingest", "extract", "dedup", "filter", "augment", "shards", "near_duplicate"):
+        assert stage in text, (stage, text)
+
+
+def test_failed_run_retried_from_the_ui_reruns_only_the_failed_stage_and_after(operated, page):
+    config = json.loads(json.dumps(operated.config))
+    config["finetune"]["train"]["max_steps"] += 4  # finetune must run (and fail), not come from cache
+    operated.fail_switch.write_text("finetune\n")
+    full = operated.deployment("pipeline/full")
+    run = operated.ok(f"/deployments/{full['id']}/create_flow_run", {"parameters": {"config": config}})
+    failed = operated.wait_for_state(run["id"], {"Completed", "Failed", "Crashed"})
+    assert failed["state_name"] == "Failed" and "[finetune]" in failed["state"]["message"], failed["state"]
+
+    page.goto(f"{operated.ui}/runs/flow-run/{run['id']}")
+    page.get_by_text("Failed", exact=True).first.wait_for()
+    _shot(page, "05-flow-run-failed")
+    operated.fail_switch.unlink()
+    retried_at = _now()
+    page.get_by_role("button", name="Retry").click()
+    page.get_by_role("dialog").get_by_role("button", name="Retry").click()
+    done = operated.wait_for_state(run["id"], {"Completed", "Failed", "Crashed"}, timeout=600)
+    assert done["state_name"] == "Completed" and done["run_count"] == 2, done["state"]
+    states = operated.task_runs_since(retried_at)
+    expected = {s: "Cached" for s in ("ingest", "extract", "dedup", "filter", "augment", "tokenizer", "shards", "pretrain")}
+    expected.update({s: "Completed" for s in ("finetune", "evaluate", "export")})
+    assert {s: states.get(s) for s in expected} == expected, states
+    page.reload()
+    page.get_by_text("Completed", exact=True).first.wait_for()
+    _shot(page, "06-flow-run-retried-completed")
+
+
+# --- 5. Ctrl-C ------------------------------------------------------------------------------
+
+def test_ctrl_c_stops_server_workers_and_flow_processes(operated):
+    state = str(operated.state)
+    assert processes_with_env("PREFECT_HOME", state), "the server's processes should carry its PREFECT_HOME"
+    operated.proc.send_signal(signal.SIGINT)
+    assert operated.proc.wait(120) == 0, "\n".join(operated.output[-30:])
+    assert operated.output[-1] == "lmforge server: stopped"
+    assert processes_with_env("PREFECT_HOME", state) == []
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", int(operated.ui.rsplit(":", 1)[1]))) != 0, "the port still answers"

@@ -163,6 +163,7 @@ def test_deployments_land_on_their_pools_and_are_not_paused(operated):
         names.add(f"{flow['name']}/{d['name']}")
         assert not d["paused"], d["name"]
         assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+        assert d["job_variables"]["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "lmforge"  # stage logs reach the UI
         if d["name"] == "gpu":
             assert d["work_pool_name"] == "gpu"
             assert d["global_concurrency_limit"]["limit"] == 1  # at most one GPU run at a time
@@ -323,14 +324,27 @@ def test_custom_run_from_the_form_completes_and_shows_the_funnel(operated, page)
     assert {s: states[s] for s in ("ingest", "shards", "pretrain", "evaluate")} == {
         "ingest": "Cached", "shards": "Cached", "pretrain": "Completed", "evaluate": "Completed"}, states
 
+    # The torchrun child's step lines are in the pretrain run's log, in the API and on its page.
+    steps = operated.config["pretrain"]["train"]["max_steps"]
+    named = operated.ok("/task_runs/filter", {"task_runs": {"start_time": {"after_": started}, "name": {"like_": "pretrain-"}}})
+    # Not the parent's placeholder task run of the pretrain subflow: the stage's own, inside it.
+    [pretrain_run] = [r for r in named if r["flow_run_id"] != run["id"]]
+    logs = operated.ok("/logs/filter", {"logs": {"task_run_id": {"any_": [pretrain_run["id"]]}}, "limit": 200})
+    messages = [entry["message"] for entry in logs if entry["name"] == "lmforge.pretrain"]
+    last_step = next((m for m in messages if m.startswith(f"step {steps}/{steps} | loss")), None)
+    assert last_step, messages[-10:]
+    page.goto(f"{operated.ui}/runs/task-run/{pretrain_run['id']}")
+    page.get_by_text(last_step).first.wait_for()
+    _shot(page, "03-pretrain-task-log")
+
     page.goto(f"{operated.ui}/runs/flow-run/{run['id']}")
     page.get_by_text("Completed", exact=True).first.wait_for()
-    _shot(page, "03-flow-run-completed")
+    _shot(page, "04-flow-run-completed")
     page.get_by_text("Artifacts", exact=True).click()
     page.get_by_text("data-funnel").first.click()
     table = page.locator("table").first
     table.wait_for()
-    _shot(page, "04-funnel-artifact")
+    _shot(page, "05-funnel-artifact")
     text = table.inner_text()
     for stage in ("ingest", "extract", "dedup", "filter", "augment", "shards", "near_duplicate"):
         assert stage in text, (stage, text)
@@ -347,7 +361,7 @@ def test_failed_run_retried_from_the_ui_reruns_only_the_failed_stage_and_after(o
 
     page.goto(f"{operated.ui}/runs/flow-run/{run['id']}")
     page.get_by_text("Failed", exact=True).first.wait_for()
-    _shot(page, "05-flow-run-failed")
+    _shot(page, "06-flow-run-failed")
     operated.fail_switch.unlink()
     retried_at = _now()
     page.get_by_role("button", name="Retry").click()
@@ -360,7 +374,7 @@ def test_failed_run_retried_from_the_ui_reruns_only_the_failed_stage_and_after(o
     assert {s: states.get(s) for s in expected} == expected, states
     page.reload()
     page.get_by_text("Completed", exact=True).first.wait_for()
-    _shot(page, "06-flow-run-retried-completed")
+    _shot(page, "07-flow-run-retried-completed")
 
 
 # --- 5. Ctrl-C ------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ file order, each building on the state the last one left:
    pretraining run on it; a second nightly refresh finds nothing new and starts nothing;
 3. in Debian's chromium (Playwright): log in, start a custom run of pipeline/full from
    the form with a changed parameter, wait for Completed, read the funnel artifact;
-4. a run made to fail at finetune (the file switch LMFORGE_FAIL_STAGE_FILE), retried
-   with the UI's Retry button, ends Completed with every earlier stage Cached;
+4. a run with a changed filter threshold reruns filter and what follows, nothing before;
+   made to fail at finetune (the file switch LMFORGE_FAIL_STAGE_FILE), retried with the
+   UI's Retry button, it ends Completed with every stage before finetune Cached;
 5. Ctrl-C stops everything: no process that carries the server's PREFECT_HOME is left.
 
 Screenshots of every browser step go to test-output/browser/ (kept after the run).
@@ -352,12 +353,18 @@ def test_custom_run_from_the_form_completes_and_shows_the_funnel(operated, page)
 
 def test_failed_run_retried_from_the_ui_reruns_only_the_failed_stage_and_after(operated, page):
     config = json.loads(json.dumps(operated.config))
-    config["finetune"]["train"]["max_steps"] += 4  # finetune must run (and fail), not come from cache
+    config["filter"]["min_lang_score"] = 0.7  # a changed filter threshold: filter and all after it rerun
     operated.fail_switch.write_text("finetune\n")
     full = operated.deployment("pipeline/full")
+    started = _now()
     run = operated.ok(f"/deployments/{full['id']}/create_flow_run", {"parameters": {"config": config}})
     failed = operated.wait_for_state(run["id"], {"Completed", "Failed", "Crashed"})
     assert failed["state_name"] == "Failed" and "[finetune]" in failed["state"]["message"], failed["state"]
+    states = operated.task_runs_since(started)
+    expected = {s: "Cached" for s in ("ingest", "extract", "dedup")}
+    expected.update({s: "Completed" for s in ("filter", "augment", "tokenizer", "shards", "pretrain")})
+    expected["finetune"] = "Failed"
+    assert {s: states.get(s) for s in expected} == expected, states
 
     page.goto(f"{operated.ui}/runs/flow-run/{run['id']}")
     page.get_by_text("Failed", exact=True).first.wait_for()

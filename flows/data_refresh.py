@@ -19,7 +19,6 @@ emits the Prefect event ``lmforge.dataset.published`` (automations start pretrai
 from __future__ import annotations
 
 import datetime as _dt
-import time
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.events import emit_event
@@ -62,19 +61,6 @@ def datasets_at_start(root: str, run: str) -> list[str]:
     return registered_datasets(Store(root))
 
 
-def _run_optional(records: dict[str, StageRecord], stage: str, task, **kwargs) -> Manifest | None:
-    """:func:`run_stage` for a stage that may publish nothing (returns None)."""
-    t0 = time.perf_counter()
-    future = task.submit(**kwargs)
-    manifest = future.result()
-    if manifest is not None:
-        records[stage] = record_from(stage, manifest, future.state.name, time.perf_counter() - t0)
-    else:
-        records[stage] = StageRecord(stage, future.state.name, future.state.name == "Cached", round(time.perf_counter() - t0, 3),
-                                     artifact="", docs_out=0, meta={"published": False})
-    return manifest
-
-
 @flow(name="data-refresh", log_prints=True)
 def data_refresh(
     config: PipelineConfig = DEFAULT_CONFIG,
@@ -115,7 +101,7 @@ def data_refresh(
     earlier = sorted((m for m in lineage if m.stage == "dedup"), key=lambda m: m.created_at)
     label = run_label() if not config.ingest.snapshot else f"{config.ingest.snapshot}@{run_label()}"
     cfg = config.ingest.model_copy(update={"snapshot": label})
-    raw = _run_optional(records, "ingest", ingest.task, store=store, cfg=cfg, previous=crawls[-1] if crawls else None)
+    raw = run_stage(records, "ingest", ingest.task, store=store, cfg=cfg, previous=crawls[-1] if crawls else None)
     if raw is None:
         return _nothing_new(previous, records, "no new or changed pages")
     docs = run_stage(records, "extract", extract.task, store=store, cfg=config.extract, raw=raw, allow_empty=True)

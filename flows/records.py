@@ -53,10 +53,19 @@ def record_from(stage: str, manifest: Manifest, state_name: str, seconds: float)
     )
 
 
-def run_stage(records: dict[str, StageRecord], stage: str, task, **kwargs) -> Manifest:
-    """Submit a stage task, wait for it, record its state; failures propagate to the flow."""
+def run_stage(records: dict[str, StageRecord], stage: str, task, **kwargs) -> Manifest | None:
+    """Submit a stage task, wait for it, record its state; failures propagate to the flow.
+
+    A stage may publish nothing (an incremental ingest that found no new page) and
+    return None: its record then says so (no artifact, no documents out).
+    """
     t0 = time.perf_counter()
     future = task.submit(**kwargs)
     manifest = future.result()
-    records[stage] = record_from(stage, manifest, future.state.name, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    if manifest is None:
+        state = future.state.name
+        records[stage] = StageRecord(stage, state, state == "Cached", round(seconds, 3), artifact="", docs_out=0, meta={"published": False})
+    else:
+        records[stage] = record_from(stage, manifest, future.state.name, seconds)
     return manifest

@@ -229,7 +229,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     def on_signal(signum, _frame):
         raise KeyboardInterrupt
 
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then
+    # leaves it ignored; `kill -INT` must still stop everything, like Ctrl-C does.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         sup.start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)])
         print(f"lmforge server: starting Prefect at {env['PREFECT_API_URL']} (state in {state})", flush=True)

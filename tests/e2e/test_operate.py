@@ -131,6 +131,8 @@ def operated(tmp_path_factory):
         [sys.executable, "-m", "flows.cli", "server", "--port", str(port), "--state-dir", str(tmp / "state"),
          "--config", str(tmp / "smoke.yaml"), "--timezone", TIMEZONE],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # As a shell starts a background job: SIGINT ignored. `kill -INT` must still stop it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     op = Operated(proc, f"http://127.0.0.1:{port}", tmp / "state", tmp / "store", config, tmp / "fail-stage")
     ready = threading.Event()
@@ -238,6 +240,9 @@ def test_automation_starts_pretraining_when_the_nightly_refresh_publishes_new_da
             assert time.monotonic() - t0 < 90, "no pretrain run was started by the automation"
             time.sleep(2)
         [run] = triggered
+        # The crawl showed a progress bar, which ended at 100%.
+        progress = operated.ok("/artifacts/filter", {"artifacts": {"key": {"any_": ["ingest-progress"]}, "flow_run_id": {"any_": [first["id"]]}}})
+        assert [a["data"] for a in progress] == [100.0], progress
         assert re.fullmatch(r"shards/[0-9a-f]+", run["parameters"]["dataset"]), run["parameters"]
         assert (operated.store / run["parameters"]["dataset"] / "manifest.json").exists()
 

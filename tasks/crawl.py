@@ -200,9 +200,15 @@ def host_of(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def header(headers: list[tuple[str, str]], name: str) -> str | None:
+    """The first value of a header (case-insensitive name), or None."""
+    name = name.lower()
+    return next((v for k, v in headers if k.lower() == name), None)
+
+
 def media_type(headers: list[tuple[str, str]]) -> tuple[str, str | None]:
     """(lower-case media type, charset or None) from the Content-Type header."""
-    value = next((v for k, v in headers if k.lower() == "content-type"), "")
+    value = header(headers, "content-type") or ""
     m = _CHARSET.search(value)
     return value.split(";")[0].strip().lower(), (m.group(1).lower() if m else None)
 
@@ -223,14 +229,8 @@ def extract_links(body: bytes, charset: str | None, base_url: str) -> list[str]:
     return list(links)
 
 
-def header(headers: list[tuple[str, str]], name: str) -> str | None:
-    """The first value of a header (case-insensitive name), or None."""
-    name = name.lower()
-    return next((v for k, v in headers if k.lower() == name), None)
-
-
 def _retry_after(headers: list[tuple[str, str]]) -> float | None:
-    value = next((v for k, v in headers if k.lower() == "retry-after"), None)
+    value = header(headers, "retry-after")
     if value is None:
         return None
     if value.strip().isdigit():
@@ -361,7 +361,7 @@ class Crawler:
         try:
             for _ in range(self.cfg.max_redirects + 1):
                 resp = self._get(url, lambda status, _: 200 <= status < 300)
-                location = next((v for k, v in resp.headers if k.lower() == "location"), None)
+                location = header(resp.headers, "location")
                 target = normalize_url(urljoin(url, location)) if location and resp.status in REDIRECT_STATUSES else None
                 if target is None:
                     break
@@ -397,7 +397,7 @@ class Crawler:
         ctype, _ = media_type(headers)
         if ctype and ctype not in HTML_TYPES:
             raise _Failure("not_html", f"Content-Type {ctype}", status)
-        length = next((v for k, v in headers if k.lower() == "content-length"), "")
+        length = header(headers, "content-length") or ""
         if length.strip().isdigit() and int(length) > self.cfg.max_bytes:
             raise _Failure("too_large", f"Content-Length {length} exceeds max_bytes={self.cfg.max_bytes}", status)
         if any(k.lower() == "content-encoding" and v.strip().lower() not in ("", "identity") for k, v in headers):
@@ -424,7 +424,7 @@ class Crawler:
                 resp = self._get(current, self._want_page_body, conditional)
                 if resp.status == 304 and conditional:
                     return self._unchanged(current, "not_modified", "HTTP 304 Not Modified", fetched_at, resp)
-                location = next((v for k, v in resp.headers if k.lower() == "location"), None)
+                location = header(resp.headers, "location")
                 if resp.status not in REDIRECT_STATUSES or not location:
                     break
                 hops += 1

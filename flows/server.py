@@ -31,6 +31,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,6 +155,16 @@ def api_call(env: dict[str, str], path: str, body: dict | None = None, timeout: 
         return json.loads(resp.read() or b"null")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something else holds: its health check would answer for our server."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ServerError(f"{host}:{port} is in use ({e.strerror}): another lmforge server? Stop it or pass --port") from None
+
+
 def wait_healthy(sup: Supervisor, timeout: float) -> float:
     """Seconds until ``/api/health`` answers; a ServerError naming the log if it never does."""
     t0 = time.monotonic()
@@ -185,9 +196,10 @@ def wait_worker_online(sup: Supervisor, pool: str, name: str, timeout: float) ->
 
 
 def ensure_pools(sup: Supervisor) -> None:
-    existing = sup.prefect("work-pool", "ls")
+    """Create the missing work pools (the CLI fills in the process type's job template)."""
+    existing = {p["name"] for p in api_call(sup.env, "/work_pools/filter", {})}
     for pool in POOLS:
-        if f" {pool} " not in existing:
+        if pool not in existing:
             sup.prefect("work-pool", "create", pool, "--type", "process")
 
 
@@ -234,6 +246,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        check_port_free(args.host, args.port)
         sup.start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)])
         print(f"lmforge server: starting Prefect at {env['PREFECT_API_URL']} (state in {state})", flush=True)
         print(f"lmforge server: healthy after {wait_healthy(sup, args.startup_timeout):.1f}s", flush=True)

@@ -41,6 +41,8 @@ def _markdown(report: dict) -> str:
         m = report[name]
         for group, v in [("all", m), *m["by_group"].items()]:
             lines.append(f"| {name} | {group} | {v['documents']} | {v['tokens']} | {v['loss']:.4f} | {v['perplexity']:.2f} | {v['bits_per_byte']:.4f} |")
+    if report.get("languages_without_val"):
+        lines += ["", f"Not measured (train documents, none held out): {', '.join(report['languages_without_val'])}."]
     lines += ["", f"Unigram entropy of the same tokens: **{report['unigram_bits_per_byte']:.4f} bits/byte** "
               f"(the finetuned model is at {report['finetuned']['bits_per_byte']:.4f}).", "", "## Generations", ""]
     for g in report["generations"]:
@@ -63,7 +65,8 @@ def run(store: Store, cfg: EvaluateConfig, base: Manifest, finetuned: Manifest, 
         raise StageError(STAGE, shards.ref, f"no validation documents match {cfg.where_sql!r}", "relax evaluate.where_sql or raise split.val_fraction")
     eot = int(shards.meta["eot_id"])
     tok = load_tokenizer(tokenizer)
-    report = {"documents": len(docs), "where_sql": cfg.where_sql, "unigram_bits_per_byte": unigram_bits_per_byte(docs)}
+    report = {"documents": len(docs), "where_sql": cfg.where_sql, "unigram_bits_per_byte": unigram_bits_per_byte(docs),
+              "languages_without_val": shards.meta.get("languages_without_val", [])}
     models = {"base": load_model(base.dir), "finetuned": load_model(finetuned.dir)}
     for name, model in models.items():
         report[name] = evaluate_documents(model, docs, eot, batch_size=cfg.batch_size)

@@ -18,7 +18,9 @@ Design decisions:
   only the id appended after each document marks a document end.
 - Encoding goes through ``encode_batch_fast`` (Rust, all cores, no offsets computed).
 - An empty train split, or an empty validation split beside a non-empty train split,
-  is a StageError: pretraining or evaluation would have nothing to read.
+  is a StageError: pretraining or evaluation would have nothing to read. A language
+  with train documents and no validation document is a warning, listed in the meta
+  (``languages_without_val``): evaluation, which reports per language, would skip it.
 - Incremental refresh: with ``previous`` (the dataset version being extended), the new
   version is the previous one's documents, less those ``docs`` replace, plus ``docs``
   (the new and changed documents only). A document of ``docs`` replaces the previous
@@ -226,7 +228,7 @@ def run(store: Store, cfg: ShardsConfig, docs: Manifest, tokenizer: Manifest, sp
     tok = load_tokenizer(tokenizer)
     eot_id, vocab_size = int(tokenizer.meta["eot_id"]), tok.get_vocab_size()
     funnel = Funnel()
-    totals = {k: dict.fromkeys(SPLITS, 0) for k in ("docs", "tokens", "bytes")}
+    totals = {k: dict.fromkeys(SPLITS, 0) for k in ("docs", "tokens", "bytes")} | {"languages": {}}
     with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
         writers: dict[str, TokenShardWriter] = {}
         carried = _carry(previous, _replaced(docs), w, writers, cfg, vocab_size, eot_id) if previous is not None else None
@@ -253,9 +255,12 @@ def run(store: Store, cfg: ShardsConfig, docs: Manifest, tokenizer: Manifest, sp
                 w.set_rows(info.bin, info.n_docs)
                 w.set_rows(info.idx, info.n_docs + 1)
         _check_splits(docs, split, totals["docs"], funnel)
+        unheld = _languages_without_val(totals["languages"], split)
         w.counters.update(funnel.as_counters())
         w.counters.update({"tokens_out": sum(totals["tokens"].values()), "tokens": totals["tokens"]})
         w.meta.update({"dtype": token_dtype(vocab_size).name, "vocab_size": vocab_size, "eot_id": eot_id, **totals})
+        if unheld:
+            w.meta["languages_without_val"] = unheld
         if carried is not None:
             w.meta["incremental"] = {"previous": previous.ref, "new_docs": funnel.docs_out, **carried.stats}
     log.info("shards: %s tokens, %s documents written", totals["tokens"], totals["docs"])
@@ -269,6 +274,23 @@ def _add_totals(totals: dict, table: pa.Table) -> None:
         totals["docs"][s] += rows.num_rows
         totals["tokens"][s] += pc.sum(rows["n_tokens"]).as_py() or 0
         totals["bytes"][s] += pc.sum(rows["n_bytes"]).as_py() or 0
+        for lang, n in zip(*pc.value_counts(rows["lang"].fill_null("unknown")).flatten()):
+            per_split = totals["languages"].setdefault(lang.as_py(), dict.fromkeys(SPLITS, 0))
+            per_split[s] += n.as_py()
+
+
+def _languages_without_val(languages: dict[str, dict[str, int]], split: SplitConfig) -> list[str]:
+    """Languages with train documents and no validation document, with a warning for each.
+
+    Not an error (a rare language may only be trained on), but evaluation reports per
+    language from the validation split, so these would be missing from it without a word.
+    """
+    unheld = sorted(lang for lang, n in languages.items() if n["train"] and not n["val"])
+    for lang in unheld:
+        log.warning("shards: language %r has %d train documents and none held out for validation (val_fraction=%s): "
+                    "evaluation will not report it; raise split.val_fraction to measure it",
+                    lang, languages[lang]["train"], split.val_fraction)
+    return unheld
 
 
 def _check_splits(docs: Manifest, split: SplitConfig, n_docs: dict[str, int], funnel: Funnel) -> None:

@@ -116,6 +116,10 @@ def test_index_keeps_metadata_and_meta_adds_up(built):
         assert m.meta["tokens"][split] == pc.sum(part["n_tokens"]).as_py() == sum(s.n_tokens for s in open_split(m, split))
         assert m.meta["bytes"][split] == pc.sum(part["n_bytes"]).as_py()
     assert m.counters["tokens_out"] == sum(m.meta["tokens"].values())
+    by_lang = index.group_by(["lang", "split"]).aggregate([("doc_id", "count")]).to_pylist()
+    assert m.meta["languages"] == {lang: {s: next((r["doc_id_count"] for r in by_lang if r["lang"] == lang and r["split"] == s), 0)
+                                          for s in ("train", "val")} for lang in WORDS}
+    assert "languages_without_val" not in m.meta
     assert m.counters["docs_in"] == len(rows)
 
 
@@ -160,3 +164,14 @@ def test_empty_validation_split_asks_for_a_larger_val_fraction(tmp_path):
     no_val = SplitConfig(val_fraction=0.0)
     with pytest.raises(StageError, match=r"validation split is empty.*raise split.val_fraction"):
         build(Store(tmp_path), rows, split=no_val)
+
+
+def test_a_language_without_validation_documents_is_named(tmp_path, caplog):
+    """Every Spanish page lands in train: a warning and the meta say evaluation will not see Spanish."""
+    rows = [r for r in make_docs(120) if not r["augmented_from"] and r["text"]]
+    rows = [r for r in rows if r["lang"] != "es" or split_of(r["doc_id"], SPLIT) == "train"]
+    with caplog.at_level("WARNING", logger="lmforge.shards"):
+        m = build(Store(tmp_path), rows)[2]
+    assert m.meta["languages_without_val"] == ["es"]
+    assert m.meta["languages"]["es"]["val"] == 0 < m.meta["languages"]["es"]["train"]
+    assert any("'es'" in r.message and "raise split.val_fraction" in r.message for r in caplog.records), caplog.text

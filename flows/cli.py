@@ -25,18 +25,24 @@ def _prepare_environment(store: Path) -> None:
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(store / "_prefect_results"))
 
 
-def _store_of(config_path: str) -> Path:
+def store_of(config_path: str | Path, relative_to: Path | None = None) -> Path:
+    """The absolute store a profile names (``relative_to`` for a relative one, default the cwd).
+
+    Read with plain YAML, before the heavy config models import: it only places Prefect's
+    result storage, and a profile that does not parse fails later with the full error.
+    """
     import yaml
 
     try:
         raw = yaml.safe_load(Path(config_path).read_text()) or {}
     except (OSError, yaml.YAMLError):
         raw = {}
-    return Path(raw.get("store", ".lmforge/store") if isinstance(raw, dict) else ".lmforge/store").expanduser().resolve()
+    store = Path(raw.get("store", ".lmforge/store") if isinstance(raw, dict) else ".lmforge/store").expanduser()
+    return (relative_to / store if relative_to is not None else store).resolve()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _prepare_environment(_store_of(args.config))
+    _prepare_environment(store_of(args.config))
     from flows.config import ConfigError, load_config
 
     try:

@@ -15,7 +15,9 @@ What it starts, in order, and why:
    deploy keeps it paused) is resumed, so the nightly schedule really runs.
 4. A worker on the ``cpu`` pool, and one on the ``gpu`` pool when this host has a GPU
    (or ``--gpu-worker``). Workers inherit this process's environment: the result storage
-   (``PREFECT_RESULTS_LOCAL_STORAGE_PATH``, default ``<state>/results``), the profile
+   (``PREFECT_RESULTS_LOCAL_STORAGE_PATH``, default ``<store>/_prefect_results`` of the
+   ``--config`` profile, where ``lmforge run`` keeps them too, so a run from the UI
+   finds the cache records of one from the command line and shows its stages Cached), the profile
    the forms default to (``LMFORGE_CONFIG``), and the API address and credentials.
 
 Every child runs in its own process group and carries ``LMFORGE_SERVER_ID`` in its
@@ -40,6 +42,8 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flows.cli import store_of
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
@@ -136,7 +140,9 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
         "LMFORGE_TIMEZONE": args.timezone,
         "LMFORGE_TRAIN_ON_REFRESH": "true" if args.train_on_refresh else "false",
     })
-    env.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(state / "results"))
+    # Beside the artifacts, as `lmforge run` does: one storage root to share with other hosts,
+    # and the UI's runs and the command line's see each other's cache records.
+    env.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(store_of(config, relative_to=ROOT) / "_prefect_results"))
     env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lmforge")
     env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "5")
     env.setdefault("LMFORGE_GPU_DEVICES", "0")

@@ -12,7 +12,9 @@ file order, each building on the state the last one left:
    the form with a changed parameter, wait for Completed, read the funnel artifact;
 4. a run with a changed filter threshold reruns filter and what follows, nothing before;
    made to fail at finetune (the file switch LMFORGE_FAIL_STAGE_FILE), retried with the
-   UI's Retry button, it ends Completed with every stage before finetune Cached;
+   UI's Retry button, it ends Completed with every stage before finetune Cached; then
+   `lmforge run` of the same profile from the command line finds every stage Cached (the
+   server keeps Prefect's cache records in the store, where the command line does);
 5. Ctrl-C stops everything: no process that carries the server's PREFECT_HOME is left.
 
 Screenshots of every browser step go to test-output/browser/ (kept after the run).
@@ -114,6 +116,11 @@ class Operated:
         return {r["name"].rsplit("-", 1)[0]: r["state_name"] for r in runs}
 
 
+def _own_prefect_env() -> dict[str, str]:
+    """This environment less the tests' Prefect API and result settings: the child picks its own."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "PREFECT_RESULTS_"))}
+
+
 @pytest.fixture(scope="module")
 def operated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("operate")
@@ -124,7 +131,7 @@ def operated(tmp_path_factory):
     config["ingest"]["crawl"]["seeds"] = [url]
     (tmp / "smoke.yaml").write_text(yaml.safe_dump(config))
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "PREFECT_RESULTS_"))}
+    env = _own_prefect_env()
     env.update({"PREFECT_SERVER_API_AUTH_STRING": AUTH, "LMFORGE_FAIL_STAGE_FILE": str(tmp / "fail-stage"),
                 "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"})
     proc = subprocess.Popen(
@@ -356,9 +363,15 @@ def test_custom_run_from_the_form_completes_and_shows_the_funnel(operated, page)
         assert stage in text, (stage, text)
 
 
+def _changed_filter(config: dict) -> dict:
+    """The profile with a changed filter threshold: filter and all after it rerun."""
+    config = json.loads(json.dumps(config))
+    config["filter"]["min_lang_score"] = 0.7
+    return config
+
+
 def test_failed_run_retried_from_the_ui_reruns_only_the_failed_stage_and_after(operated, page):
-    config = json.loads(json.dumps(operated.config))
-    config["filter"]["min_lang_score"] = 0.7  # a changed filter threshold: filter and all after it rerun
+    config = _changed_filter(operated.config)
     operated.fail_switch.write_text("finetune\n")
     full = operated.deployment("pipeline/full")
     started = _now()
@@ -387,6 +400,20 @@ def test_failed_run_retried_from_the_ui_reruns_only_the_failed_stage_and_after(o
     page.reload()
     page.get_by_text("Completed", exact=True).first.wait_for()
     _shot(page, "07-flow-run-retried-completed")
+
+
+def test_the_command_line_finds_the_ui_runs_cache_records(operated, tmp_path):
+    """`lmforge run` on the profile the retried UI run used: every stage Cached, nothing recomputed."""
+    config = tmp_path / "changed-filter.yaml"
+    config.write_text(yaml.safe_dump(_changed_filter(operated.config)))
+    env = _own_prefect_env()
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--output-dir", str(tmp_path / "out")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {n: s["cached"] for n, s in summary["stages"].items()} == dict.fromkeys(summary["stages"], True), summary["stages"]
+    assert len(summary["stages"]) == 11
+    assert any((operated.store / "_prefect_results").iterdir())  # the records live beside the artifacts
 
 
 # --- 5. Ctrl-C ------------------------------------------------------------------------------

@@ -151,14 +151,37 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+RETRYABLE_STATUS = (429, 502, 503)
+
+
+def open_retrying(req: urllib.request.Request, timeout: float, attempts: int = 6) -> tuple[int, bytes]:
+    """(status, body) of ``req``, retrying the answers Prefect's own client retries.
+
+    On SQLite the server answers 503 when a write transaction loses a race
+    (``SQLITE_BUSY_SNAPSHOT`` fails at once, whatever the busy timeout); the request
+    was rolled back, so sending it again is safe. Backoff 0.5 s doubling, 15 s in all.
+    """
+    def send() -> tuple[int, bytes]:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+
+    for attempt in range(attempts - 1):
+        try:
+            return send()
+        except urllib.error.HTTPError as e:
+            if e.code not in RETRYABLE_STATUS:
+                raise
+        time.sleep(min(0.5 * 2**attempt, 8.0))
+    return send()
+
+
 def api_call(env: dict[str, str], path: str, body: dict | None = None, timeout: float = 10.0):
     """GET (or POST ``body``) ``<PREFECT_API_URL><path>`` with the client's basic-auth credentials; JSON back."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data, headers={"Content-Type": "application/json"})
     if env.get("PREFECT_API_AUTH_STRING"):
         req.add_header("Authorization", "Basic " + base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode())
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read() or b"null")
+    return json.loads(open_retrying(req, timeout)[1] or b"null")
 
 
 def check_port_free(host: str, port: int) -> None:

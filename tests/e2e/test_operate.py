@@ -42,7 +42,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from flows.server import processes_with_env
+from flows.server import open_retrying, processes_with_env
 from tests.e2e.site import build_site, serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,9 +80,8 @@ class Operated:
         if auth:
             req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                raw = resp.read()
-                return resp.status, json.loads(raw) if raw else None
+            status, raw = open_retrying(req, timeout=30)  # a 503 (SQLite busy) is retried, as Prefect's client does
+            return status, json.loads(raw) if raw else None
         except urllib.error.HTTPError as e:
             return e.code, None
 

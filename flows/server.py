@@ -154,12 +154,13 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
 RETRYABLE_STATUS = (429, 502, 503)
 
 
-def open_retrying(req: urllib.request.Request, timeout: float, attempts: int = 6) -> tuple[int, bytes]:
+def open_retrying(req: urllib.request.Request, timeout: float, attempts: int = 6, backoff: float = 0.5) -> tuple[int, bytes]:
     """(status, body) of ``req``, retrying the answers Prefect's own client retries.
 
     On SQLite the server answers 503 when a write transaction loses a race
     (``SQLITE_BUSY_SNAPSHOT`` fails at once, whatever the busy timeout); the request
-    was rolled back, so sending it again is safe. Backoff 0.5 s doubling, 15 s in all.
+    was rolled back, so sending it again is safe. Waits ``backoff`` seconds, doubling up
+    to 8 s: 15.5 s in all by default.
     """
     def send() -> tuple[int, bytes]:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -171,7 +172,7 @@ def open_retrying(req: urllib.request.Request, timeout: float, attempts: int = 6
         except urllib.error.HTTPError as e:
             if e.code not in RETRYABLE_STATUS:
                 raise
-        time.sleep(min(0.5 * 2**attempt, 8.0))
+        time.sleep(min(backoff * 2**attempt, 8.0))
     return send()
 
 

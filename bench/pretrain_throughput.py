@@ -29,12 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.config import GPTConfig  # noqa: E402
+from model.config import (
+    GPTConfig,  # noqa: E402
+    TrainConfig,  # noqa: E402
+)
 from model.data import TokenWindows  # noqa: E402
 from model.flops import estimate_mfu, flops_per_token, matmul_params, peak_flops  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.optim import configure_optimizer  # noqa: E402
-from model.trainer import TrainConfig, Trainer  # noqa: E402
+from model.trainer import Trainer  # noqa: E402
 
 SIZES = {
     # 5.3M parameters: 4 x 256, vocabulary 8192
@@ -45,8 +48,12 @@ SIZES = {
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "cpus": torch.get_num_threads()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -69,8 +76,17 @@ def timed_steps(step_fn, steps: int, warmup: int, window: int, sync) -> list[flo
 
 def bench_lmforge(cfg: GPTConfig, micro_batch: int, data: TokenWindows, device: str, args, compile: bool) -> dict:
     torch.manual_seed(0)
-    tc = TrainConfig(max_steps=10**6, micro_batch_size=micro_batch, block_size=cfg.block_size, warmup_steps=0,
-                     eval_every=0, ckpt_every=0, log_every=10**6, precision="auto", compile=compile)
+    tc = TrainConfig(
+        max_steps=10**6,
+        micro_batch_size=micro_batch,
+        block_size=cfg.block_size,
+        warmup_steps=0,
+        eval_every=0,
+        ckpt_every=0,
+        log_every=10**6,
+        precision="auto",
+        compile=compile,
+    )
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(GPT(cfg), tc, data, None, out, device, log=lambda _l: None)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -82,12 +98,23 @@ def bench_hf_llama(cfg: GPTConfig, micro_batch: int, data: TokenWindows, device:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.hidden, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
-        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False, mlp_bias=False, attn_implementation="sdpa",
-    )).to(device)
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.n_embd,
+            intermediate_size=cfg.hidden,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head,
+            max_position_embeddings=cfg.block_size,
+            rms_norm_eps=cfg.norm_eps,
+            rope_theta=cfg.rope_theta,
+            tie_word_embeddings=cfg.tie_embeddings,
+            attention_bias=False,
+            mlp_bias=False,
+            attn_implementation="sdpa",
+        )
+    ).to(device)
     hf.config.use_cache = False
     opt = configure_optimizer(hf, 6e-4, 0.1, (0.9, 0.95), device)
     forward = torch.compile(hf) if compile else hf
@@ -133,11 +160,20 @@ def main() -> None:
             cfg = GPTConfig(**s)
             path = Path(tmp) / f"{name}.bin"
             rng = np.random.default_rng(0)
-            rng.integers(0, cfg.vocab_size, size=4_000_000, dtype=np.uint16 if cfg.vocab_size <= 65536 else np.uint32).tofile(path)
-            data = TokenWindows([(path, "uint16" if cfg.vocab_size <= 65536 else "uint32")], seed=0, vocab_size=cfg.vocab_size)
+            rng.integers(
+                0, cfg.vocab_size, size=4_000_000, dtype=np.uint16 if cfg.vocab_size <= 65536 else np.uint32
+            ).tofile(path)
+            data = TokenWindows(
+                [(path, "uint16" if cfg.vocab_size <= 65536 else "uint32")], seed=0, vocab_size=cfg.vocab_size
+            )
             tokens_per_step = micro * cfg.block_size
             peak = peak_flops(torch.cuda.get_device_name(0)) if args.device == "cuda" else None
-            row = {"size": name, "config": json.loads(cfg.to_json()), "micro_batch": micro, "tokens_per_step": tokens_per_step}
+            row = {
+                "size": name,
+                "config": json.loads(cfg.to_json()),
+                "micro_batch": micro,
+                "tokens_per_step": tokens_per_step,
+            }
             variants = [("lmforge", bench_lmforge, False), ("hf_llama", bench_hf_llama, False)]
             if args.compile:
                 variants += [("lmforge_compiled", bench_lmforge, True), ("hf_llama_compiled", bench_hf_llama, True)]
@@ -149,29 +185,46 @@ def main() -> None:
                 if peak:
                     r["mfu"] = estimate_mfu(r["tokens_per_s"], row["flops_per_token"], peak)
                 row[impl] = r
-                print(f"{name:>10} {impl:>9}: {r['tokens_per_s']:>12,.0f} tok/s" + (f"  MFU {r['mfu']:.1%}" if peak else ""), flush=True)
+                print(
+                    f"{name:>10} {impl:>9}: {r['tokens_per_s']:>12,.0f} tok/s"
+                    + (f"  MFU {r['mfu']:.1%}" if peak else ""),
+                    flush=True,
+                )
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
             row["speedup_vs_hf"] = row["lmforge"]["tokens_per_s"] / row["hf_llama"]["tokens_per_s"]
             if args.compile:
-                row["compiled_speedup_vs_hf"] = row["lmforge_compiled"]["tokens_per_s"] / row["hf_llama_compiled"]["tokens_per_s"]
+                row["compiled_speedup_vs_hf"] = (
+                    row["lmforge_compiled"]["tokens_per_s"] / row["hf_llama_compiled"]["tokens_per_s"]
+                )
             results["runs"].append(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"pretrain_throughput-{args.device}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    lines = [f"# Pretraining throughput ({args.device})", "", f"Machine: {json.dumps(results['machine'])}", "",
-             "Medians of timed windows after warmup; same random tokens, batch, AdamW and precision for both.", "",
-             "| size | variant | tokens/step | lmforge tok/s | HF Llama tok/s | lmforge / HF | lmforge MFU | HF MFU |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Pretraining throughput ({args.device})",
+        "",
+        f"Machine: {json.dumps(results['machine'])}",
+        "",
+        "Medians of timed windows after warmup; same random tokens, batch, AdamW and precision for both.",
+        "",
+        "| size | variant | tokens/step | lmforge tok/s | HF Llama tok/s | lmforge / HF | lmforge MFU | HF MFU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results["runs"]:
         for suffix in ("", "_compiled"):
             ours, theirs = r.get("lmforge" + suffix), r.get("hf_llama" + suffix)
             if ours is None:
                 continue
-            mfu = lambda x: f"{x['mfu']:.1%}" if "mfu" in x else "-"
-            lines.append(f"| {r['size']} | {'torch.compile' if suffix else 'eager'} | {r['tokens_per_step']:,} | {ours['tokens_per_s']:,.0f} | "
-                         f"{theirs['tokens_per_s']:,.0f} | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x | {mfu(ours)} | {mfu(theirs)} |")
+
+            def mfu(x):
+                return f"{x['mfu']:.1%}" if "mfu" in x else "-"
+
+            lines.append(
+                f"| {r['size']} | {'torch.compile' if suffix else 'eager'} | {r['tokens_per_step']:,} | {ours['tokens_per_s']:,.0f} | "
+                f"{theirs['tokens_per_s']:,.0f} | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x | {mfu(ours)} | {mfu(theirs)} |"
+            )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

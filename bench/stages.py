@@ -31,13 +31,17 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH  # noqa: E402
 
 from storage.artifact import Store, read_table  # noqa: E402
 from tasks import dedup  # noqa: E402
-from tasks.minhash import normalize  # noqa: E402
+from tasks.text.minhash import normalize  # noqa: E402
 
 
 def machine() -> dict:
     import os
 
-    return {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    return {
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
 
 
 def datasketch_lsh(texts: list[str], cfg: dedup.DedupConfig) -> int:
@@ -83,9 +87,20 @@ def bench_dedup(store: Store, repeats: int) -> dict:
         theirs.append(time.perf_counter() - t0)
     words = sum(len(t.split()) for t in texts)
     return {
-        "documents": len(texts), "words": words,
-        "lmforge": {"seconds": statistics.median(ours), "runs": ours, "duplicates_dropped": ours_dups, "docs_per_s": len(texts) / statistics.median(ours)},
-        "datasketch_minhashlsh": {"seconds": statistics.median(theirs), "runs": theirs, "duplicates_found": theirs_dups, "docs_per_s": len(texts) / statistics.median(theirs)},
+        "documents": len(texts),
+        "words": words,
+        "lmforge": {
+            "seconds": statistics.median(ours),
+            "runs": ours,
+            "duplicates_dropped": ours_dups,
+            "docs_per_s": len(texts) / statistics.median(ours),
+        },
+        "datasketch_minhashlsh": {
+            "seconds": statistics.median(theirs),
+            "runs": theirs,
+            "duplicates_found": theirs_dups,
+            "docs_per_s": len(texts) / statistics.median(theirs),
+        },
         "note": "lmforge also drops exact duplicates first and writes band keys + kept/dropped Parquet; datasketch's count is near-duplicates by LSH query",
     }
 
@@ -98,27 +113,51 @@ def main() -> None:
     args = ap.parse_args()
     summary = json.loads(Path(args.summary).read_text())
     if all(s.get("cached") for s in summary["stages"].values()):
-        raise SystemExit(f"{args.summary} is a rerun served from cache: time a run on a fresh store "
-                         "(e.g. `rm -rf .lmforge/demo && make demo`)")
+        raise SystemExit(
+            f"{args.summary} is a rerun served from cache: time a run on a fresh store "
+            "(e.g. `rm -rf .lmforge/demo && make demo`)"
+        )
     store = Store(summary["store"])
-    stages = {n: {k: s.get(k) for k in ("seconds", "cached", "docs_in", "docs_out", "words_out")} for n, s in summary["stages"].items()}
-    result = {"machine": machine(), "demo_run": {"summary": args.summary, "total_seconds": summary["seconds"], "stages": stages},
-              "dedup": bench_dedup(store, args.repeats)}
+    stages = {
+        n: {k: s.get(k) for k in ("seconds", "cached", "docs_in", "docs_out", "words_out")}
+        for n, s in summary["stages"].items()
+    }
+    result = {
+        "machine": machine(),
+        "demo_run": {"summary": args.summary, "total_seconds": summary["seconds"], "stages": stages},
+        "dedup": bench_dedup(store, args.repeats),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stages.json").write_text(json.dumps(result, indent=2))
     d = result["dedup"]
-    lines = [f"# Demo stages and dedup ({result['machine']['cores']} cores, {result['machine']['cpu']})", "",
-             f"Demo run: {summary['seconds']:.0f} s for the pipeline (setup excluded).", "",
-             "| stage | seconds | cached | docs in | docs out | words out |", "|---|---:|---|---:|---:|---:|"]
+    lines = [
+        f"# Demo stages and dedup ({result['machine']['cores']} cores, {result['machine']['cpu']})",
+        "",
+        f"Demo run: {summary['seconds']:.0f} s for the pipeline (setup excluded).",
+        "",
+        "| stage | seconds | cached | docs in | docs out | words out |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for n, s in stages.items():
-        fmt = lambda v: "" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.1f}"
-        lines.append(f"| {n} | {fmt(s['seconds'])} | {'yes' if s['cached'] else 'no'} | {fmt(s['docs_in'])} | {fmt(s['docs_out'])} | {fmt(s['words_out'])} |")
-    lines += ["", f"## Dedup on the demo's {d['documents']:,} extracted pages ({d['words']:,} words), median of {len(d['lmforge']['runs'])}", "",
-              "| tool | seconds | docs/s | duplicates |", "|---|---:|---:|---:|",
-              f"| lmforge dedup stage (exact + MinHash, DuckDB bands) | {d['lmforge']['seconds']:.2f} | {d['lmforge']['docs_per_s']:,.0f} | {d['lmforge']['duplicates_dropped']:,} |",
-              f"| datasketch MinHashLSH (in memory) | {d['datasketch_minhashlsh']['seconds']:.2f} | {d['datasketch_minhashlsh']['docs_per_s']:,.0f} | {d['datasketch_minhashlsh']['duplicates_found']:,} |",
-              "", d["note"] + "."]
+
+        def fmt(v):
+            return "" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.1f}"
+
+        lines.append(
+            f"| {n} | {fmt(s['seconds'])} | {'yes' if s['cached'] else 'no'} | {fmt(s['docs_in'])} | {fmt(s['docs_out'])} | {fmt(s['words_out'])} |"
+        )
+    lines += [
+        "",
+        f"## Dedup on the demo's {d['documents']:,} extracted pages ({d['words']:,} words), median of {len(d['lmforge']['runs'])}",
+        "",
+        "| tool | seconds | docs/s | duplicates |",
+        "|---|---:|---:|---:|",
+        f"| lmforge dedup stage (exact + MinHash, DuckDB bands) | {d['lmforge']['seconds']:.2f} | {d['lmforge']['docs_per_s']:,.0f} | {d['lmforge']['duplicates_dropped']:,} |",
+        f"| datasketch MinHashLSH (in memory) | {d['datasketch_minhashlsh']['seconds']:.2f} | {d['datasketch_minhashlsh']['docs_per_s']:,.0f} | {d['datasketch_minhashlsh']['duplicates_found']:,} |",
+        "",
+        d["note"] + ".",
+    ]
     (out / "stages.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -29,8 +29,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from flows.records import StageRecord
 from flows.summary import funnel_rows
 from storage.artifact import Manifest
-from tasks.common import stage_logger
-from tasks.plots import read_loss_history, thin
+from tasks.modeling.loss_plot import read_loss_history, thin
+from tasks.stage import stage_logger
 
 MAX_LOSS_ROWS = 200
 _log = stage_logger("artifacts")
@@ -43,18 +43,28 @@ def artifact_key(*parts: str) -> str:
 
 # --- builders (pure) -----------------------------------------------------------------------
 
+
 def funnel_table(records: dict[str, StageRecord]) -> list[dict[str, Any]]:
     """The funnel rows (per stage, then per drop reason) with readable column names."""
     return [
-        {"stage": r["stage"], "drop reason": r["reason"], "docs in": r["docs_in"], "docs out": r["docs_out"],
-         "words in": r["words_in"], "words out": r["words_out"]}
+        {
+            "stage": r["stage"],
+            "drop reason": r["reason"],
+            "docs in": r["docs_in"],
+            "docs out": r["docs_out"],
+            "words in": r["words_in"],
+            "words out": r["words_out"],
+        }
         for r in funnel_rows(records)
     ]
 
 
 def stages_table(records: dict[str, StageRecord]) -> list[dict[str, Any]]:
     """One row per stage the flow ran: state, cache hit, seconds, artifact ref."""
-    return [{"stage": n, "state": r.status, "cached": r.cached, "seconds": r.seconds, "artifact": r.artifact} for n, r in records.items()]
+    return [
+        {"stage": n, "state": r.status, "cached": r.cached, "seconds": r.seconds, "artifact": r.artifact}
+        for n, r in records.items()
+    ]
 
 
 def loss_rows(metrics: Path, max_rows: int = MAX_LOSS_ROWS) -> list[dict[str, Any]]:
@@ -65,9 +75,14 @@ def loss_rows(metrics: Path, max_rows: int = MAX_LOSS_ROWS) -> list[dict[str, An
 def loss_markdown(manifest: Manifest) -> str:
     """The loss curve PNG embedded as a data: URI, a link to the file, and the final losses."""
     c = manifest.counters
-    lines = [f"# {manifest.stage}: loss curve", "", f"Artifact `{manifest.ref}`: {c.get('steps', '?')} steps, "
-             f"stopped by {c.get('stopped_by', '?')}, final train loss {_num(c.get('train_loss'))}, "
-             f"validation loss {_num(c.get('val_loss'))}.", ""]
+    lines = [
+        f"# {manifest.stage}: loss curve",
+        "",
+        f"Artifact `{manifest.ref}`: {c.get('steps', '?')} steps, "
+        f"stopped by {c.get('stopped_by', '?')}, final train loss {_num(c.get('train_loss'))}, "
+        f"validation loss {_num(c.get('val_loss'))}.",
+        "",
+    ]
     png = manifest.path("loss.png")
     if png.exists():
         data = base64.b64encode(png.read_bytes()).decode("ascii")
@@ -87,8 +102,14 @@ def export_markdown(manifest: Manifest) -> str:
     """Where the exported model is: every file with its size, the gate's verdict and losses."""
     meta = manifest.meta
     names = meta.get("files", {})
-    lines = ["# Exported model", "", f"Directory: [{manifest.dir}]({manifest.dir.as_uri()})", "",
-             "| file | kind | size |", "|---|---|---:|"]
+    lines = [
+        "# Exported model",
+        "",
+        f"Directory: [{manifest.dir}]({manifest.dir.as_uri()})",
+        "",
+        "| file | kind | size |",
+        "|---|---|---:|",
+    ]
     kinds = {v: k for k, v in names.items()}
     for f in sorted(manifest.files, key=lambda f: f.path):
         lines.append(f"| [{f.path}]({manifest.path(f.path).as_uri()}) | {kinds.get(f.path, '')} | {_size(f.bytes)} |")
@@ -97,7 +118,12 @@ def export_markdown(manifest: Manifest) -> str:
     if meta.get("parity_max_abs_diff") is not None:
         lines.append(f"Largest |ONNX fp32 - torch| logit difference: {meta['parity_max_abs_diff']:.3g}")
     if meta.get("val_loss"):
-        lines += ["", "| model | validation loss |", "|---|---:|", *(f"| {k} | {_num(v)} |" for k, v in meta["val_loss"].items())]
+        lines += [
+            "",
+            "| model | validation loss |",
+            "|---|---:|",
+            *(f"| {k} | {_num(v)} |" for k, v in meta["val_loss"].items()),
+        ]
     return "\n".join(lines)
 
 
@@ -115,6 +141,7 @@ def _size(n: int) -> str:
 
 
 # --- publishing (Prefect) --------------------------------------------------------------------
+
 
 def _publish(what: str, make: Callable[[], Any]) -> bool:
     """Run one artifact creation; log a warning instead of failing the run.
@@ -143,10 +170,15 @@ def publish_run(flow_name: str, records: dict[str, StageRecord], funnel: bool = 
 
 def publish_funnel(records: dict[str, StageRecord]) -> None:
     """The data funnel as a table artifact (``data-funnel``)."""
+
     def make():
         rows = funnel_table(records)
         if rows:
-            create_table_artifact(rows, key="data-funnel", description="Documents and whitespace words in/out per stage, then dropped per reason (negative).")
+            create_table_artifact(
+                rows,
+                key="data-funnel",
+                description="Documents and whitespace words in/out per stage, then dropped per reason (negative).",
+            )
 
     _publish("data-funnel", make)
 
@@ -154,24 +186,41 @@ def publish_funnel(records: dict[str, StageRecord]) -> None:
 def publish_stages(flow_name: str, records: dict[str, StageRecord]) -> None:
     """The stages the flow ran as a table artifact (``<flow>-stages``)."""
     key = artifact_key(flow_name, "stages")
-    _publish(key, lambda: create_table_artifact(stages_table(records), key=key, description=f"{flow_name}: state, cache hit, seconds and artifact of each stage."))
+    _publish(
+        key,
+        lambda: create_table_artifact(
+            stages_table(records),
+            key=key,
+            description=f"{flow_name}: state, cache hit, seconds and artifact of each stage.",
+        ),
+    )
 
 
 def publish_training(manifest: Manifest) -> None:
     """A training stage's loss as a table (``<stage>-loss``) and as a picture (``<stage>-loss-curve``)."""
     stage = manifest.stage
     metrics = manifest.path("metrics.jsonl")
-    _publish(artifact_key(stage, "loss"), lambda: create_table_artifact(
-        loss_rows(metrics), key=artifact_key(stage, "loss"),
-        description=f"{stage}: loss per logged step (at most {MAX_LOSS_ROWS} rows, evenly spaced) from {manifest.ref}.",
-    ))
-    _publish(artifact_key(stage, "loss-curve"), lambda: create_markdown_artifact(
-        loss_markdown(manifest), key=artifact_key(stage, "loss-curve"), description=f"{stage}: train and validation loss against step.",
-    ))
+    _publish(
+        artifact_key(stage, "loss"),
+        lambda: create_table_artifact(
+            loss_rows(metrics),
+            key=artifact_key(stage, "loss"),
+            description=f"{stage}: loss per logged step (at most {MAX_LOSS_ROWS} rows, evenly spaced) from {manifest.ref}.",
+        ),
+    )
+    _publish(
+        artifact_key(stage, "loss-curve"),
+        lambda: create_markdown_artifact(
+            loss_markdown(manifest),
+            key=artifact_key(stage, "loss-curve"),
+            description=f"{stage}: train and validation loss against step.",
+        ),
+    )
 
 
 def publish_evaluation(manifest: Manifest) -> None:
     """The evaluation report as markdown (``evaluation-report``)."""
+
     def make():
         bpb = manifest.meta.get("bits_per_byte", {})
         desc = "Held-out bits per byte: " + ", ".join(f"{k} {v:.4f}" for k, v in bpb.items())
@@ -182,11 +231,20 @@ def publish_evaluation(manifest: Manifest) -> None:
 
 def publish_export(manifest: Manifest) -> None:
     """A link to the exported model's directory (``exported-model``) and its files (``exported-model-files``)."""
-    _publish("exported-model", lambda: create_link_artifact(
-        manifest.dir.as_uri(), link_text=f"INT8 ONNX model {manifest.ref}", key="exported-model",
-        description=f"Exported model directory: {manifest.dir}",
-    ))
-    _publish("exported-model-files", lambda: create_markdown_artifact(
-        export_markdown(manifest), key="exported-model-files", description="Files of the exported model with their sizes, and the release gate.",
-    ))
-
+    _publish(
+        "exported-model",
+        lambda: create_link_artifact(
+            manifest.dir.as_uri(),
+            link_text=f"INT8 ONNX model {manifest.ref}",
+            key="exported-model",
+            description=f"Exported model directory: {manifest.dir}",
+        ),
+    )
+    _publish(
+        "exported-model-files",
+        lambda: create_markdown_artifact(
+            export_markdown(manifest),
+            key="exported-model-files",
+            description="Files of the exported model with their sizes, and the release gate.",
+        ),
+    )

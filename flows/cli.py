@@ -9,40 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-
-def _prepare_environment(store: Path) -> None:
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lmforge")
-    # Without a server Prefect starts a temporary one; on a loaded 2-core machine that can take 30 s+.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(store / "_prefect_results"))
-
-
-def store_of(config_path: str | Path, relative_to: Path | None = None) -> Path:
-    """The absolute store a profile names (``relative_to`` for a relative one, default the cwd).
-
-    Read with plain YAML, before the heavy config models import: it only places Prefect's
-    result storage, and a profile that does not parse fails later with the full error.
-    """
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(config_path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        raw = {}
-    store = Path(raw.get("store", ".lmforge/store") if isinstance(raw, dict) else ".lmforge/store").expanduser()
-    return (relative_to / store if relative_to is not None else store).resolve()
+from flows.environment import prepare_environment, store_of
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _prepare_environment(store_of(args.config))
+    prepare_environment(store_of(args.config))
     from flows.config import ConfigError, load_config
 
     try:
@@ -60,7 +36,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = pipeline(config)
     except Exception as e:  # the flow already logged the traceback; say it plainly
-        write_summary(out_dir, {"config": args.config, "status": "failed", "error": str(e), "seconds": time.perf_counter() - t0})
+        write_summary(
+            out_dir, {"config": args.config, "status": "failed", "error": str(e), "seconds": time.perf_counter() - t0}
+        )
         print(f"\nlmforge: the pipeline failed: {e}\nsummary: {out_dir / 'summary.json'}", file=sys.stderr)
         return 1
 
@@ -77,7 +55,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from model.onnx_generate import OnnxGenerator
 
     gen = OnnxGenerator(model_dir)
-    samples = [{"prompt": p, "completion": gen.generate(p, max_new_tokens=40, temperature=0.8, top_p=0.95, seed=0)} for p in config.evaluate.prompts]
+    samples = [
+        {"prompt": p, "completion": gen.generate(p, max_new_tokens=40, temperature=0.8, top_p=0.95, seed=0)}
+        for p in config.evaluate.prompts
+    ]
     summary = {
         "config": str(Path(args.config).resolve()),
         "status": "completed",
@@ -112,7 +93,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"lmforge generate: {e}", file=sys.stderr)
         return 2
-    print(gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    print(
+        gen.generate(
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    )
     return 0
 
 

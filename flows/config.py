@@ -2,8 +2,11 @@
 
 YAML profiles in ``configs/`` validate against :class:`PipelineConfig`; so do the
 Prefect UI's parameter forms, which render from the same models (every field has a
-description). Unknown keys and out-of-range values are errors that name the file,
-the key and the reason.
+description). Each section is the config class its stage (or the model) runs with, not
+a copy. Every check, cross-field ones included (a training block longer than the model's,
+``min_lr`` above ``lr``...), runs when a profile or a form is loaded, before any stage
+starts: unknown keys and out-of-range values are errors that name the file, the key and
+the reason. Importing this module loads no torch and no stage code runs.
 
 The flows' parameter default (what the UI's form shows before anyone edits it) is the
 profile named by ``LMFORGE_CONFIG``, else ``configs/demo.yaml``: it is read once, when
@@ -17,11 +20,10 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from storage.documents import SplitConfig
 from tasks.augment import AugmentConfig
-from tasks.common import StageConfig
 from tasks.dedup import DedupConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.export import ExportConfig
@@ -31,16 +33,27 @@ from tasks.finetune import FinetuneConfig
 from tasks.ingest import IngestConfig
 from tasks.pretrain import PretrainConfig
 from tasks.shards import ShardsConfig
+from tasks.stage import StageConfig
 from tasks.tokenizer import TokenizerConfig
 
 
 class PipelineConfig(StageConfig):
     """Every stage's settings, crawl to export."""
 
-    name: str = Field("lmforge", description="Name of this profile, shown in reports.")
-    store: str = Field(".lmforge/store", description="Root directory of artifacts and the DuckDB catalog (relative to the working directory). Use shared storage when workers run on several hosts.")
+    name: str = Field(
+        "lmforge",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Name of this profile, shown in reports and used as the default output folder runs/<name>: letters, digits, '.', '_', '-'.",
+    )
+    store: str = Field(
+        ".lmforge/store",
+        min_length=1,
+        description="Root directory of artifacts and the DuckDB catalog (relative to the working directory). Use shared storage when workers run on several hosts.",
+    )
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/validation split by document hash.")
-    ingest: IngestConfig = Field(default_factory=IngestConfig, description="Where documents come from: a crawl, WARC files or a directory.")
+    ingest: IngestConfig = Field(
+        default_factory=IngestConfig, description="Where documents come from: a crawl, WARC files or a directory."
+    )
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Main-content text extraction from HTML.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and MinHash near-duplicate removal.")
     filter: FilterConfig = Field(default_factory=FilterConfig, description="Language identification and quality rules.")
@@ -49,12 +62,41 @@ class PipelineConfig(StageConfig):
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="Token shards and the catalog.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Model shape and pretraining budget.")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="LoRA finetuning on a catalog subset.")
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Held-out evaluation and sample generations.")
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig, description="Held-out evaluation and sample generations."
+    )
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX + INT8 export and the release gate.")
+
+    @field_validator("store")
+    @classmethod
+    def _store_named(cls, value: str) -> str:
+        if not value.strip() or "\x00" in value:
+            raise ValueError("store must name a directory")
+        return value
+
+    @model_validator(mode="after")
+    def _finetune_fits_the_model(self) -> "PipelineConfig":
+        if self.finetune.train.block_size > self.pretrain.model.block_size:
+            raise ValueError(
+                f"finetune.train.block_size ({self.finetune.train.block_size}) exceeds "
+                f"pretrain.model.block_size ({self.pretrain.model.block_size})"
+            )
+        return self
 
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file, key and reason."""
+
+
+def describe(error: ValidationError) -> str:
+    """Each problem of a validation error as ``key: reason (got value)``, joined by '; '."""
+    problems = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        value = err.get("input")
+        got = f" (got {value!r})" if value is None or isinstance(value, (str, int, float, bool)) else ""
+        problems.append(f"{key}: {err['msg'].removeprefix('Value error, ')}{got}")
+    return "; ".join(problems)
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -71,8 +113,7 @@ def load_config(path: str | Path) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"[config] {path}: {problems}") from None
+        raise ConfigError(f"[config] {path}: {describe(e)}") from None
 
 
 CONFIG_ENV = "LMFORGE_CONFIG"

@@ -19,6 +19,7 @@ emits the Prefect event ``lmforge.dataset.published`` (automations start pretrai
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.events import emit_event
@@ -28,8 +29,9 @@ from flows.config import DEFAULT_CONFIG, PipelineConfig
 from flows.records import StageRecord, record_from, run_stage
 from flows.refs import ancestors, load_ref, parent_of
 from storage.artifact import Manifest, Store
-from storage.catalog import Catalog
-from tasks import augment, dedup, extract, filter as filter_, ingest, shards, tokenizer
+from storage.catalog import Catalog, register_dataset
+from tasks import augment, dedup, extract, ingest, shards, tokenizer
+from tasks import filter as filter_
 
 PUBLISHED_EVENT = "lmforge.dataset.published"
 
@@ -49,8 +51,11 @@ def run_label() -> str:
     return str(run_id) if run_id else _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
 
-@task(name="datasets-at-start", cache_key_fn=lambda _ctx, params: f"lmforge-datasets-{params['run']}-{params['root']}",
-      persist_result=True)
+@task(
+    name="datasets-at-start",
+    cache_key_fn=lambda _ctx, params: f"lmforge-datasets-{params['run']}-{params['root']}",
+    persist_result=True,
+)
 def datasets_at_start(root: str, run: str) -> list[str]:
     """The catalog's dataset versions when this run first started, kept for its retries.
 
@@ -59,6 +64,69 @@ def datasets_at_start(root: str, run: str) -> list[str]:
     the retry would find "nothing new" and never announce it.
     """
     return registered_datasets(Store(root))
+
+
+@dataclass(frozen=True)
+class Link:
+    """One stage of the data chain: its task, and which earlier stage's output feeds each input.
+
+    ``when_empty`` is what an incremental refresh says when this stage keeps no document
+    (``{n}`` is its input count): the run then stops, and publishes no new version.
+    """
+
+    stage: str
+    task: object
+    inputs: dict[str, str] = field(default_factory=dict)
+    split: bool = False
+    when_empty: str | None = None
+
+
+CHAIN = (
+    Link("ingest", ingest.task),
+    Link("extract", extract.task, {"raw": "ingest"}, when_empty="no text kept from the {n} new or changed pages"),
+    Link(
+        "dedup",
+        dedup.task,
+        {"docs": "extract"},
+        when_empty="all {n} new or changed documents duplicate documents already there",
+    ),
+    Link("filter", filter_.task, {"docs": "dedup"}, when_empty="none of the {n} new documents passed the filter"),
+    Link("augment", augment.task, {"docs": "filter"}, split=True),
+    Link("tokenizer", tokenizer.task, {"docs": "augment"}, split=True),
+    Link("shards", shards.task, {"docs": "augment", "tokenizer": "tokenizer"}, split=True),
+)
+"""The data stages, in order: adding one is one line here."""
+
+
+@dataclass
+class Plan:
+    """What differs between a full and an incremental refresh: arguments, not the chain."""
+
+    configs: dict[str, object] = field(default_factory=dict)  # stage -> its config, where not the profile's
+    extra: dict[str, dict] = field(default_factory=dict)  # stage -> further arguments
+    reuse: dict[str, Manifest] = field(default_factory=dict)  # stage -> artifact taken as is, not run
+    previous: Manifest | None = None  # the dataset version an incremental refresh extends
+
+
+def incremental_plan(store: Store, config: PipelineConfig, previous_ref: str) -> Plan:
+    """Extend ``previous_ref``: conditional recrawl, dedup against its lineage, its own tokenizer."""
+    previous = load_ref(store, previous_ref, "shards")
+    lineage = ancestors(store, previous)
+    crawls = sorted((m for m in lineage if m.stage == "ingest"), key=lambda m: m.created_at)
+    earlier = sorted((m for m in lineage if m.stage == "dedup"), key=lambda m: m.created_at)
+    label = run_label() if not config.ingest.snapshot else f"{config.ingest.snapshot}@{run_label()}"
+    return Plan(
+        configs={"ingest": config.ingest.model_copy(update={"snapshot": label})},
+        extra={
+            "ingest": {"previous": crawls[-1] if crawls else None},
+            "extract": {"allow_empty": True},
+            "dedup": {"earlier": earlier},
+            "filter": {"allow_empty": True},
+            "shards": {"previous": previous},
+        },
+        reuse={"tokenizer": parent_of(store, previous, "tokenizer")},
+        previous=previous,
+    )
 
 
 @flow(name="data-refresh", log_prints=True)
@@ -85,40 +153,30 @@ def data_refresh(
     known = datasets_at_start(str(store.root), run_label())
     if incremental and not known:
         log.info("incremental refresh: no dataset in the catalog %s yet, doing a full refresh", store.catalog_path)
-    if not (incremental and known):
-        raw = run_stage(records, "ingest", ingest.task, store=store, cfg=config.ingest)
-        docs = run_stage(records, "extract", extract.task, store=store, cfg=config.extract, raw=raw)
-        docs = run_stage(records, "dedup", dedup.task, store=store, cfg=config.dedup, docs=docs)
-        docs = run_stage(records, "filter", filter_.task, store=store, cfg=config.filter, docs=docs)
-        docs = run_stage(records, "augment", augment.task, store=store, cfg=config.augment, docs=docs, split=config.split)
-        tok = run_stage(records, "tokenizer", tokenizer.task, store=store, cfg=config.tokenizer, docs=docs, split=config.split)
-        data = run_stage(records, "shards", shards.task, store=store, cfg=config.shards, docs=docs, tokenizer=tok, split=config.split)
-        return _published(data, records, new=data.ref not in known, incremental=False)
-
-    previous = load_ref(store, known[-1], "shards")
-    lineage = ancestors(store, previous)
-    crawls = sorted((m for m in lineage if m.stage == "ingest"), key=lambda m: m.created_at)
-    earlier = sorted((m for m in lineage if m.stage == "dedup"), key=lambda m: m.created_at)
-    label = run_label() if not config.ingest.snapshot else f"{config.ingest.snapshot}@{run_label()}"
-    cfg = config.ingest.model_copy(update={"snapshot": label})
-    raw = run_stage(records, "ingest", ingest.task, store=store, cfg=cfg, previous=crawls[-1] if crawls else None)
-    if raw is None:
-        return _nothing_new(previous, records, "no new or changed pages")
-    docs = run_stage(records, "extract", extract.task, store=store, cfg=config.extract, raw=raw, allow_empty=True)
-    if not docs.counters.get("docs_out"):
-        return _nothing_new(previous, records, f"no text kept from the {docs.counters.get('docs_in', 0)} new or changed pages")
-    docs = run_stage(records, "dedup", dedup.task, store=store, cfg=config.dedup, docs=docs, earlier=earlier)
-    if not docs.counters.get("docs_out"):
-        return _nothing_new(previous, records, f"all {docs.counters.get('docs_in', 0)} new or changed documents duplicate documents already there")
-    docs = run_stage(records, "filter", filter_.task, store=store, cfg=config.filter, docs=docs, allow_empty=True)
-    if not docs.counters.get("docs_out"):
-        return _nothing_new(previous, records, f"none of the {docs.counters.get('docs_in', 0)} new documents passed the filter")
-    docs = run_stage(records, "augment", augment.task, store=store, cfg=config.augment, docs=docs, split=config.split)
-    tok = parent_of(store, previous, "tokenizer")
-    records["tokenizer"] = record_from("tokenizer", tok, "Reused", 0.0)
-    data = run_stage(records, "shards", shards.task, store=store, cfg=config.shards, docs=docs, tokenizer=tok, split=config.split,
-                     previous=previous)
-    return _published(data, records, new=data.ref not in known, incremental=True)
+    plan = incremental_plan(store, config, known[-1]) if incremental and known else Plan()
+    out: dict[str, Manifest] = {}
+    for link in CHAIN:
+        if link.stage in plan.reuse:
+            out[link.stage] = plan.reuse[link.stage]
+            records[link.stage] = record_from(link.stage, out[link.stage], "Reused", 0.0)
+            continue
+        args = {name: out[source] for name, source in link.inputs.items()}
+        if link.split:
+            args["split"] = config.split
+        cfg = plan.configs.get(link.stage, getattr(config, link.stage))
+        result = run_stage(
+            records, link.stage, link.task, store=store, cfg=cfg, **args, **plan.extra.get(link.stage, {})
+        )
+        if plan.previous is not None:
+            if result is None:
+                return _nothing_new(plan.previous, records, "no new or changed pages")
+            if link.when_empty and not result.counters.get("docs_out"):
+                why = link.when_empty.format(n=result.counters.get("docs_in", 0))
+                return _nothing_new(plan.previous, records, why)
+        out[link.stage] = result
+    data = out["shards"]
+    register_dataset(store, data)
+    return _published(data, records, new=data.ref not in known, incremental=plan.previous is not None)
 
 
 def _nothing_new(previous: Manifest, records: dict[str, StageRecord], why: str) -> dict:
@@ -132,12 +190,27 @@ def _published(data: Manifest, records: dict[str, StageRecord], new: bool, incre
     """Announce a dataset version this run added to the catalog; the flow's return value."""
     publish_run("data-refresh", records, funnel=True)
     if not new:
-        return {"dataset": data.ref, "records": records, "new": False, "reason": f"{data.ref} was already in the catalog"}
+        return {
+            "dataset": data.ref,
+            "records": records,
+            "new": False,
+            "reason": f"{data.ref} was already in the catalog",
+        }
     new_docs = int(data.counters.get("docs_out", 0))
     # The deployment label lets an automation react to the nightly refresh only (deployments/prefect.yaml).
-    resource = {"prefect.resource.id": f"lmforge.dataset.{data.ref}", "lmforge.deployment": runtime.deployment.name or ""}
-    emit_event(event=PUBLISHED_EVENT, resource=resource,
-               payload={"dataset": data.ref, "new_docs": new_docs, "incremental": incremental})
-    get_run_logger().info("data-refresh: published %s (%d new documents%s)", data.ref, new_docs,
-                          f", extending {data.meta['incremental']['previous']}" if incremental else "")
+    resource = {
+        "prefect.resource.id": f"lmforge.dataset.{data.ref}",
+        "lmforge.deployment": runtime.deployment.name or "",
+    }
+    emit_event(
+        event=PUBLISHED_EVENT,
+        resource=resource,
+        payload={"dataset": data.ref, "new_docs": new_docs, "incremental": incremental},
+    )
+    get_run_logger().info(
+        "data-refresh: published %s (%d new documents%s)",
+        data.ref,
+        new_docs,
+        f", extending {data.meta['incremental']['previous']}" if incremental else "",
+    )
     return {"dataset": data.ref, "records": records, "new": True}

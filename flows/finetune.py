@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from prefect import flow
 
 from flows.artifacts import publish_run, publish_training
@@ -11,6 +10,7 @@ from flows.pretrain import pretrain
 from flows.records import StageRecord, run_stage
 from flows.refs import load_ref, parent_of
 from storage.artifact import Store
+from storage.catalog import register_dataset
 from tasks import finetune as finetune_stage
 
 
@@ -34,7 +34,17 @@ def finetune(
     base = load_ref(store, base_model, "pretrain")
     data = parent_of(store, base, "shards")
     tok = parent_of(store, data, "tokenizer")
-    tuned = run_stage(records, "finetune", finetune_stage.task, store=store, cfg=config.finetune, base=base, shards=data, tokenizer=tok)
+    register_dataset(store, data)  # the stages select documents in the catalog: rebuild it if it was lost
+    tuned = run_stage(
+        records,
+        "finetune",
+        finetune_stage.task,
+        store=store,
+        cfg=config.finetune,
+        base=base,
+        shards=data,
+        tokenizer=tok,
+    )
     publish_training(tuned)
     publish_run("finetune", records)
     return {"dataset": data.ref, "base_model": base.ref, "model": tuned.ref, "records": records}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from prefect import flow
 
 from flows.artifacts import publish_run, publish_training
@@ -33,7 +32,9 @@ def pretrain(
         dataset, records = upstream["dataset"], dict(upstream["records"])
     data = load_ref(store, dataset, "shards")
     tok = parent_of(store, data, "tokenizer")
-    model = run_stage(records, "pretrain", pretrain_stage.task, store=store, cfg=config.pretrain, shards=data, tokenizer=tok)
+    model = run_stage(
+        records, "pretrain", pretrain_stage.task, store=store, cfg=config.pretrain, shards=data, tokenizer=tok
+    )
     publish_training(model)
     publish_run("pretrain", records)
     return {"dataset": dataset, "model": model.ref, "records": records}

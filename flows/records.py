@@ -7,6 +7,7 @@ the funnel table and the Prefect table artifact.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -56,16 +57,29 @@ def record_from(stage: str, manifest: Manifest, state_name: str, seconds: float)
 def run_stage(records: dict[str, StageRecord], stage: str, task, **kwargs) -> Manifest | None:
     """Submit a stage task, wait for it, record its state; failures propagate to the flow.
 
+    A cache hit counts only while its artifact is in the store and verifies: Prefect's
+    record says the artifact was published, not that it still is. Otherwise the stage
+    runs again (``refresh_cache``), rebuilding it, and the log says why.
+
     A stage may publish nothing (an incremental ingest that found no new page) and
     return None: its record then says so (no artifact, no documents out).
     """
     t0 = time.perf_counter()
     future = task.submit(**kwargs)
     manifest = future.result()
+    problem = kwargs["store"].problem(manifest) if future.state.name == "Cached" and manifest is not None else None
+    if problem:
+        logging.getLogger(f"lmforge.{stage}").warning(
+            "%s: cached result unusable (%s); running the stage again", stage, problem
+        )
+        future = task.with_options(refresh_cache=True).submit(**kwargs)
+        manifest = future.result()
     seconds = time.perf_counter() - t0
     if manifest is None:
         state = future.state.name
-        records[stage] = StageRecord(stage, state, state == "Cached", round(seconds, 3), artifact="", docs_out=0, meta={"published": False})
+        records[stage] = StageRecord(
+            stage, state, state == "Cached", round(seconds, 3), artifact="", docs_out=0, meta={"published": False}
+        )
     else:
         records[stage] = record_from(stage, manifest, future.state.name, seconds)
     return manifest

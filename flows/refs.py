@@ -9,7 +9,7 @@ changed).
 from __future__ import annotations
 
 from storage.artifact import Manifest, Store
-from tasks.common import StageError
+from tasks.stage import StageError
 
 
 def load_ref(store: Store, ref: str, expect_stage: str) -> Manifest:
@@ -19,7 +19,9 @@ def load_ref(store: Store, ref: str, expect_stage: str) -> Manifest:
         raise StageError(expect_stage, ref, f"expected an artifact ref like '{expect_stage}/<key>'")
     m = store.load(stage, key)
     if m is None:
-        raise StageError(expect_stage, ref, f"no such artifact in {store.root}", "run the upstream flow first or leave it empty")
+        raise StageError(
+            expect_stage, ref, f"no such artifact in {store.root}", "run the upstream flow first or leave it empty"
+        )
     return m
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from prefect import flow
 
 from flows.artifacts import publish_evaluation, publish_export, publish_run
@@ -11,6 +10,7 @@ from flows.finetune import finetune
 from flows.records import StageRecord, run_stage
 from flows.refs import load_ref, parent_of
 from storage.artifact import Store
+from storage.catalog import register_dataset
 from tasks import evaluate as evaluate_stage
 from tasks import export as export_stage
 
@@ -36,9 +36,22 @@ def release(
     base = parent_of(store, tuned, "pretrain")
     data = parent_of(store, tuned, "shards")
     tok = parent_of(store, data, "tokenizer")
-    report = run_stage(records, "evaluate", evaluate_stage.task, store=store, cfg=config.evaluate, base=base, finetuned=tuned, shards=data, tokenizer=tok)
+    register_dataset(store, data)  # the stages select documents in the catalog: rebuild it if it was lost
+    report = run_stage(
+        records,
+        "evaluate",
+        evaluate_stage.task,
+        store=store,
+        cfg=config.evaluate,
+        base=base,
+        finetuned=tuned,
+        shards=data,
+        tokenizer=tok,
+    )
     publish_evaluation(report)
-    exported = run_stage(records, "export", export_stage.task, store=store, cfg=config.export, model=tuned, shards=data, tokenizer=tok)
+    exported = run_stage(
+        records, "export", export_stage.task, store=store, cfg=config.export, model=tuned, shards=data, tokenizer=tok
+    )
     publish_export(exported)
     publish_run("release", records)
     return {

@@ -43,7 +43,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.cli import store_of
+from flows.environment import store_of
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
@@ -66,8 +66,15 @@ class Supervisor:
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, SERVER_ID_ENV: self.server_id}, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**self.env, SERVER_ID_ENV: self.server_id},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         self.children[name] = proc
         return proc
@@ -75,10 +82,19 @@ class Supervisor:
     def prefect(self, *args: str, timeout: float = 300) -> str:
         """Run one Prefect CLI command against the server; its output, or a ServerError."""
         cmd = [sys.executable, "-m", "prefect", "--no-prompt", *args]
-        done = subprocess.run(cmd, cwd=ROOT, env={**self.env, SERVER_ID_ENV: self.server_id}, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env={**self.env, SERVER_ID_ENV: self.server_id},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         if done.returncode != 0:
-            raise ServerError(f"`prefect {' '.join(args)}` failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+            raise ServerError(
+                f"`prefect {' '.join(args)}` failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
         return done.stdout
 
     def stop(self, grace: float = 20.0) -> None:
@@ -129,17 +145,19 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     config = Path(args.config).expanduser().resolve()
     api = f"http://{args.host}:{args.port}/api"
     env = dict(os.environ)
-    env.update({
-        "PREFECT_HOME": str(state),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_API_HOST": args.host,
-        "PREFECT_SERVER_API_PORT": str(args.port),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "LMFORGE_CONFIG": str(config),
-        "LMFORGE_ROOT": str(ROOT),
-        "LMFORGE_TIMEZONE": args.timezone,
-        "LMFORGE_TRAIN_ON_REFRESH": "true" if args.train_on_refresh else "false",
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(state),
+            "PREFECT_API_URL": api,
+            "PREFECT_SERVER_API_HOST": args.host,
+            "PREFECT_SERVER_API_PORT": str(args.port),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "LMFORGE_CONFIG": str(config),
+            "LMFORGE_ROOT": str(ROOT),
+            "LMFORGE_TIMEZONE": args.timezone,
+            "LMFORGE_TRAIN_ON_REFRESH": "true" if args.train_on_refresh else "false",
+        }
+    )
     # Beside the artifacts, as `lmforge run` does: one storage root to share with other hosts,
     # and the UI's runs and the command line's see each other's cache records.
     env.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(store_of(config, relative_to=ROOT) / "_prefect_results"))
@@ -154,7 +172,9 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
 RETRYABLE_STATUS = (429, 502, 503)
 
 
-def open_retrying(req: urllib.request.Request, timeout: float, attempts: int = 6, backoff: float = 0.5) -> tuple[int, bytes]:
+def open_retrying(
+    req: urllib.request.Request, timeout: float, attempts: int = 6, backoff: float = 0.5
+) -> tuple[int, bytes]:
     """(status, body) of ``req``, retrying the answers Prefect's own client retries.
 
     On SQLite the server answers 503 when a write transaction loses a race
@@ -162,6 +182,7 @@ def open_retrying(req: urllib.request.Request, timeout: float, attempts: int = 6
     was rolled back, so sending it again is safe. Waits ``backoff`` seconds, doubling up
     to 8 s: 15.5 s in all by default.
     """
+
     def send() -> tuple[int, bytes]:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()
@@ -192,7 +213,9 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ServerError(f"{host}:{port} is in use ({e.strerror}): another lmforge server? Stop it or pass --port") from None
+            raise ServerError(
+                f"{host}:{port} is in use ({e.strerror}): another lmforge server? Stop it or pass --port"
+            ) from None
 
 
 def wait_healthy(sup: Supervisor, timeout: float) -> float:
@@ -217,12 +240,16 @@ def wait_worker_online(sup: Supervisor, pool: str, name: str, timeout: float) ->
     while time.monotonic() - t0 < timeout:
         proc = sup.children[f"worker-{pool}"]
         if proc.poll() is not None:
-            raise ServerError(f"the {pool} worker exited with code {proc.returncode}; see {sup.logs / f'worker-{pool}.log'}")
+            raise ServerError(
+                f"the {pool} worker exited with code {proc.returncode}; see {sup.logs / f'worker-{pool}.log'}"
+            )
         workers = api_call(sup.env, f"/work_pools/{pool}/workers/filter", {})
         if any(w["name"] == name and w["status"] == "ONLINE" for w in workers):
             return
         time.sleep(1)
-    raise ServerError(f"the {pool} worker did not come online within {timeout:.0f}s; see {sup.logs / f'worker-{pool}.log'}")
+    raise ServerError(
+        f"the {pool} worker did not come online within {timeout:.0f}s; see {sup.logs / f'worker-{pool}.log'}"
+    )
 
 
 def ensure_pools(sup: Supervisor) -> None:
@@ -277,7 +304,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         check_port_free(args.host, args.port)
-        sup.start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)])
+        sup.start(
+            "server",
+            [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)],
+        )
         print(f"lmforge server: starting Prefect at {env['PREFECT_API_URL']} (state in {state})", flush=True)
         print(f"lmforge server: healthy after {wait_healthy(sup, args.startup_timeout):.1f}s", flush=True)
         ensure_pools(sup)
@@ -286,7 +316,22 @@ def cmd_server(args: argparse.Namespace) -> int:
         pools = ["cpu"] + (["gpu"] if args.gpu_worker or (args.gpu_worker is None and has_gpu()) else [])
         for pool in pools:
             name = f"lmforge-{pool}-{os.uname().nodename}"
-            sup.start(f"worker-{pool}", [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--name", name])
+            sup.start(
+                f"worker-{pool}",
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "worker",
+                    "start",
+                    "--pool",
+                    pool,
+                    "--type",
+                    "process",
+                    "--name",
+                    name,
+                ],
+            )
             wait_worker_online(sup, pool, name, args.startup_timeout)
         print(f"lmforge server: workers on pool(s) {', '.join(pools)}; logs in {sup.logs}", flush=True)
         ui = env["PREFECT_API_URL"].removesuffix("/api")
@@ -311,11 +356,29 @@ def add_parser(sub) -> None:
     s = sub.add_parser("server", help="start a Prefect server with lmforge's work pools, deployments and workers")
     s.add_argument("--host", default="127.0.0.1", help="address the server listens on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=4200, help="port of the UI and API (default 4200)")
-    s.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="profile every deployment's form defaults to")
-    s.add_argument("--state-dir", default=str(ROOT / ".lmforge" / "prefect"), help="PREFECT_HOME: the SQLite database, results and logs")
-    s.add_argument("--timezone", default=os.environ.get("LMFORGE_TIMEZONE", "UTC"), help="time zone of the nightly schedule (e.g. Europe/Berlin)")
-    s.add_argument("--gpu-worker", action=argparse.BooleanOptionalAction, default=None,
-                   help="start a worker on the gpu pool (default: only when this host has a GPU)")
-    s.add_argument("--train-on-refresh", action="store_true", help="turn on the automation that pretrains when a nightly refresh publishes new data")
+    s.add_argument(
+        "--config", default=str(ROOT / "configs" / "demo.yaml"), help="profile every deployment's form defaults to"
+    )
+    s.add_argument(
+        "--state-dir",
+        default=str(ROOT / ".lmforge" / "prefect"),
+        help="PREFECT_HOME: the SQLite database, results and logs",
+    )
+    s.add_argument(
+        "--timezone",
+        default=os.environ.get("LMFORGE_TIMEZONE", "UTC"),
+        help="time zone of the nightly schedule (e.g. Europe/Berlin)",
+    )
+    s.add_argument(
+        "--gpu-worker",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start a worker on the gpu pool (default: only when this host has a GPU)",
+    )
+    s.add_argument(
+        "--train-on-refresh",
+        action="store_true",
+        help="turn on the automation that pretrains when a nightly refresh publishes new data",
+    )
     s.add_argument("--startup-timeout", type=float, default=120.0, help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_server)

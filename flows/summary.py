@@ -19,16 +19,43 @@ def funnel_rows(records: dict[str, StageRecord]) -> list[dict[str, Any]]:
     for name, r in records.items():
         if r.docs_in is None and r.docs_out is None:
             continue
-        rows.append({"stage": name, "reason": "", "docs_in": r.docs_in, "docs_out": r.docs_out, "words_in": r.words_in, "words_out": r.words_out})
+        rows.append(
+            {
+                "stage": name,
+                "reason": "",
+                "docs_in": r.docs_in,
+                "docs_out": r.docs_out,
+                "words_in": r.words_in,
+                "words_out": r.words_out,
+            }
+        )
         for reason, n in sorted(r.dropped.items(), key=lambda kv: -kv[1].get("docs", 0)):
-            rows.append({"stage": name, "reason": reason, "docs_in": None, "docs_out": -n.get("docs", 0), "words_in": None, "words_out": -n.get("words", 0)})
+            rows.append(
+                {
+                    "stage": name,
+                    "reason": reason,
+                    "docs_in": None,
+                    "docs_out": -n.get("docs", 0),
+                    "words_in": None,
+                    "words_out": -n.get("words", 0),
+                }
+            )
     return rows
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [[("" if c is None else f"{c:,}" if isinstance(c, int) else f"{c:.4g}" if isinstance(c, float) else str(c)) for c in row] for row in rows]
+    cells = [
+        [
+            ("" if c is None else f"{c:,}" if isinstance(c, int) else f"{c:.4g}" if isinstance(c, float) else str(c))
+            for c in row
+        ]
+        for row in rows
+    ]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
@@ -52,7 +79,9 @@ def format_eval(report: dict[str, Any]) -> str:
         m = report.get(model_name) or {}
         for group, v in [("all", m), *sorted((m.get("by_group") or {}).items())]:
             if v:
-                rows.append([model_name, group, v.get("tokens"), v.get("loss"), v.get("perplexity"), v.get("bits_per_byte")])
+                rows.append(
+                    [model_name, group, v.get("tokens"), v.get("loss"), v.get("perplexity"), v.get("bits_per_byte")]
+                )
     if report.get("unigram_bits_per_byte") is not None:
         rows.append(["unigram baseline", "all", None, None, None, report["unigram_bits_per_byte"]])
     return _table(["model", "language", "tokens", "loss", "ppl", "bits/byte"], rows)

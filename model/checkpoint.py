@@ -13,8 +13,9 @@ TrainConfig as a dict, and the torch CPU (and CUDA) RNG state of every rank.
 Design decisions:
 - Nothing is unpickled: weights are safetensors and ``trainer.pt`` holds only tensors,
   numbers, strings, lists and dicts, loaded with ``torch.load(weights_only=True)``.
-- Atomic: rank 0 writes into ``.tmp-*``, fsyncs, then renames; a crash mid-save leaves
-  the previous checkpoint as the latest, and stray ``.tmp-*`` dirs are swept on the next save.
+- Atomic (:mod:`storage.atomic`): rank 0 writes into a ``.tmp-*`` sibling, fsyncs, then
+  renames; a crash mid-save leaves the previous checkpoint as the latest, and a dead
+  writer's ``.tmp-*`` dir is swept by the next save.
 - Saving is collective (every rank calls it) because each rank's RNG state is gathered to
   rank 0. With DDP the weights and the optimizer state are identical on every rank, so
   rank 0's copy is the checkpoint.
@@ -23,9 +24,7 @@ Design decisions:
 
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import safetensors.torch as st
@@ -36,6 +35,7 @@ import torch.nn as nn
 from model import distributed
 from model.config import GPTConfig
 from model.gpt import GPT
+from storage.atomic import new_temp_dir, publish_dir
 
 WEIGHTS, CONFIG, TRAINER_STATE = "model.safetensors", "config.json", "trainer.pt"
 _PREFIX = "ckpt-"
@@ -79,22 +79,6 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a directory's entries (a rename into it, its files) durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_files(directory: Path) -> None:
-    for p in directory.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(directory)
-
-
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
@@ -113,10 +97,7 @@ def save_checkpoint(
         rngs[0] = _rng_state()
     final = out_dir / f"{_PREFIX}{step:08d}"
     if distributed.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = out_dir / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp = new_temp_dir(final)
         save_model(model, tmp)
         state = {
             "step": step,
@@ -126,15 +107,7 @@ def save_checkpoint(
             "rng_cuda": [r["cuda"] for r in rngs] if "cuda" in rngs[0] else [],
         }
         torch.save(state, tmp / TRAINER_STATE)
-        _fsync_files(tmp)
-        if final.exists():  # the same step saved again (e.g. a rerun of a finished run)
-            old = out_dir / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        _fsync_dir(out_dir)
+        publish_dir(tmp, final, replace=True)  # the same step saved again (a rerun of a finished run) replaces it
         for old in list_checkpoints(out_dir)[:-keep_last]:
             shutil.rmtree(old)
     distributed.barrier()

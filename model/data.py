@@ -42,7 +42,9 @@ def token_dtype(dtype: str | np.dtype) -> np.dtype:
 class TokenWindows:
     """Random ``(x, y)`` next-token windows over the concatenation of flat token files."""
 
-    def __init__(self, files: Sequence[tuple[str | Path, str | np.dtype]], seed: int = 0, vocab_size: int | None = None):
+    def __init__(
+        self, files: Sequence[tuple[str | Path, str | np.dtype]], seed: int = 0, vocab_size: int | None = None
+    ):
         if not files:
             raise ValueError("TokenWindows needs at least one token file")
         self.seed = seed

@@ -156,13 +156,19 @@ def evaluate_documents(
     was_training = model.training
     model.eval()
     try:
-        return score_documents(torch_nll(model, device), docs, eot_id, block_size or model.config.block_size, batch_size)
+        return score_documents(
+            torch_nll(model, device), docs, eot_id, block_size or model.config.block_size, batch_size
+        )
     finally:
         model.train(was_training)
 
 
 def evaluate_logits_fn(
-    logits_fn: Callable[[np.ndarray], np.ndarray], docs: Sequence[EvalDoc], eot_id: int, block_size: int, batch_size: int = 8
+    logits_fn: Callable[[np.ndarray], np.ndarray],
+    docs: Sequence[EvalDoc],
+    eot_id: int,
+    block_size: int,
+    batch_size: int = 8,
 ) -> dict:
     """:func:`evaluate_documents` for any backend that maps ids (B, T) to logits (B, T, V)."""
     return score_documents(logits_nll(logits_fn), docs, eot_id, block_size, batch_size)

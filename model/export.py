@@ -26,7 +26,7 @@ import shutil
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -44,7 +44,14 @@ FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 PARITY_SHAPES = ((1, 1, 0), (1, 7, 0), (3, 7, 5), (3, 1, 5), (2, 4, 9))
 """(batch, seq, past) cases of :func:`parity`: prefill, batched prefill after a cache, T=1 decode."""
-_SYMBOLIC = {"input_ids": (0, 1), "past_key": (1, 3), "past_value": (1, 3), "logits": (0, 1), "present_key": (1, 3), "present_value": (1, 3)}
+_SYMBOLIC = {
+    "input_ids": (0, 1),
+    "past_key": (1, 3),
+    "past_value": (1, 3),
+    "logits": (0, 1),
+    "present_key": (1, 3),
+    "present_value": (1, 3),
+}
 _EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GiB; larger models keep weights in a side file
 
 
@@ -84,7 +91,9 @@ def op_counts(path: str | Path) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in g.node).items()))
 
 
-def export_onnx(model: torch.nn.Module, out_dir: str | Path, opset: int | None = None, file_name: str = FP32_FILE) -> Path:
+def export_onnx(
+    model: torch.nn.Module, out_dir: str | Path, opset: int | None = None, file_name: str = FP32_FILE
+) -> Path:
     """Export ``model.forward_cached`` (fp32, CPU, LM head untied) to ``out_dir/file_name``.
 
     ``opset=None`` takes the exporter's default (20 on torch 2.13). Raises RuntimeError
@@ -120,7 +129,11 @@ def export_onnx(model: torch.nn.Module, out_dir: str | Path, opset: int | None =
             verbose=False,
         )
     sig = graph_signature(out)
-    fixed = {n: [sig[n][a] for a in axes] for n, axes in _SYMBOLIC.items() if any(not isinstance(sig[n][a], str) for a in axes)}
+    fixed = {
+        n: [sig[n][a] for a in axes]
+        for n, axes in _SYMBOLIC.items()
+        if any(not isinstance(sig[n][a], str) for a in axes)
+    }
     if fixed:
         raise RuntimeError(
             f"ONNX export specialised dynamic axes to fixed sizes {fixed} (see pytorch#152018); "
@@ -185,7 +198,12 @@ def parity(
 
 
 def onnx_val_loss(
-    onnx_path: str | Path, docs: Sequence[EvalDoc], eot_id: int, block_size: int, batch_size: int = 8, threads: int | None = None
+    onnx_path: str | Path,
+    docs: Sequence[EvalDoc],
+    eot_id: int,
+    block_size: int,
+    batch_size: int = 8,
+    threads: int | None = None,
 ) -> dict:
     """:func:`model.evaluate.evaluate_documents` for an exported graph (fp32 or INT8)."""
     return evaluate_logits_fn(OnnxLM(onnx_path, threads).logits, docs, eot_id, block_size, batch_size)
@@ -201,7 +219,11 @@ class GateVerdict:
 
 
 def release_gate(
-    max_abs_diff: float, fp32_loss: float, int8_loss: float, max_logit_diff: float = 1e-3, max_int8_loss_increase: float = 0.02
+    max_abs_diff: float,
+    fp32_loss: float,
+    int8_loss: float,
+    max_logit_diff: float = 1e-3,
+    max_int8_loss_increase: float = 0.02,
 ) -> GateVerdict:
     """Fail when ONNX fp32 logits drift from torch, or INT8 loses too much val loss against fp32.
 
@@ -211,7 +233,11 @@ def release_gate(
         raise ValueError(f"fp32_loss must be positive (a cross-entropy), got {fp32_loss}")
     increase = (int8_loss - fp32_loss) / fp32_loss
     checks = {
-        "onnx_parity": {"passed": bool(max_abs_diff <= max_logit_diff), "max_abs_diff": max_abs_diff, "limit": max_logit_diff},
+        "onnx_parity": {
+            "passed": bool(max_abs_diff <= max_logit_diff),
+            "max_abs_diff": max_abs_diff,
+            "limit": max_logit_diff,
+        },
         "int8_val_loss": {
             "passed": bool(increase <= max_int8_loss_increase),
             "fp32_loss": fp32_loss,
@@ -222,7 +248,9 @@ def release_gate(
     }
     failed = []
     if not checks["onnx_parity"]["passed"]:
-        failed.append(f"ONNX fp32 differs from torch by {max_abs_diff:.3g} (max |logit diff|), above the limit {max_logit_diff:.3g}")
+        failed.append(
+            f"ONNX fp32 differs from torch by {max_abs_diff:.3g} (max |logit diff|), above the limit {max_logit_diff:.3g}"
+        )
     if not checks["int8_val_loss"]["passed"]:
         failed.append(
             f"INT8 val loss {int8_loss:.4f} is {increase:+.2%} against fp32 {fp32_loss:.4f}, above the limit {max_int8_loss_increase:+.2%}"
@@ -276,7 +304,7 @@ def export_model(
     verdict = release_gate(diff, fp32_eval["loss"], int8_eval["loss"], max_logit_diff, max_int8_loss_increase)
     sig = graph_signature(fp32)
     meta = {
-        "gpt_config": asdict(cfg),
+        "gpt_config": cfg.to_dict(),
         "lm_head_untied": True,
         "eot_id": eot_id,
         "opset": _opset(fp32),

@@ -46,6 +46,8 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        return decode(step, prompt_ids, model.config.block_size, max_new_tokens, temperature, top_k, top_p, eot_id, seed)
+        return decode(
+            step, prompt_ids, model.config.block_size, max_new_tokens, temperature, top_k, top_p, eot_id, seed
+        )
     finally:
         model.train(was_training)

@@ -113,6 +113,8 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("GPTConfig.vocab_size is not set: give it the tokenizer's vocabulary size")
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -150,7 +152,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index
+            )
         return logits, loss
 
     def forward_cached(self, idx: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):

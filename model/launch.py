@@ -10,8 +10,11 @@ Design decisions:
 - Every line of the child's stdout and stderr goes to ``on_line`` as it arrives, so the
   task's log shows training progress live; the last lines ride on the RuntimeError of a
   failed run, so the cause (a traceback from rank N) is in the task's failure message.
+- The spec is validated here, before any process starts: a bad config is a ValueError
+  in the caller (never retried), not a failed child and a retry.
 - On CPU each worker gets ``OMP_NUM_THREADS=1``: two workers with two threads each on a
-  two-core machine run at a quarter of the speed (measured, STACK.md).
+  two-core machine ran at a quarter of the speed of one thread each (measured on a
+  2-core machine).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from model import train as entrypoint
+
 _ROOT = Path(__file__).resolve().parent.parent  # the directory holding the model package
 
 
@@ -36,8 +41,16 @@ def default_nproc() -> int:
 
 def torchrun_command(spec_path: str | Path, nproc: int) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-        "-m", "model.train", "--spec", str(spec_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        entrypoint.__name__,
+        "--spec",
+        str(spec_path),
     ]
 
 
@@ -48,9 +61,14 @@ def launch(
     env: dict[str, str] | None = None,
     tail_lines: int = 40,
 ) -> None:
-    """Run training under torchrun with ``nproc`` workers; raise RuntimeError on failure."""
+    """Run training under torchrun with ``nproc`` workers.
+
+    ValueError for a spec that does not validate (before anything starts); RuntimeError,
+    with the child's last lines, when training fails.
+    """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    entrypoint.TrainSpec.load(spec_path)
     child_env = {**os.environ, **(env or {})}
     child_env["PYTHONUNBUFFERED"] = "1"
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), child_env.get("PYTHONPATH")]))
@@ -59,7 +77,13 @@ def launch(
     cmd = torchrun_command(spec_path, nproc)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env, text=True, errors="replace", bufsize=1,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=child_env,
+        text=True,
+        errors="replace",
+        bufsize=1,
         start_new_session=True,  # its own process group, so cancelling us stops every worker
     )
     try:

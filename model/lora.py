@@ -15,47 +15,9 @@ Design decisions:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """Which layers get adapters and how big they are."""
-
-    r: int = 8
-    """Rank of the update B A; trainable parameters per layer are r * (in + out)."""
-    alpha: float = 16.0
-    """The update is scaled by alpha / r, so changing r keeps the update's size comparable."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input during training (the base path is not dropped)."""
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    """Names of the Linear modules to adapt (e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)."""
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"LoRA r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise ValueError("LoRA targets must name at least one module")
-        object.__setattr__(self, "targets", tuple(self.targets))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoRAConfig":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown LoRAConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 class LoRALinear(nn.Module):

@@ -52,7 +52,9 @@ class OnnxLM:
         z = np.zeros((n_layer, batch, n_head, 0, head_dim), dtype=np.float32)
         return z, z.copy()
 
-    def __call__(self, ids: np.ndarray, past_k: np.ndarray, past_v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(
+        self, ids: np.ndarray, past_k: np.ndarray, past_v: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         logits, k, v = self.session.run(
             ["logits", "present_key", "present_value"],
             {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "past_key": past_k, "past_value": past_v},
@@ -71,7 +73,9 @@ class OnnxGenerator:
         self.dir = Path(model_dir)
         meta_path = self.dir / EXPORT_FILE
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} not found: {self.dir} is not an exported lmforge model (run the release flow)")
+            raise FileNotFoundError(
+                f"{meta_path} not found: {self.dir} is not an exported lmforge model (run the release flow)"
+            )
         self.meta = json.loads(meta_path.read_text())
         files = self.meta["files"]
         if precision not in files:
@@ -85,7 +89,14 @@ class OnnxGenerator:
         self.block_size = int(self.meta["gpt_config"]["block_size"])
 
     def generate_ids(
-        self, prompt_ids: Sequence[int], max_new_tokens: int = 64, *, temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95, seed: int = 0
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        top_p: float = 0.95,
+        seed: int = 0,
     ) -> list[int]:
         """New token ids after ``prompt_ids`` (without the stop token); same rules as :func:`model.generate.generate`."""
         cache = list(self.lm.empty_cache(1))
@@ -97,7 +108,14 @@ class OnnxGenerator:
         return decode(step, prompt_ids, self.block_size, max_new_tokens, temperature, top_k, top_p, self.eot_id, seed)
 
     def generate(
-        self, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95, seed: int = 0
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        top_p: float = 0.95,
+        seed: int = 0,
     ) -> str:
         """The completion of ``prompt`` (the prompt itself not repeated)."""
         ids = [self.eot_id] + self.tokenizer.encode(prompt).ids

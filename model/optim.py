@@ -12,13 +12,11 @@ Design decisions:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:
-    from model.trainer import TrainConfig
+from model.config import TrainConfig
 
 
 def configure_optimizer(
@@ -35,7 +33,7 @@ def configure_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
-def get_lr(step: int, cfg: "TrainConfig") -> float:
+def get_lr(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based).
 
     Linear warmup reaching ``cfg.lr`` at step ``warmup_steps - 1``, then a cosine from

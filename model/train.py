@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,11 +39,12 @@ import torch
 
 from model import distributed
 from model.checkpoint import load_model, save_model
-from model.config import GPTConfig
+from model.config import GPTConfig, LoRAConfig, TrainConfig
 from model.data import TokenWindows, token_dtype
 from model.gpt import GPT
-from model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
-from model.trainer import TrainConfig, Trainer
+from model.lora import apply_lora, lora_state_dict, merge_lora
+from model.trainer import Trainer
+from storage.atomic import new_temp_dir, publish_dir
 
 _KEYS = {"out_dir", "artifact_dir", "model", "init_from", "train", "data", "lora"}
 
@@ -83,7 +82,9 @@ class TrainSpec:
         for name in ("train_files", "val_files"):
             object.__setattr__(self, name, [(Path(p), token_dtype(d).name) for p, d in getattr(self, name)])
         if (self.model is None) == (self.init_from is None):
-            raise ValueError("a train spec needs exactly one of 'model' (train from scratch) and 'init_from' (a model dir)")
+            raise ValueError(
+                "a train spec needs exactly one of 'model' (train from scratch) and 'init_from' (a model dir)"
+            )
         if not self.train_files:
             raise ValueError("a train spec needs at least one file in data.train")
 
@@ -142,26 +143,22 @@ def build_model(spec: TrainSpec) -> GPT:
 def write_artifact(model: GPT, spec: TrainSpec, summary: dict) -> Path:
     """Publish the final model dir atomically (tmp dir, then rename); replaces an older one."""
     final = spec.final_dir
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = new_temp_dir(final)
     model.to("cpu")
     if spec.lora:
         st.save_file(lora_state_dict(model), str(tmp / "adapter.safetensors"))
         (tmp / "lora.json").write_text(json.dumps(spec.lora.to_dict(), indent=2) + "\n")
         merge_lora(model)
     save_model(model, tmp)
-    record = {**summary, "model_config": json.loads(model.config.to_json()), "train_config": spec.train.to_dict(),
-              "lora": spec.lora.to_dict() if spec.lora else None,
-              "init_from": str(spec.init_from) if spec.init_from else None}
+    record = {
+        **summary,
+        "model_config": json.loads(model.config.to_json()),
+        "train_config": spec.train.to_dict(),
+        "lora": spec.lora.to_dict() if spec.lora else None,
+        "init_from": str(spec.init_from) if spec.init_from else None,
+    }
     (tmp / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
-    if final.exists():
-        old = final.parent / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+    publish_dir(tmp, final, replace=True)
     return final
 
 
@@ -171,8 +168,9 @@ def run(spec: TrainSpec, info: distributed.DistInfo) -> dict:
     vocab = model.config.vocab_size
     train_data = TokenWindows(spec.train_files, seed=spec.train.seed, vocab_size=vocab)
     val_data = TokenWindows(spec.val_files, seed=spec.train.seed, vocab_size=vocab) if spec.val_files else None
-    trainer = Trainer(model, spec.train, train_data, val_data, spec.out_dir, info.device,
-                      log=lambda line: print(line, flush=True))
+    trainer = Trainer(
+        model, spec.train, train_data, val_data, spec.out_dir, info.device, log=lambda line: print(line, flush=True)
+    )
     summary = trainer.fit()
     summary.update(world=info.world, device=str(info.device))
     if info.rank == 0:

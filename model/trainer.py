@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -31,90 +30,10 @@ import torch.nn as nn
 
 from model import distributed
 from model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from model.config import TrainConfig
 from model.data import TokenWindows
 from model.flops import estimate_mfu, flops_per_token, matmul_params, peak_flops
 from model.optim import configure_optimizer, get_lr
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train: budgets, batch geometry, optimizer, schedule, and bookkeeping cadence."""
-
-    max_steps: int = 1000
-    """Optimizer steps to train for; also the end of the cosine schedule."""
-    max_minutes: float | None = None
-    """Wall-clock budget of this run in minutes; training stops at whichever budget ends first. None: no limit."""
-    micro_batch_size: int = 8
-    """Sequences per rank per forward/backward pass."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step; tokens/step = micro_batch_size * grad_accum_steps * world * block_size."""
-    block_size: int = 256
-    """Training sequence length; at most the model's block_size."""
-    lr: float = 6e-4
-    """Peak learning rate, reached at the end of warmup (nanoGPT's GPT-2 small value)."""
-    min_lr: float = 6e-5
-    """Learning rate at the end of the cosine decay (lr / 10, as in Chinchilla and nanoGPT)."""
-    warmup_steps: int = 100
-    """Steps of linear warmup from lr / warmup_steps to lr; 0 starts at lr."""
-    weight_decay: float = 0.1
-    """Decoupled AdamW weight decay on matmul weights (never on norms or embeddings)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW (beta1, beta2); 0.95 for beta2 is the usual choice for LM pretraining."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
-    eval_every: int = 100
-    """Evaluate the validation loss every this many steps (and at the end); 0: only at the end."""
-    eval_batches: int = 20
-    """Micro-batches per rank in one validation-loss estimate (always the same windows)."""
-    ckpt_every: int = 500
-    """Save a checkpoint every this many steps (and always at the end); 0: only at the end."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept in out_dir; older ones are deleted after each successful save."""
-    log_every: int = 10
-    """Log loss, learning rate, tokens/s and MFU every this many steps (and at the last step)."""
-    seed: int = 1337
-    """Seed of the data order (with the step) and of each rank's dropout RNG (seed + rank)."""
-    precision: str = "auto"
-    """'auto' (bf16 autocast on a bf16-capable GPU, fp32 otherwise), 'bf16' (autocast anywhere) or 'fp32'."""
-    compile: bool = False
-    """torch.compile the training forward/backward (GPU: fused kernels, fewer launches; costs a warm-up compile)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "block_size", "eval_batches",
-                    "keep_checkpoints", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "weight_decay", "grad_clip", "min_lr"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"TrainConfig.max_minutes must be > 0 or None, got {self.max_minutes}")
-        if not 0 < self.lr:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if self.min_lr > self.lr:
-            raise ValueError(f"TrainConfig.min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.warmup_steps > self.max_steps:
-            raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"TrainConfig.betas must be two values in [0, 1), got {self.betas}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -138,7 +57,9 @@ class Trainer:
         log: Callable[[str], None] = print,
     ):
         if cfg.block_size > model.config.block_size:
-            raise ValueError(f"train block_size {cfg.block_size} exceeds the model's block_size {model.config.block_size}")
+            raise ValueError(
+                f"train block_size {cfg.block_size} exceeds the model's block_size {model.config.block_size}"
+            )
         train_data.require(cfg.block_size)
         if val_data is not None:
             val_data.require(cfg.block_size)
@@ -151,7 +72,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
-        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.betas, self.device.type)
+        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, tuple(cfg.betas), self.device.type)
         torch.manual_seed(cfg.seed + self.rank)
         self.step = 0
         self.resumed_from: int | None = None
@@ -233,7 +154,9 @@ class Trainer:
         return distributed.all_reduce_max(flag).item() > 0
 
     def _save(self) -> None:
-        save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.cfg.to_dict(), self.cfg.keep_checkpoints)
+        save_checkpoint(
+            self.out_dir, self.step, self.model, self.optimizer, self.cfg.to_dict(), self.cfg.keep_checkpoints
+        )
 
     def fit(self) -> dict:
         """Train until a budget ends; checkpoint; return the run's summary."""
@@ -258,9 +181,17 @@ class Trainer:
                 train_loss, loss_step = self._mean_over_ranks(loss), self.step
                 now = time.time()
                 tps = (self.step - mark_step) * self.tokens_per_step / max(now - mark_time, 1e-9)
-                row = {"step": self.step, "loss": train_loss, "lr": get_lr(self.step - 1, cfg), "tokens_per_s": tps,
-                       "tokens": self.step * self.tokens_per_step, "elapsed_s": now - started}
-                line = f"step {self.step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {row['lr']:.2e} | {tps:,.0f} tok/s"
+                row = {
+                    "step": self.step,
+                    "loss": train_loss,
+                    "lr": get_lr(self.step - 1, cfg),
+                    "tokens_per_s": tps,
+                    "tokens": self.step * self.tokens_per_step,
+                    "elapsed_s": now - started,
+                }
+                line = (
+                    f"step {self.step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {row['lr']:.2e} | {tps:,.0f} tok/s"
+                )
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm.item()
                     line += f" | grad norm {row['grad_norm']:.3f}"

@@ -7,10 +7,10 @@ files (Parquet parts, token shards, a tokenizer, a checkpoint...). Design decisi
   version), computed by :func:`artifact_key`. The same hash is the Prefect cache key, so
   a rerun with unchanged inputs is a hit and a change upstream invalidates exactly what
   depends on it.
-- Writing goes to a temporary sibling directory; :class:`ArtifactWriter` fsyncs and
-  checksums every file, writes the manifest last, and publishes with one ``rename``.
-  A crash leaves only a ``.tmp-*`` directory that no reader trusts and the next writer
-  sweeps away.
+- Writing goes to a temporary sibling directory; :class:`ArtifactWriter` checksums
+  every file, writes the manifest last, and publishes with one ``rename``
+  (:mod:`storage.atomic`). A crash leaves only a ``.tmp-*`` directory that no reader
+  trusts and the next writer sweeps away.
 - Tasks pass :class:`Manifest` objects (small) between each other, never data.
 """
 
@@ -21,14 +21,14 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from storage.atomic import fsync_file, new_temp_dir, publish_dir
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = "1"
@@ -79,10 +79,19 @@ class Manifest:
         return sorted((f for f in self.files if f.path.startswith(prefix)), key=lambda f: f.path)
 
     def digest(self) -> str:
-        """Content digest: stable across store locations (``root`` is left out)."""
-        d = self.to_dict()
-        d.pop("root", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+        """Content digest: the stage, key, parents and every file's path and checksum.
+
+        Not where the store is (``root``), when the artifact was made, or its counters
+        and meta (which can hold timings): an artifact rebuilt with the same content has
+        the same digest, so what was built from it stays valid.
+        """
+        d = {
+            "stage": self.stage,
+            "key": self.key,
+            "parents": self.parents,
+            "files": [(f.path, f.sha256) for f in sorted(self.files, key=lambda f: f.path)],
+        }
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,47 +121,6 @@ def _sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_HOST = socket.gethostname().replace("-", "_")
-
-
-def _abandoned(tmp_name: str) -> bool:
-    """Whether a ``.tmp-<key>-<host>-<pid>-<id>`` dir belongs to a writer that is gone.
-
-    Only dirs of this host whose process has exited are swept; a writer of the same key
-    still at work (another run racing this one) keeps its dir, and the loser of the
-    race adopts the winner's artifact at publish time.
-    """
-    parts = tmp_name.split("-")  # ['.tmp', key, host, pid, id]
-    if len(parts) != 5:
-        return True  # not a name this writer makes: left by an older layout
-    host, pid = parts[2], parts[3]
-    if host != _HOST:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (ValueError, PermissionError):
-        return False
-    return False
 
 
 class Store:
@@ -185,6 +153,18 @@ class Store:
         m = Manifest.from_dict(json.loads(mpath.read_text()))
         m.root = str(self.root)
         return m
+
+    def problem(self, manifest: Manifest) -> str | None:
+        """Why ``manifest`` is not a usable artifact of this store (missing, a file gone or
+        changed), or None when it is published here and every file verifies."""
+        published = self.load(manifest.stage, manifest.key)
+        if published is None:
+            return f"artifact {manifest.ref} is not in the store {self.root}"
+        try:
+            self.verify(published)
+        except ArtifactError as e:
+            return str(e)
+        return None
 
     def verify(self, manifest: Manifest) -> None:
         """Check every file's size and sha256; raise ArtifactError naming the first bad one."""
@@ -232,15 +212,10 @@ class ArtifactWriter:
         self._rows: dict[str, int] = {}
         self._parts: dict[str, int] = {}
         self.manifest: Manifest | None = None
-        self.dir = store.root / stage / f".tmp-{key}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.dir: Path | None = None
 
     def __enter__(self) -> "ArtifactWriter":
-        parent = self.dir.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        for stale in parent.glob(f".tmp-{self.key}-*"):
-            if _abandoned(stale.name):
-                shutil.rmtree(stale, ignore_errors=True)
-        self.dir.mkdir()
+        self.dir = new_temp_dir(self.store.artifact_dir(self.stage, self.key))
         return self
 
     def write_table(self, table: pa.Table, prefix: str = "part") -> str:
@@ -270,7 +245,7 @@ class ArtifactWriter:
         entries = []
         for p in sorted(q for q in self.dir.rglob("*") if q.is_file()):
             rel = str(p.relative_to(self.dir))
-            _fsync_file(p)
+            fsync_file(p)
             entries.append(FileEntry(rel, p.stat().st_size, _sha256_file(p), self._rows.get(rel)))
         manifest = Manifest(
             stage=self.stage,
@@ -287,20 +262,14 @@ class ArtifactWriter:
         d = manifest.to_dict()
         d.pop("root")
         (self.dir / MANIFEST).write_text(json.dumps(d, indent=2, default=str))
-        _fsync_file(self.dir / MANIFEST)
-        _fsync_dir(self.dir)
-        final = self.store.artifact_dir(self.stage, self.key)
-        if final.exists():
-            # Same key means same content: another run published it first. Keep theirs.
-            shutil.rmtree(self.dir, ignore_errors=True)
-            existing = self.store.load(self.stage, self.key)
-            if existing is None:
-                raise ArtifactError(f"artifact {self.stage}/{self.key}: directory exists without a manifest")
-            self.manifest = existing
+        if publish_dir(self.dir, self.store.artifact_dir(self.stage, self.key), replace=False):
+            self.manifest = manifest
             return
-        os.rename(self.dir, final)
-        _fsync_dir(final.parent)
-        self.manifest = manifest
+        # Same key means same content: another run published it first. Keep theirs.
+        existing = self.store.load(self.stage, self.key)
+        if existing is None:
+            raise ArtifactError(f"artifact {self.stage}/{self.key}: directory exists without a manifest")
+        self.manifest = existing
 
 
 class PartBuffer:
@@ -310,8 +279,15 @@ class PartBuffer:
     (e.g. raw HTML bodies), so a stage streams any input with bounded memory.
     """
 
-    def __init__(self, writer: "ArtifactWriter", prefix: str = "part", schema: pa.Schema | None = None,
-                 max_rows: int = 20_000, max_bytes: int = 128 << 20, size_of=None):
+    def __init__(
+        self,
+        writer: "ArtifactWriter",
+        prefix: str = "part",
+        schema: pa.Schema | None = None,
+        max_rows: int = 20_000,
+        max_bytes: int = 128 << 20,
+        size_of=None,
+    ):
         self.writer, self.prefix, self.schema = writer, prefix, schema
         self.max_rows, self.max_bytes, self.size_of = max_rows, max_bytes, size_of
         self._rows: list[dict] = []
@@ -351,6 +327,12 @@ class PartBuffer:
         self.writer.write_table(table.slice(0, n), self.prefix)
         rest = table.slice(n)
         self._tables, self._n = ([rest] if rest.num_rows else []), rest.num_rows
+
+
+def columns_of(manifest: Manifest, prefix: str = "part") -> set[str]:
+    """Column names of an artifact's ``<prefix>-*.parquet`` parts, from the first one's schema (empty without parts)."""
+    parts = [f for f in manifest.files_with_prefix(prefix + "-") if f.path.endswith(".parquet")]
+    return set(pq.read_schema(manifest.path(parts[0].path)).names) if parts else set()
 
 
 def read_table(manifest: Manifest, prefix: str = "part", columns: list[str] | None = None) -> pa.Table:

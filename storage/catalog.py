@@ -37,21 +37,46 @@ from storage.artifact import Manifest, Store
 
 log = logging.getLogger("lmforge.catalog")
 
+DOCUMENT_INDEX = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("url", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("lang", pa.string()),
+        pa.field("lang_score", pa.float64()),
+        pa.field("signals", pa.string(), metadata={"duckdb": "JSON"}),
+        pa.field("cluster_id", pa.string()),
+        pa.field("augmented_from", pa.string()),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("start", pa.int64(), nullable=False),
+        pa.field("n_tokens", pa.int64(), nullable=False),
+        pa.field("n_bytes", pa.int64(), nullable=False),
+    ]
+)
+"""One row per document of a dataset: what the shards stage writes as ``index-*.parquet``
+and what the ``documents`` table holds (plus its ``dataset``). The one spelling of it."""
+DOCUMENT_COLUMNS = DOCUMENT_INDEX.names
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.float64(): "DOUBLE", pa.int64(): "BIGINT"}
+
+
+def _column_ddl(field: pa.Field) -> str:
+    typ = (field.metadata or {}).get(b"duckdb", b"").decode() or _DUCKDB_TYPES[field.type]
+    return f"{field.name} {typ}" + ("" if field.nullable else " NOT NULL")
+
+
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS artifacts (
         ref VARCHAR PRIMARY KEY, stage VARCHAR NOT NULL, key VARCHAR NOT NULL, parents VARCHAR[],
         config JSON, code_version VARCHAR, created_at TIMESTAMPTZ, counters JSON, meta JSON, root VARCHAR,
         n_files INTEGER, bytes BIGINT)""",
-    """CREATE TABLE IF NOT EXISTS documents (
-        dataset VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, url VARCHAR, source VARCHAR, lang VARCHAR,
-        lang_score DOUBLE, signals JSON, cluster_id VARCHAR, augmented_from VARCHAR, split VARCHAR NOT NULL,
-        shard VARCHAR NOT NULL, start BIGINT NOT NULL, n_tokens BIGINT NOT NULL, n_bytes BIGINT NOT NULL)""",
+    "CREATE TABLE IF NOT EXISTS documents (dataset VARCHAR NOT NULL, "
+    + ", ".join(_column_ddl(f) for f in DOCUMENT_INDEX)
+    + ")",
     """CREATE TABLE IF NOT EXISTS token_shards (
         dataset VARCHAR NOT NULL, shard VARCHAR NOT NULL, split VARCHAR NOT NULL, path VARCHAR NOT NULL,
         dtype VARCHAR NOT NULL, n_docs BIGINT, n_tokens BIGINT, PRIMARY KEY (dataset, shard))""",
 ]
-DOCUMENT_COLUMNS = ["doc_id", "url", "source", "lang", "lang_score", "signals", "cluster_id", "augmented_from",
-                    "split", "shard", "start", "n_tokens", "n_bytes"]
 
 
 class CatalogError(RuntimeError):
@@ -86,10 +111,18 @@ class Catalog:
         self.con.execute(
             "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                manifest.ref, manifest.stage, manifest.key, list(manifest.parents),
-                json.dumps(manifest.config, default=str), manifest.code_version, manifest.created_at,
-                json.dumps(manifest.counters, default=str), json.dumps(manifest.meta, default=str), manifest.root,
-                len(manifest.files), sum(f.bytes for f in manifest.files),
+                manifest.ref,
+                manifest.stage,
+                manifest.key,
+                list(manifest.parents),
+                json.dumps(manifest.config, default=str),
+                manifest.code_version,
+                manifest.created_at,
+                json.dumps(manifest.counters, default=str),
+                json.dumps(manifest.meta, default=str),
+                manifest.root,
+                len(manifest.files),
+                sum(f.bytes for f in manifest.files),
             ],
         )
 
@@ -137,32 +170,48 @@ class Catalog:
 
     def index_documents(self, manifest: Manifest) -> int:
         """(Re)load a shards artifact's document index and shard list; return the document count."""
-        files = [str(manifest.path(f.path)) for f in manifest.files_with_prefix("index-") if f.path.endswith(".parquet")]
+        files = [
+            str(manifest.path(f.path)) for f in manifest.files_with_prefix("index-") if f.path.endswith(".parquet")
+        ]
         if not files or "dtype" not in manifest.meta:
             raise CatalogError(f"artifact {manifest.ref} has no index-*.parquet or token dtype: not a shards artifact")
         dtype = manifest.meta["dtype"]
         shards = [
-            (manifest.ref, f.path, f.path.split("-")[1], str(manifest.path(f.path)), dtype, f.rows, f.bytes // np.dtype(dtype).itemsize)
-            for f in manifest.files_with_prefix("tokens-") if f.path.endswith(".bin")
+            (
+                manifest.ref,
+                f.path,
+                f.path.split("-")[1],
+                str(manifest.path(f.path)),
+                dtype,
+                f.rows,
+                f.bytes // np.dtype(dtype).itemsize,
+            )
+            for f in manifest.files_with_prefix("tokens-")
+            if f.path.endswith(".bin")
         ]
         cols = ", ".join(DOCUMENT_COLUMNS)
         try:
             with self._transaction():
                 self.con.execute("DELETE FROM documents WHERE dataset = ?", [manifest.ref])
                 self.con.execute("DELETE FROM token_shards WHERE dataset = ?", [manifest.ref])
-                self.con.execute(f"INSERT INTO documents SELECT $1 AS dataset, {cols} FROM read_parquet($2)", [manifest.ref, files])
+                self.con.execute(
+                    f"INSERT INTO documents SELECT $1 AS dataset, {cols} FROM read_parquet($2)", [manifest.ref, files]
+                )
                 if shards:
                     self.con.executemany("INSERT INTO token_shards VALUES (?, ?, ?, ?, ?, ?, ?)", shards)
                 return self._scalar("SELECT count(*) FROM documents WHERE dataset = ?", [manifest.ref])
         except duckdb.Error as e:
-            raise CatalogError(f"cannot index artifact {manifest.ref}: {str(e).splitlines()[0]} (the catalog keeps its previous rows)") from e
+            raise CatalogError(
+                f"cannot index artifact {manifest.ref}: {str(e).splitlines()[0]} (the catalog keeps its previous rows)"
+            ) from e
 
     def datasets(self) -> list[str]:
         """Refs of the indexed datasets, oldest first (by their artifact's creation time)."""
         rows = self.con.execute(
             """SELECT a.ref FROM artifacts a WHERE a.stage = 'shards'
                  AND EXISTS (SELECT 1 FROM documents d WHERE d.dataset = a.ref)
-               ORDER BY a.created_at, a.ref""").fetchall()
+               ORDER BY a.created_at, a.ref"""
+        ).fetchall()
         return [r[0] for r in rows]
 
     def has_dataset(self, dataset_ref: str) -> bool:
@@ -176,7 +225,9 @@ class Catalog:
         shard, ordered by shard and offset (the order that reads the shards sequentially).
         """
         if not self.has_dataset(dataset_ref):
-            raise CatalogError(f"dataset {dataset_ref!r} is not indexed in {self.path}: run the shards stage that produces it")
+            raise CatalogError(
+                f"dataset {dataset_ref!r} is not indexed in {self.path}: run the shards stage that produces it"
+            )
         rel = self.con.sql(
             """SELECT d.* EXCLUDE (dataset), s.path, s.dtype
                FROM documents d JOIN token_shards s USING (dataset, shard)
@@ -218,6 +269,18 @@ class Catalog:
             raise CatalogError(f"artifact {ref!r} is not registered in {self.path}")
 
 
+def register_dataset(store: Store, manifest: Manifest) -> None:
+    """Record a shards artifact and its lineage in the store's catalog; index its documents once.
+
+    Idempotent and cheap when nothing changed, so the flow that owns the catalog calls it
+    on every run, cached or not: a deleted catalog is rebuilt by the next run.
+    """
+    with Catalog(store.catalog_path) as cat:
+        cat.register_lineage(store, manifest)
+        if not cat.has_dataset(manifest.ref):
+            cat.index_documents(manifest)
+
+
 def token_spans(table: pa.Table) -> list[tuple[str, int, int]]:
     """``(shard path, start, n_tokens)`` of each row of :meth:`Catalog.select_documents`.
 
@@ -227,7 +290,9 @@ def token_spans(table: pa.Table) -> list[tuple[str, int, int]]:
     missing = {"path", "start", "n_tokens"} - set(table.column_names)
     if missing:
         raise CatalogError(f"token_spans needs columns path, start, n_tokens; the table lacks {sorted(missing)}")
-    return list(zip(table.column("path").to_pylist(), table.column("start").to_pylist(), table.column("n_tokens").to_pylist()))
+    return list(
+        zip(table.column("path").to_pylist(), table.column("start").to_pylist(), table.column("n_tokens").to_pylist())
+    )
 
 
 def _connect(path: Path, read_only: bool, lock_timeout: float) -> duckdb.DuckDBPyConnection:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from typing import Iterable
+from typing import Iterable, Iterator, Literal
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
+
+from storage.artifact import Manifest, columns_of, iter_batches
 
 BASE_FIELDS = [
     pa.field("doc_id", pa.string()),
@@ -37,17 +40,55 @@ def count_words(text: str) -> int:
 
 
 class SplitConfig(BaseModel):
-    """How documents are assigned to train and validation, shared by augment and shards."""
+    """How documents are assigned to train and validation, shared by augment, tokenizer and shards."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of source documents held out for validation, chosen by hash of doc_id.")
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+    val_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Fraction of source documents held out for validation, chosen by a hash."
+    )
     seed: int = Field(0, ge=0, description="Salt of the split hash; change it to draw another split.")
+    by: Literal["doc_id", "url_path"] = Field(
+        "doc_id",
+        description="What the hash reads: 'doc_id' (the whole URL), or 'url_path' (the URL without scheme, host and port: a site served from another address keeps its split).",
+    )
 
 
-def split_of(doc_id: str, split: SplitConfig) -> str:
-    """'train' or 'val', deterministic in doc_id. Augmented documents use their source's id."""
-    h = int.from_bytes(hashlib.sha256(f"{split.seed}:{doc_id}".encode()).digest()[:8], "big")
+def url_path(url: str) -> str:
+    """The part of a URL that names the page on its site: path and query, without scheme, host and port."""
+    parts = urlsplit(url)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def split_of(doc_id: str, split: SplitConfig, url: str | None = None) -> str:
+    """'train' or 'val', deterministic in doc_id (or in ``url``'s path, with ``by: url_path``).
+
+    Augmented documents pass their source's id (and share its url), so a paraphrase lands
+    on its source's side of the split.
+    """
+    key = url_path(url) if split.by == "url_path" and url is not None else doc_id
+    h = int.from_bytes(hashlib.sha256(f"{split.seed}:{key}".encode()).digest()[:8], "big")
     return "val" if h / 2**64 < split.val_fraction else "train"
+
+
+def iter_with_splits(
+    docs: Manifest,
+    split: SplitConfig,
+    columns: list[str],
+    batch_size: int = 4096,
+) -> Iterator[tuple[pa.RecordBatch, list[str]]]:
+    """Batches of a text artifact with each row's split, 'train' or 'val'.
+
+    An augmented document (non-null ``augmented_from``) takes its source's split, so a
+    paraphrase never sits on the other side of the split from its original.
+    """
+    names = columns_of(docs)
+    extra = [c for c in ("augmented_from", "url") if c in names]
+    read = list(dict.fromkeys([*columns, "doc_id", *extra]))
+    for batch in iter_batches(docs, batch_size=batch_size, columns=read):
+        ids = batch.column("doc_id").to_pylist()
+        sources = batch.column("augmented_from").to_pylist() if "augmented_from" in extra else [None] * len(ids)
+        urls = batch.column("url").to_pylist() if "url" in extra else [None] * len(ids)
+        yield batch, [split_of(src or doc_id, split, url) for src, doc_id, url in zip(sources, ids, urls)]
 
 
 class Funnel:
@@ -84,7 +125,9 @@ class Funnel:
             "docs_out": self.docs_out,
             "words_in": self.words_in,
             "words_out": self.words_out,
-            "dropped": {r: {"docs": self.dropped_docs[r], "words": self.dropped_words[r]} for r in sorted(self.dropped_docs)},
+            "dropped": {
+                r: {"docs": self.dropped_docs[r], "words": self.dropped_words[r]} for r in sorted(self.dropped_docs)
+            },
         }
 
 

@@ -67,8 +67,15 @@ class TokenShardWriter:
     records. ``close`` writes the last ``.idx`` and lists every shard written.
     """
 
-    def __init__(self, directory: str | Path, split: str, vocab_size: int, eot_id: int, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 first: int = 0):
+    def __init__(
+        self,
+        directory: str | Path,
+        split: str,
+        vocab_size: int,
+        eot_id: int,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        first: int = 0,
+    ):
         if not 0 <= eot_id < vocab_size:
             raise ValueError(f"eot_id {eot_id} is outside the vocabulary of {vocab_size} ids")
         if max_tokens < 1:
@@ -91,7 +98,9 @@ class TokenShardWriter:
             return []
         lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
         ends = np.cumsum(lengths)
-        flat = np.fromiter(chain.from_iterable(chain(d, (self.eot_id,)) for d in docs), dtype=np.int64, count=int(ends[-1]))
+        flat = np.fromiter(
+            chain.from_iterable(chain(d, (self.eot_id,)) for d in docs), dtype=np.int64, count=int(ends[-1])
+        )
         if flat.min() < 0 or flat.max() >= self.vocab_size:
             bad = int(flat[(flat < 0) | (flat >= self.vocab_size)][0])
             raise ValueError(f"token id {bad} is outside the vocabulary of {self.vocab_size} ids")
@@ -144,7 +153,9 @@ class TokenShardWriter:
 def _map(path: Path, dtype: np.dtype) -> np.ndarray:
     size = path.stat().st_size
     if size % dtype.itemsize:
-        raise ArtifactError(f"token file {path.name}: {size} bytes is not a whole number of {dtype.name} values (is the dtype right?)")
+        raise ArtifactError(
+            f"token file {path.name}: {size} bytes is not a whole number of {dtype.name} values (is the dtype right?)"
+        )
     # np.memmap refuses empty files; an empty array reads the same.
     if size == 0:
         return np.empty(0, dtype=dtype)

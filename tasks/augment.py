@@ -6,7 +6,7 @@ Design decisions:
   accepted paraphrases are added as new documents. ``docs_in``/``docs_out`` describe that
   stream, so ``docs_out`` can exceed ``docs_in``. Candidate paraphrases have their own
   counters (``counters["augment"]``); rejected ones sit in ``dropped-*`` with their reason.
-- Only **train-split** documents are augmented (``split_of(doc_id)`` with the shared
+- Only **train-split** documents are augmented (``split_of`` with the shared
   :class:`SplitConfig`). A paraphrase inherits its source's split downstream (through
   ``augmented_from``), and a validation document's paraphrase in train would leak it.
 - Which documents get a paraphrase is a hash of (seed, doc_id) below ``fraction``; with
@@ -28,7 +28,7 @@ Design decisions:
   on the original text (lang_score, quality signals, cluster ids) are null: they do not
   describe the paraphrase.
 - The translation backend (installed Apertium data, Marian model files) lives outside
-  the store, so its fingerprint is part of the key (:func:`cache_fingerprint`).
+  the store: its fingerprint is the stage's declared external input (:func:`installed_translator`).
 """
 
 from __future__ import annotations
@@ -48,34 +48,73 @@ from sacrebleu.metrics import CHRF
 
 from storage.artifact import Manifest, Store, iter_batches
 from storage.documents import Funnel, SplitConfig, count_words, make_doc_id, split_of
-from tasks.common import StageConfig, StageError, begin, code_version, stage_logger, stage_task
-from tasks.translators import ApertiumTranslator, MarianTranslator, Translator, TranslatorError
+from tasks.prefect_task import stage_task
+from tasks.stage import Stage, StageConfig, StageError, require_columns, stage_logger
+from tasks.text.translators import ApertiumTranslator, MarianTranslator, Translator, TranslatorError
 
-STAGE = "augment"
-CODE_VERSION = code_version(__name__, "tasks.translators")
 BATCH_ROWS = 5000  # input rows per output part: originals + their paraphrases stay <= 10,000 rows
 REASON_LOW = "roundtrip_chrf_low"
 REASON_HIGH = "roundtrip_chrf_high"
 _LANG = re.compile(r"^[a-z]{2,3}$")
 _CHRF = CHRF()
-log = stage_logger(STAGE)
+log = stage_logger("augment")
 
 
 class AugmentConfig(StageConfig):
     """Back-translation settings: which documents, through which pivot, kept in which chrF band."""
 
-    enabled: bool = Field(True, description="Add back-translated paraphrases. Off: the documents pass through unchanged.")
-    backend: Literal["apertium", "marian"] = Field("apertium", description="Translation backend: 'apertium' (Debian packages apertium + apertium-<pair>, offline) or 'marian' (MarianMT models in local directories).")
-    marian_models: dict[str, str] = Field(default_factory=dict, description="For backend 'marian': direction ('en-es') -> local directory of a MarianMT model (save_pretrained layout). Both directions of every pivot are needed.")
+    enabled: bool = Field(
+        True, description="Add back-translated paraphrases. Off: the documents pass through unchanged."
+    )
+    backend: Literal["apertium", "marian"] = Field(
+        "apertium",
+        description="Translation backend: 'apertium' (Debian packages apertium + apertium-<pair>, offline) or 'marian' (MarianMT models in local directories).",
+    )
+    marian_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="For backend 'marian': direction ('en-es') -> local directory of a MarianMT model (save_pretrained layout). Both directions of every pivot are needed.",
+    )
     marian_batch_size: int = Field(16, ge=1, le=1024, description="Marian: sentences per generate() call.")
-    marian_max_length: int = Field(256, ge=8, le=1024, description="Marian: longest sentence in tokens, input (truncated) and output.")
-    marian_num_beams: int = Field(1, ge=1, le=16, description="Marian: beam width; 1 is greedy, the cheapest on a CPU (opus-mt's own default is 4).")
-    pivots: dict[str, str] = Field(default_factory=lambda: {"en": "es", "es": "en"}, description="Document language -> pivot language (ISO 639-1). Documents in other languages are not augmented.")
-    fraction: float = Field(0.2, ge=0.0, le=1.0, description="Fraction of eligible documents (train split, language in pivots) that get a paraphrase, chosen by hash of doc_id.")
-    max_docs: int = Field(10_000, ge=0, description="At most this many candidate paraphrases per run (the lowest hashes win).")
-    max_chars: int = Field(2000, ge=100, le=1_000_000, description="Round-trip at most this many characters of a document, cut at a paragraph boundary: bounds the cost per document.")
-    chrf_min: float = Field(50.0, ge=0.0, le=100.0, description="Reject a paraphrase whose chrF against its source prefix is below this (garbage, or text not in its labelled language).")
-    chrf_max: float = Field(90.0, ge=0.0, le=100.0, description="Reject a paraphrase whose chrF is above this (the round trip changed almost nothing).")
+    marian_max_length: int = Field(
+        256, ge=8, le=1024, description="Marian: longest sentence in tokens, input (truncated) and output."
+    )
+    marian_num_beams: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Marian: beam width; 1 is greedy, the cheapest on a CPU (opus-mt's own default is 4).",
+    )
+    pivots: dict[str, str] = Field(
+        default_factory=lambda: {"en": "es", "es": "en"},
+        description="Document language -> pivot language (ISO 639-1). Documents in other languages are not augmented.",
+    )
+    fraction: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of eligible documents (train split, language in pivots) that get a paraphrase, chosen by hash of doc_id.",
+    )
+    max_docs: int = Field(
+        10_000, ge=0, description="At most this many candidate paraphrases per run (the lowest hashes win)."
+    )
+    max_chars: int = Field(
+        2000,
+        ge=100,
+        le=1_000_000,
+        description="Round-trip at most this many characters of a document, cut at a paragraph boundary: bounds the cost per document.",
+    )
+    chrf_min: float = Field(
+        50.0,
+        ge=0.0,
+        le=100.0,
+        description="Reject a paraphrase whose chrF against its source prefix is below this (garbage, or text not in its labelled language).",
+    )
+    chrf_max: float = Field(
+        90.0,
+        ge=0.0,
+        le=100.0,
+        description="Reject a paraphrase whose chrF is above this (the round trip changed almost nothing).",
+    )
     seed: int = Field(0, ge=0, description="Salt of the document choice; change it to paraphrase other documents.")
 
     @model_validator(mode="after")
@@ -132,18 +171,23 @@ def make_translator(cfg: AugmentConfig) -> Translator:
                     if cfg.backend == "apertium"
                     else f"add a local model directory for '{a}-{b}' to marian_models"
                 )
-                raise TranslatorError(f"{t.name} backend has no {a}-{b} direction, needed by pivot {src}->{pivot}", hint)
+                raise TranslatorError(
+                    f"{t.name} backend has no {a}-{b} direction, needed by pivot {src}->{pivot}", hint
+                )
     return t
 
 
-def cache_fingerprint(cfg: AugmentConfig, **_: object) -> str:
-    """Identity of the installed translation models: changes invalidate the cache."""
+def installed_translator(cfg: AugmentConfig, **_: object) -> str:
+    """The external input of augment: the identity of the installed translation models."""
     if not cfg.active:
         return "off"
     try:
         return make_translator(cfg).fingerprint()
     except TranslatorError:
         return f"{cfg.backend}:unavailable"
+
+
+STAGE = Stage("augment", __name__, external=installed_translator)
 
 
 @dataclass
@@ -162,11 +206,11 @@ def _choose(docs: Manifest, cfg: AugmentConfig, split: SplitConfig) -> tuple[set
     """First pass: the doc_ids to paraphrase, and how many were eligible or held out."""
     ranked: list[tuple[float, str]] = []
     eligible = val_skipped = 0
-    for batch in iter_batches(docs, columns=["doc_id", "lang", "text"]):
-        for doc_id, lang, text in zip(*(batch.column(c).to_pylist() for c in ("doc_id", "lang", "text"))):
+    for batch in iter_batches(docs, columns=["doc_id", "url", "lang", "text"]):
+        for doc_id, url, lang, text in zip(*(batch.column(c).to_pylist() for c in ("doc_id", "url", "lang", "text"))):
             if lang not in cfg.pivots or not (text and text.strip()):
                 continue
-            if split_of(doc_id, split) != "train":
+            if split_of(doc_id, split, url) != "train":
                 val_skipped += 1
                 continue
             eligible += 1
@@ -177,7 +221,9 @@ def _choose(docs: Manifest, cfg: AugmentConfig, split: SplitConfig) -> tuple[set
     return chosen, {"eligible": eligible, "val_skipped": val_skipped}
 
 
-def _round_trip(translator: Translator, rows: list[dict], cfg: AugmentConfig, tally: _Tally) -> tuple[list[dict], list[dict]]:
+def _round_trip(
+    translator: Translator, rows: list[dict], cfg: AugmentConfig, tally: _Tally
+) -> tuple[list[dict], list[dict]]:
     """Paraphrase source rows; returns (accepted, rejected) rows of the output schema."""
     accepted: list[dict] = []
     rejected: list[dict] = []
@@ -225,38 +271,46 @@ def _input_schema(docs: Manifest) -> pa.Schema | None:
 
 def run(store: Store, cfg: AugmentConfig, docs: Manifest, split: SplitConfig) -> Manifest:
     """Pass every document through and add accepted back-translations of chosen train documents."""
-    b = begin(store, STAGE, CODE_VERSION, cfg, docs=docs, split=split, translator=cache_fingerprint(cfg))
+    b = STAGE.begin(store, cfg, docs=docs, split=split)
     if b.done:
         return b.done
+    require_columns(
+        STAGE.name,
+        docs,
+        ["doc_id", "text", *(["lang"] if cfg.active else [])],
+        absent=("augmented_from", "chrf"),
+        upstream="the filter stage (language identification)",
+        allow_empty=True,
+    )
     schema = _input_schema(docs)
-    if schema is not None and {"augmented_from", "chrf"} & set(schema.names):
-        raise StageError(STAGE, docs.ref, "documents already have augmented_from/chrf columns", "feed augment the filter stage's output, not its own")
     active = cfg.active and schema is not None
-    if active and "lang" not in schema.names:
-        raise StageError(STAGE, docs.ref, "documents have no lang column", "run the filter stage (language identification) before augment")
     try:
         translator = make_translator(cfg) if active else None
     except TranslatorError as e:
-        raise StageError(STAGE, f"backend {cfg.backend}", str(e), e.hint) from e
+        raise StageError(STAGE.name, f"backend {cfg.backend}", str(e), e.hint) from e
     chosen, pool = _choose(docs, cfg, split) if active else (set(), {"eligible": 0, "val_skipped": 0})
-    out_schema = (schema or pa.schema([])).append(pa.field("augmented_from", pa.string())).append(pa.field("chrf", pa.float64()))
+    out_schema = (
+        (schema or pa.schema([])).append(pa.field("augmented_from", pa.string())).append(pa.field("chrf", pa.float64()))
+    )
     dropped_schema = out_schema.append(pa.field("dropped_reason", pa.string()))
     funnel, tally = Funnel(), _Tally()
-    with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
+    with STAGE.writer(store, b) as w:
         for batch in iter_batches(docs, batch_size=BATCH_ROWS):
             table = pa.Table.from_batches([batch]).cast(schema)
             n = table.num_rows
             for text in table.column("text").to_pylist():
                 funnel.seen(text)
                 funnel.kept(text)
-            originals = table.append_column("augmented_from", pa.nulls(n, pa.string())).append_column("chrf", pa.nulls(n, pa.float64()))
+            originals = table.append_column("augmented_from", pa.nulls(n, pa.string())).append_column(
+                "chrf", pa.nulls(n, pa.float64())
+            )
             picked = [i for i, d in enumerate(table.column("doc_id").to_pylist()) if d in chosen]
             accepted: list[dict] = []
             if picked:
                 try:
                     accepted, rejected = _round_trip(translator, table.take(picked).to_pylist(), cfg, tally)
                 except TranslatorError as e:
-                    raise StageError(STAGE, docs.ref, str(e), e.hint) from e
+                    raise StageError(STAGE.name, docs.ref, str(e), e.hint) from e
                 for row in accepted:
                     funnel.kept(row["text"])
                 if rejected:
@@ -278,10 +332,21 @@ def run(store: Store, cfg: AugmentConfig, docs: Manifest, split: SplitConfig) ->
         if tally.scores:
             s = sorted(tally.scores)
             deciles = statistics.quantiles(s, n=10) if len(s) > 1 else [s[0]] * 9
-            w.meta["chrf"] = {"min": s[0], "p10": deciles[0], "median": statistics.median(s), "p90": deciles[-1], "max": s[-1]}
-    log.info("augment: %d documents in, %d paraphrases accepted of %d candidates (%s words/s)",
-             funnel.docs_in, tally.accepted, tally.candidates, w.meta["words_per_s"])
+            w.meta["chrf"] = {
+                "min": s[0],
+                "p10": deciles[0],
+                "median": statistics.median(s),
+                "p90": deciles[-1],
+                "max": s[-1],
+            }
+    log.info(
+        "augment: %d documents in, %d paraphrases accepted of %d candidates (%s words/s)",
+        funnel.docs_in,
+        tally.accepted,
+        tally.candidates,
+        w.meta["words_per_s"],
+    )
     return w.manifest
 
 
-task = stage_task(run, name=STAGE, retries=0)
+task = stage_task(STAGE, run)

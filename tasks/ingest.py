@@ -13,17 +13,17 @@ Design decisions:
 - A crawl also leaves ``crawl-00000.warc.gz`` (request/response pairs of the kept
   pages) in the artifact: a faithful archive that kind ``warc`` can re-ingest.
 - Local inputs (``files``, ``warc``) are fingerprinted by name, size and mtime
-  (:func:`cache_fingerprint`), so changed files give a new key. A crawl's key is its
+  (:func:`local_inputs`, the stage's declared external input), so changed files give a new key. A crawl's key is its
   config alone: set ``snapshot`` (e.g. the date) to fetch the web again.
-- WARC reading uses fastwarc. A record that fails its block digest or cannot be parsed
-  is dropped as ``malformed_record`` and reading resumes at the next record boundary
-  (the next ``WARC/1.`` line, or the next gzip member), so one bad record does not
-  cost the rest of the file. A missing or unreadable file fails the stage, naming it.
+- The sources are engines of :mod:`tasks.text`: the crawler (:mod:`tasks.text.crawl`),
+  the WARC reader (:mod:`tasks.text.warc`: one bad record is dropped as
+  ``malformed_record``, not the file) and the folder reader (:mod:`tasks.text.files`).
+  A missing or unreadable input file fails the stage, naming it.
 - Incremental refresh: ``previous`` is an earlier ingest artifact of the same sources.
   Every artifact holds ``validators-*.parquet`` (url, etag, last_modified, sha256 of
   the body, links): one row per page this ingest fetched, read, or confirmed unchanged.
   Given ``previous``, a crawl sends conditional requests for the URLs it lists and walks
-  the stored links of the ones that did not change (:mod:`tasks.crawl`); any kind drops
+  the stored links of the ones that did not change (:mod:`tasks.text.crawl`); any kind drops
   a page whose body hashes as before. Those URLs land in ``dropped-*`` as
   ``not_modified`` (HTTP 304, no body transferred) or ``unchanged``, and their
   validators are carried forward, so the next refresh still knows them. ``previous``
@@ -38,82 +38,74 @@ Design decisions:
 
 from __future__ import annotations
 
-import datetime as _dt
-import glob
 import hashlib
-import mmap
-import os
-from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import pyarrow as pa
-from fastwarc.warc import ArchiveIterator, WarcRecord, WarcRecordType, has_block_digest
 from pydantic import Field, model_validator
 
 from storage.artifact import Manifest, PartBuffer, Store, read_table
 from storage.documents import Funnel, make_doc_id
-from tasks.common import StageConfig, StageError, begin, code_version, stage_logger, stage_task
-from tasks.crawl import HTML_TYPES, CrawlConfig, Crawler, Drop, Page, Unchanged, Validator
-from tasks.progress import StageProgress
+from tasks.prefect_task import stage_task
+from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, stage_logger
+from tasks.text.crawl import CrawlConfig, Crawler
+from tasks.text.files import FilesConfig, files_under, read_files
+from tasks.text.pages import Drop, Page, SourceError, Unchanged, Validator
+from tasks.text.warc import WarcConfig, read_warcs, warc_paths
 
-STAGE = "ingest"
-CODE_VERSION = code_version(__name__, "tasks.crawl")
 WARC_NAME = "crawl-00000.warc.gz"
 PART_ROWS = 20_000
 PART_BYTES = 128 << 20
-log = stage_logger(STAGE)
+log = stage_logger("ingest")
 
-RAW_SCHEMA = pa.schema([
-    pa.field("doc_id", pa.string()),
-    pa.field("url", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("fetched_at", pa.string()),
-    pa.field("http_status", pa.int32()),
-    pa.field("content_type", pa.string()),
-    pa.field("charset", pa.string()),
-    pa.field("body", pa.binary()),
-])
-DROPPED_SCHEMA = pa.schema([
-    pa.field("doc_id", pa.string()),
-    pa.field("url", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("fetched_at", pa.string()),
-    pa.field("http_status", pa.int32()),
-    pa.field("dropped_reason", pa.string()),
-    pa.field("detail", pa.string()),
-])
+RAW_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("fetched_at", pa.string()),
+        pa.field("http_status", pa.int32()),
+        pa.field("content_type", pa.string()),
+        pa.field("charset", pa.string()),
+        pa.field("body", pa.binary()),
+    ]
+)
+DROPPED_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("fetched_at", pa.string()),
+        pa.field("http_status", pa.int32()),
+        pa.field("dropped_reason", pa.string()),
+        pa.field("detail", pa.string()),
+    ]
+)
 
-VALIDATORS_SCHEMA = pa.schema([
-    pa.field("url", pa.string()),
-    pa.field("etag", pa.string()),
-    pa.field("last_modified", pa.string()),
-    pa.field("sha256", pa.string()),
-    pa.field("links", pa.list_(pa.string())),
-])
-
-
-class WarcConfig(StageConfig):
-    """Local WARC or WET files to read."""
-
-    paths: list[str] = Field(..., min_length=1, description="WARC/WET files or glob patterns (gzip, zstd, lz4 or plain).")
-    verify_digests: bool = Field(True, description="Drop records whose WARC-Block-Digest does not match their bytes.")
-
-
-class FilesConfig(StageConfig):
-    """A local folder of pages."""
-
-    root: str = Field(..., min_length=1, description="Folder searched recursively; each file's URL is its file:// URI.")
-    extensions: list[str] = Field([".html", ".htm", ".txt"], min_length=1, description="File name endings read (case-insensitive); .txt is text/plain, the rest text/html.")
+VALIDATORS_SCHEMA = pa.schema(
+    [
+        pa.field("url", pa.string()),
+        pa.field("etag", pa.string()),
+        pa.field("last_modified", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("links", pa.list_(pa.string())),
+    ]
+)
 
 
 class IngestConfig(StageConfig):
     """Where the raw pages come from: set ``kind`` and the matching section."""
 
-    kind: Literal["crawl", "warc", "files"] = Field("crawl", description="Source of pages: a live crawl, local WARC/WET files, or a folder.")
+    kind: Literal["crawl", "warc", "files"] = Field(
+        "crawl", description="Source of pages: a live crawl, local WARC/WET files, or a folder."
+    )
     crawl: CrawlConfig = Field(default_factory=CrawlConfig, description="Crawl settings (kind crawl).")
     warc: WarcConfig | None = Field(None, description="WARC input (kind warc).")
     files: FilesConfig | None = Field(None, description="Folder input (kind files).")
-    snapshot: str = Field("", description="Label of this ingest (e.g. a date): a new label fetches again instead of reusing the cached crawl.")
+    snapshot: str = Field(
+        "",
+        description="Label of this ingest (e.g. a date): a new label fetches again instead of reusing the cached crawl.",
+    )
 
     @model_validator(mode="after")
     def _section_for_kind(self) -> "IngestConfig":
@@ -122,38 +114,11 @@ class IngestConfig(StageConfig):
         return self
 
 
-# --- local inputs ----------------------------------------------------------------------------
-
-def warc_paths(cfg: WarcConfig) -> list[Path]:
-    """The files named by ``cfg.paths``, globs expanded, in a stable order."""
-    out: list[Path] = []
-    for pattern in cfg.paths:
-        pattern = os.path.expanduser(pattern)
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            if not matches:
-                raise StageError(STAGE, pattern, "no file matches this pattern", "check warc.paths")
-            out += [Path(m) for m in matches]
-        elif not Path(pattern).is_file():
-            raise StageError(STAGE, pattern, "WARC file not found", "check warc.paths")
-        else:
-            out.append(Path(pattern))
-    return list(dict.fromkeys(p.resolve() for p in out))
-
-
-def files_under(cfg: FilesConfig) -> list[Path]:
-    root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise StageError(STAGE, str(root), "folder not found", "check files.root")
-    endings = tuple(e.lower() for e in cfg.extensions)
-    return sorted(p.resolve() for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(endings))
-
-
-def cache_fingerprint(cfg: IngestConfig, **_: object) -> str:
-    """Names, sizes and mtimes of the local input files ('' for a crawl)."""
+def local_inputs(cfg: IngestConfig, **_: object) -> str:
+    """The external inputs of a WARC or folder ingest: names, sizes and mtimes of its files ('' for a crawl)."""
     try:
         paths = warc_paths(cfg.warc) if cfg.kind == "warc" else files_under(cfg.files) if cfg.kind == "files" else []
-    except StageError as e:
+    except SourceError as e:
         return f"unresolved: {e}"
     h = hashlib.sha256()
     for p in paths:
@@ -162,103 +127,8 @@ def cache_fingerprint(cfg: IngestConfig, **_: object) -> str:
     return h.hexdigest() if paths else ""
 
 
-def _iso(ts: float | _dt.datetime) -> str:
-    when = ts if isinstance(ts, _dt.datetime) else _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
-    return when.astimezone(_dt.timezone.utc).isoformat(timespec="seconds")
+STAGE = Stage("ingest", __name__, external=local_inputs)
 
-
-def read_files(paths: list[Path]) -> Iterator[Page | Drop]:
-    for p in paths:
-        try:
-            body = p.read_bytes()
-        except OSError as e:
-            yield Drop(p.as_uri(), "unreadable_file", str(e))
-            continue
-        ctype = "text/plain" if p.suffix.lower() == ".txt" else "text/html"
-        yield Page(p.as_uri(), _iso(p.stat().st_mtime), None, ctype, None, body)
-
-
-def _records(path: Path, verify: bool) -> Iterator[tuple[WarcRecord, bytes] | Drop]:
-    """Response and conversion records of one file with their payloads read (HTTP headers
-    parsed); an unreadable stretch becomes one drop."""
-    types = WarcRecordType.response | WarcRecordType.conversion
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise StageError(STAGE, str(path), f"cannot open WARC file: {e}", "check the path and its permissions") from e
-    with f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            boundary = b"\x1f\x8b\x08" if data[:2] == b"\x1f\x8b" else b"WARC/1."
-            start, suppress = 0, False
-            while start >= 0:
-                f.seek(start)
-                last = start
-                try:
-                    for rec in ArchiveIterator(f, record_types=types, parse_http=False):
-                        last = rec.stream_pos
-                        uri = rec.headers.get("WARC-Target-URI") or f"{path.as_uri()}#offset={last}"
-                        problem = None
-                        if rec.headers.get("Content-Length") != str(rec.content_length):
-                            problem = "truncated record (Content-Length missing or not met)"
-                        elif verify and has_block_digest(rec) and not rec.verify_block_digest(consume=False):
-                            problem = "WARC-Block-Digest does not match"
-                        if problem:
-                            suppress = True
-                            yield Drop(uri, "malformed_record", f"{path.name} offset {last}: {problem}")
-                            continue
-                        if rec.record_type == WarcRecordType.response:
-                            rec.parse_http()
-                        payload = rec.reader.read()
-                        suppress = False
-                        yield rec, payload
-                    return
-                except OSError as e:
-                    if not suppress:
-                        yield Drop(f"{path.as_uri()}#offset={last}", "malformed_record", f"{path.name} after offset {last}: {e}")
-                    suppress = True
-                    start = data.find(boundary, last + 1)
-
-
-def read_warcs(paths: list[Path], verify: bool) -> Iterator[Page | Drop]:
-    seen: set[str] = set()
-    for path in paths:
-        log.info("reading %s", path)
-        for item in _records(path, verify):
-            if isinstance(item, Drop):
-                yield item
-                continue
-            rec, payload = item
-            url = rec.headers.get("WARC-Target-URI") or ""
-            fetched_at = _iso(rec.record_date)
-            where = f"{path.name} offset {rec.stream_pos}"
-            if not url:
-                yield Drop(f"{path.as_uri()}#offset={rec.stream_pos}", "malformed_record", f"{where}: no WARC-Target-URI")
-                continue
-            if rec.record_type == WarcRecordType.conversion:
-                page = Page(url, fetched_at, None, "text/plain", "utf-8", payload)
-            else:
-                status = rec.http_headers.status_code if rec.http_headers is not None else None
-                if status is None:
-                    yield Drop(url, "malformed_record", f"{where}: unparseable HTTP response header", fetched_at)
-                    continue
-                if not 200 <= status < 300:
-                    yield Drop(url, f"http_{status}", f"{where}: HTTP {status}", fetched_at, status)
-                    continue
-                ctype = (rec.http_content_type or "").lower()
-                if ctype not in HTML_TYPES:
-                    yield Drop(url, "not_html", f"{where}: Content-Type {ctype or 'missing'}", fetched_at, status)
-                    continue
-                page = Page(url, fetched_at, status, ctype, (rec.http_charset or "").lower() or None, payload)
-            if url in seen:
-                yield Drop(url, "duplicate_url", f"{where}: URL already read", fetched_at, page.http_status)
-                continue
-            seen.add(url)
-            yield page
-
-
-# --- the stage -------------------------------------------------------------------------------
 
 class _NothingNew(Exception):
     """Raised inside the writer so that it publishes nothing (its temp dir is removed)."""
@@ -271,43 +141,68 @@ def read_validators(previous: Manifest | None) -> dict[str, Validator]:
     table = read_table(previous, "validators")
     if not table.num_rows:
         return {}
-    return {r["url"]: Validator(r["url"], r["etag"], r["last_modified"], r["sha256"], tuple(r["links"] or ()))
-            for r in table.to_pylist()}
+    return {
+        r["url"]: Validator(r["url"], r["etag"], r["last_modified"], r["sha256"], tuple(r["links"] or ()))
+        for r in table.to_pylist()
+    }
 
 
 def _check_previous(previous: Manifest | None) -> None:
-    if previous is not None and previous.stage != STAGE:
-        raise StageError(STAGE, previous.ref, "previous must be an ingest artifact", "pass the ingest ancestor of the dataset to refresh")
+    if previous is not None and previous.stage != STAGE.name:
+        raise StageError(
+            STAGE.name,
+            previous.ref,
+            "previous must be an ingest artifact",
+            "pass the ingest ancestor of the dataset to refresh",
+        )
 
 
-def run(store: Store, cfg: IngestConfig, previous: Manifest | None = None) -> Manifest | None:
+def run(
+    store: Store, cfg: IngestConfig, previous: Manifest | None = None, progress: Progress = no_progress
+) -> Manifest | None:
     """Fetch or read raw pages into an artifact of undecoded bodies plus a dropped table.
 
     With ``previous`` (an earlier ingest), only new or changed pages are kept; None
     (nothing published) when there is none.
     """
     _check_previous(previous)
-    b = begin(store, STAGE, CODE_VERSION, cfg, fingerprint=cache_fingerprint(cfg), previous=previous)
+    b = STAGE.begin(store, cfg, previous=previous)
     if b.done:
         return b.done
     known = read_validators(previous)
     funnel = Funnel()
     try:
-        with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
-            meta = _ingest(cfg, known, w, funnel, previous)
+        with STAGE.writer(store, b) as w:
+            meta = _ingest(cfg, known, w, funnel, previous, progress)
     except _NothingNew:
-        log.info("ingest: no new or changed page since %s (%s); nothing published", previous.ref, dict(funnel.dropped_docs))
+        log.info(
+            "ingest: no new or changed page since %s (%s); nothing published", previous.ref, dict(funnel.dropped_docs)
+        )
         return None
-    log.info("ingest %s: %d kept, %d dropped %s", meta["what"], funnel.docs_out, funnel.docs_in - funnel.docs_out, dict(funnel.dropped_docs))
+    except SourceError as e:
+        raise StageError(STAGE.name, e.input, e.reason, e.hint) from e
+    log.info(
+        "ingest %s: %d kept, %d dropped %s",
+        meta["what"],
+        funnel.docs_out,
+        funnel.docs_in - funnel.docs_out,
+        dict(funnel.dropped_docs),
+    )
     return w.manifest
 
 
-def _ingest(cfg: IngestConfig, known: dict[str, Validator], w, funnel: Funnel, previous: Manifest | None) -> dict:
+def _ingest(
+    cfg: IngestConfig, known: dict[str, Validator], w, funnel: Funnel, previous: Manifest | None, progress: Progress
+) -> dict:
     """Fill the writer ``w``; returns the meta it recorded (plus a description, ``what``)."""
     meta: dict = {"kind": cfg.kind}
     if cfg.kind == "crawl":
         crawler = Crawler(cfg.crawl, known)
-        items, what, total = crawler.crawl(w.dir / WARC_NAME), f"crawl of {', '.join(cfg.crawl.seeds)}", cfg.crawl.max_pages
+        items, what, total = (
+            crawler.crawl(w.dir / WARC_NAME),
+            f"crawl of {', '.join(cfg.crawl.seeds)}",
+            cfg.crawl.max_pages,
+        )
         meta["warc"] = WARC_NAME
     elif cfg.kind == "warc":
         paths = warc_paths(cfg.warc)
@@ -321,7 +216,6 @@ def _ingest(cfg: IngestConfig, known: dict[str, Validator], w, funnel: Funnel, p
     kept = PartBuffer(w, "part", RAW_SCHEMA, max_rows=PART_ROWS, max_bytes=PART_BYTES, size_of=body_size)
     dropped = PartBuffer(w, "dropped", DROPPED_SCHEMA, max_rows=PART_ROWS)
     validators: dict[str, Validator] = {}
-    progress = StageProgress(STAGE, f"ingest: {what}")
     body_bytes = 0
     for item in items:
         funnel.seen("")
@@ -329,20 +223,39 @@ def _ingest(cfg: IngestConfig, known: dict[str, Validator], w, funnel: Funnel, p
             item = _compare_body(item, known, validators)
         if isinstance(item, (Drop, Unchanged)):
             funnel.dropped(item.reason)
-            dropped.add({"doc_id": make_doc_id(item.url), "url": item.url, "source": cfg.kind, "fetched_at": item.fetched_at,
-                         "http_status": item.http_status, "dropped_reason": item.reason, "detail": item.detail})
+            dropped.add(
+                {
+                    "doc_id": make_doc_id(item.url),
+                    "url": item.url,
+                    "source": cfg.kind,
+                    "fetched_at": item.fetched_at,
+                    "http_status": item.http_status,
+                    "dropped_reason": item.reason,
+                    "detail": item.detail,
+                }
+            )
             if isinstance(item, Unchanged):
                 validators[item.url] = item.validator
         else:
             funnel.kept("")
             body_bytes += len(item.body)
-            kept.add({"doc_id": make_doc_id(item.url), "url": item.url, "source": cfg.kind, "fetched_at": item.fetched_at,
-                      "http_status": item.http_status, "content_type": item.content_type, "charset": item.charset, "body": item.body})
+            kept.add(
+                {
+                    "doc_id": make_doc_id(item.url),
+                    "url": item.url,
+                    "source": cfg.kind,
+                    "fetched_at": item.fetched_at,
+                    "http_status": item.http_status,
+                    "content_type": item.content_type,
+                    "charset": item.charset,
+                    "body": item.body,
+                }
+            )
         if funnel.docs_in % 1000 == 0:
             log.info("%d pages attempted, %d kept", funnel.docs_in, funnel.docs_out)
         if total:
-            progress.update(funnel.docs_in / total)
-    progress.done()
+            progress(funnel.docs_in / total)
+    progress(1.0)
     if cfg.kind == "crawl":
         validators = crawler.validators
     unchanged = funnel.dropped_docs["not_modified"] + funnel.dropped_docs["unchanged"]
@@ -350,13 +263,19 @@ def _ingest(cfg: IngestConfig, known: dict[str, Validator], w, funnel: Funnel, p
         raise _NothingNew()
     if funnel.docs_out == 0:
         reasons = ", ".join(f"{r}: {n}" for r, n in funnel.dropped_docs.most_common(5)) or "nothing found"
-        raise StageError(STAGE, what, f"no page kept out of {funnel.docs_in} ({reasons})",
-                         "check the seeds or paths, robots.txt and the network")
+        raise StageError(
+            STAGE.name,
+            what,
+            f"no page kept out of {funnel.docs_in} ({reasons})",
+            "check the seeds or paths, robots.txt and the network",
+        )
     kept.flush()
     dropped.flush()
     rows = PartBuffer(w, "validators", VALIDATORS_SCHEMA, max_rows=PART_ROWS)
     for v in validators.values():
-        rows.add({"url": v.url, "etag": v.etag, "last_modified": v.last_modified, "sha256": v.sha256, "links": list(v.links)})
+        rows.add(
+            {"url": v.url, "etag": v.etag, "last_modified": v.last_modified, "sha256": v.sha256, "links": list(v.links)}
+        )
     rows.flush()
     if cfg.kind == "crawl":
         meta.update(crawler.stats)
@@ -376,9 +295,16 @@ def _compare_body(page: Page, known: dict[str, Validator], validators: dict[str,
     validator = Validator(page.url, None, None, sha)
     before = known.get(page.url)
     if before is not None and before.sha256 == sha:
-        return Unchanged(page.url, "unchanged", "body identical to the previous ingest's", page.fetched_at, page.http_status, validator)
+        return Unchanged(
+            page.url,
+            "unchanged",
+            "body identical to the previous ingest's",
+            page.fetched_at,
+            page.http_status,
+            validator,
+        )
     validators[page.url] = validator
     return page
 
 
-task = stage_task(run, name=STAGE, retries=2)
+task = stage_task(STAGE, run, retries=2, progress="ingest: pages attempted")

@@ -7,8 +7,9 @@ Design decisions:
   metadata (doc_id, url, source, lang, lang_score, signals as JSON, cluster_id,
   augmented_from), its split, and where its tokens are (shard, start, n_tokens
   including the EOT id) plus n_bytes, the UTF-8 size of its text, which bits per byte
-  needs. The index is then loaded into the DuckDB catalog, where SQL selects subsets.
-- Splits use the tokenizer stage's rule (:func:`tasks.tokenizer.iter_with_splits`):
+  needs. The flow then loads the index into the DuckDB catalog (:func:`storage.catalog.register_dataset`),
+  where SQL selects subsets; the catalog is written by the flow alone.
+- Splits use the tokenizer stage's rule (:func:`storage.documents.iter_with_splits`):
   ``split_of(augmented_from or doc_id)``. An augmented document whose source is held
   out is dropped (``augmented_from_val``): validation holds only original text, so
   evaluation measures the web, not the paraphraser.
@@ -51,31 +52,28 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from storage.artifact import ArtifactWriter, Manifest, PartBuffer, Store, iter_batches, read_table
-from storage.catalog import Catalog
-from storage.documents import Funnel, SplitConfig
+from storage.catalog import DOCUMENT_INDEX
+from storage.documents import Funnel, SplitConfig, iter_with_splits
 from storage.tokens import DEFAULT_MAX_TOKENS, TokenShard, TokenShardWriter, shard_names, token_dtype
-from tasks.common import StageConfig, StageError, begin, code_version, stage_logger, stage_task
-from tasks.tokenizer import NO_DOCS_HINT, iter_with_splits, load_tokenizer, require_columns
+from tasks.prefect_task import stage_task
+from tasks.stage import Stage, StageConfig, StageError, require_columns, stage_logger
+from tasks.tokenizer import NO_DOCS_HINT, load_tokenizer
 
-STAGE = "shards"
-CODE_VERSION = code_version(__name__, "tasks.tokenizer", "storage.tokens")
+STAGE = Stage("shards", __name__)
 SPLITS = ("train", "val")
 INDEX_ROWS = 20_000
-log = stage_logger(STAGE)
-
-INDEX_SCHEMA = pa.schema([
-    ("doc_id", pa.string()), ("url", pa.string()), ("source", pa.string()), ("lang", pa.string()),
-    ("lang_score", pa.float64()), ("signals", pa.string()), ("cluster_id", pa.string()),
-    ("augmented_from", pa.string()), ("split", pa.string()), ("shard", pa.string()),
-    ("start", pa.int64()), ("n_tokens", pa.int64()), ("n_bytes", pa.int64()),
-])
+log = stage_logger(STAGE.name)
 METADATA = ["url", "source", "lang", "lang_score", "signals", "cluster_id", "augmented_from"]
 
 
 class ShardsConfig(StageConfig):
     """Token shard layout and encoding batch size."""
 
-    max_tokens_per_shard: int = Field(DEFAULT_MAX_TOKENS, ge=1024, description="A shard closes before the document that would take it past this many tokens (64M tokens = 128 MiB of uint16 by default).")
+    max_tokens_per_shard: int = Field(
+        DEFAULT_MAX_TOKENS,
+        ge=1024,
+        description="A shard closes before the document that would take it past this many tokens (64M tokens = 128 MiB of uint16 by default).",
+    )
     batch_size: int = Field(1024, ge=1, le=1_000_000, description="Documents encoded per encode_batch call.")
 
 
@@ -88,7 +86,7 @@ def _as_json(value) -> str | None:
 def _metadata(batch: pa.RecordBatch, name: str, keep: pa.Array) -> pa.Array:
     """One metadata column of the kept rows in the index's type (nulls when absent)."""
     n = pc.sum(keep).as_py() or 0
-    typ = INDEX_SCHEMA.field(name).type
+    typ = DOCUMENT_INDEX.field(name).type
     if name not in batch.schema.names:
         return pa.nulls(n, typ)
     col = batch.column(name).filter(keep)
@@ -114,7 +112,9 @@ def _triage(batch: pa.RecordBatch, splits: list[str], funnel: Funnel) -> list[bo
     return keep
 
 
-def _encode(tok, writers: dict[str, TokenShardWriter], texts: list[str], splits: list[str]) -> list[tuple[str, int, int]]:
+def _encode(
+    tok, writers: dict[str, TokenShardWriter], texts: list[str], splits: list[str]
+) -> list[tuple[str, int, int]]:
     """Tokenize texts and append each to its split's shards; (shard, start, n_tokens) per text."""
     encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
     placed: list = [None] * len(texts)
@@ -125,15 +125,21 @@ def _encode(tok, writers: dict[str, TokenShardWriter], texts: list[str], splits:
     return placed
 
 
-def _index_table(batch: pa.RecordBatch, keep: pa.Array, splits: list[str], placed: list[tuple[str, int, int]]) -> pa.Table:
+def _index_table(
+    batch: pa.RecordBatch, keep: pa.Array, splits: list[str], placed: list[tuple[str, int, int]]
+) -> pa.Table:
     shard, start, n_tokens = zip(*placed)
     return pa.table(
         {"doc_id": batch.column("doc_id").filter(keep).cast(pa.string())}
         | {c: _metadata(batch, c, keep) for c in METADATA}
-        | {"split": pa.array(splits, pa.string()), "shard": pa.array(shard, pa.string()),
-           "start": pa.array(start, pa.int64()), "n_tokens": pa.array(n_tokens, pa.int64()),
-           "n_bytes": pc.binary_length(batch.column("text").filter(keep)).cast(pa.int64())},
-        schema=INDEX_SCHEMA,
+        | {
+            "split": pa.array(splits, pa.string()),
+            "shard": pa.array(shard, pa.string()),
+            "start": pa.array(start, pa.int64()),
+            "n_tokens": pa.array(n_tokens, pa.int64()),
+            "n_bytes": pc.binary_length(batch.column("text").filter(keep)).cast(pa.int64()),
+        },
+        schema=DOCUMENT_INDEX,
     )
 
 
@@ -142,7 +148,9 @@ class _Carried:
     """What an incremental version took over from the previous one."""
 
     index: list[pa.Table] = field(default_factory=list)
-    stats: dict = field(default_factory=lambda: {"carried_docs": 0, "replaced_docs": 0, "linked_shards": 0, "rewritten_shards": 0})
+    stats: dict = field(
+        default_factory=lambda: {"carried_docs": 0, "replaced_docs": 0, "linked_shards": 0, "rewritten_shards": 0}
+    )
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -154,11 +162,15 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _check_previous(previous: Manifest, tokenizer: Manifest) -> None:
-    if previous.stage != STAGE:
-        raise StageError(STAGE, previous.ref, "previous must be a shards artifact (a dataset version)")
+    if previous.stage != STAGE.name:
+        raise StageError(STAGE.name, previous.ref, "previous must be a shards artifact (a dataset version)")
     if tokenizer.ref not in previous.parents:
-        raise StageError(STAGE, previous.ref, f"was not tokenized with {tokenizer.ref}: its token ids would not match the new documents'",
-                         "extend a dataset with its own tokenizer, or run a full refresh (incremental off)")
+        raise StageError(
+            STAGE.name,
+            previous.ref,
+            f"was not tokenized with {tokenizer.ref}: its token ids would not match the new documents'",
+            "extend a dataset with its own tokenizer, or run a full refresh (incremental off)",
+        )
 
 
 def _replaced(docs: Manifest) -> pa.Array:
@@ -167,13 +179,22 @@ def _replaced(docs: Manifest) -> pa.Array:
     return pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
 
 
-def _carry(previous: Manifest, replaced: pa.Array, w: ArtifactWriter, writers: dict[str, TokenShardWriter], cfg: ShardsConfig,
-           vocab_size: int, eot_id: int) -> _Carried:
+def _carry(
+    previous: Manifest,
+    replaced: pa.Array,
+    w: ArtifactWriter,
+    writers: dict[str, TokenShardWriter],
+    cfg: ShardsConfig,
+    vocab_size: int,
+    eot_id: int,
+) -> _Carried:
     """Link or rewrite the previous version's shards into ``w``; create ``writers`` after them."""
     out = _Carried()
-    index = read_table(previous, "index").cast(INDEX_SCHEMA)
-    stale = pc.fill_null(pc.or_(pc.is_in(index["doc_id"], value_set=replaced),
-                                pc.is_in(index["augmented_from"], value_set=replaced)), False)
+    index = read_table(previous, "index").cast(DOCUMENT_INDEX)
+    stale = pc.fill_null(
+        pc.or_(pc.is_in(index["doc_id"], value_set=replaced), pc.is_in(index["augmented_from"], value_set=replaced)),
+        False,
+    )
     out.stats["replaced_docs"] = pc.sum(stale).as_py() or 0
     rows = {f.path: f.rows for f in previous.files}
     for s in SPLITS:
@@ -193,7 +214,13 @@ def _carry(previous: Manifest, replaced: pa.Array, w: ArtifactWriter, writers: d
             _link(previous.path(f.path[: -len(".bin")] + ".idx"), w.dir / idx_name)
             w.set_rows(bin_name, rows[f.path])
             w.set_rows(idx_name, rows[f.path] + 1)
-            out.index.append(keep.set_column(keep.schema.get_field_index("shard"), "shard", pa.array([bin_name] * keep.num_rows, pa.string())))
+            out.index.append(
+                keep.set_column(
+                    keep.schema.get_field_index("shard"),
+                    DOCUMENT_INDEX.field("shard"),
+                    pa.array([bin_name] * keep.num_rows, pa.string()),
+                )
+            )
             out.stats["linked_shards"] += 1
             out.stats["carried_docs"] += keep.num_rows
         writers[s] = TokenShardWriter(w.dir, s, vocab_size, eot_id, cfg.max_tokens_per_shard, first=number)
@@ -202,36 +229,53 @@ def _carry(previous: Manifest, replaced: pa.Array, w: ArtifactWriter, writers: d
             out.stats["carried_docs"] += keep.num_rows
             if not keep.num_rows:
                 continue
-            shard = TokenShard(previous.path(path), previous.path(path[: -len(".bin")] + ".idx"), previous.meta["dtype"])
+            shard = TokenShard(
+                previous.path(path), previous.path(path[: -len(".bin")] + ".idx"), previous.meta["dtype"]
+            )
             spans = [shard.span(st, n)[:-1] for st, n in zip(keep["start"].to_pylist(), keep["n_tokens"].to_pylist())]
             placed = writers[s].add(spans)
             names, starts, _ = zip(*placed)
-            keep = keep.set_column(keep.schema.get_field_index("shard"), "shard", pa.array(names, pa.string()))
-            out.index.append(keep.set_column(keep.schema.get_field_index("start"), "start", pa.array(starts, pa.int64())))
+            keep = keep.set_column(
+                keep.schema.get_field_index("shard"), DOCUMENT_INDEX.field("shard"), pa.array(names, pa.string())
+            )
+            out.index.append(
+                keep.set_column(
+                    keep.schema.get_field_index("start"), DOCUMENT_INDEX.field("start"), pa.array(starts, pa.int64())
+                )
+            )
     return out
 
 
-def run(store: Store, cfg: ShardsConfig, docs: Manifest, tokenizer: Manifest, split: SplitConfig,
-        previous: Manifest | None = None) -> Manifest:
-    """Tokenize ``docs`` with ``tokenizer`` into train/val token shards; register them in the catalog.
+def run(
+    store: Store,
+    cfg: ShardsConfig,
+    docs: Manifest,
+    tokenizer: Manifest,
+    split: SplitConfig,
+    previous: Manifest | None = None,
+) -> Manifest:
+    """Tokenize ``docs`` with ``tokenizer`` into train/val token shards with their document index.
 
     With ``previous`` (a dataset version made with the same tokenizer), the result is a
     new version: the previous documents that ``docs`` do not replace, plus ``docs``.
     """
-    b = begin(store, STAGE, CODE_VERSION, cfg, docs=docs, tokenizer=tokenizer, split=split, previous=previous)
+    b = STAGE.begin(store, cfg, docs=docs, tokenizer=tokenizer, split=split, previous=previous)
     if b.done:
-        register(store, b.done)
         return b.done
     if previous is not None:
         _check_previous(previous, tokenizer)
-    columns = require_columns(STAGE, docs, ["doc_id", "text"])
+    columns = require_columns(
+        STAGE.name, docs, ["doc_id", "text"], upstream="a text stage (filter or augment)", empty_hint=NO_DOCS_HINT
+    )
     tok = load_tokenizer(tokenizer)
     eot_id, vocab_size = int(tokenizer.meta["eot_id"]), tok.get_vocab_size()
     funnel = Funnel()
     totals = {k: dict.fromkeys(SPLITS, 0) for k in ("docs", "tokens", "bytes")} | {"languages": {}}
-    with store.writer(STAGE, b.key, parents=b.parents, config=b.config, code_version=CODE_VERSION) as w:
+    with STAGE.writer(store, b) as w:
         writers: dict[str, TokenShardWriter] = {}
-        carried = _carry(previous, _replaced(docs), w, writers, cfg, vocab_size, eot_id) if previous is not None else None
+        carried = (
+            _carry(previous, _replaced(docs), w, writers, cfg, vocab_size, eot_id) if previous is not None else None
+        )
         for s in SPLITS:
             writers.setdefault(s, TokenShardWriter(w.dir, s, vocab_size, eot_id, cfg.max_tokens_per_shard))
         index = PartBuffer(w, "index", max_rows=INDEX_ROWS)
@@ -264,7 +308,6 @@ def run(store: Store, cfg: ShardsConfig, docs: Manifest, tokenizer: Manifest, sp
         if carried is not None:
             w.meta["incremental"] = {"previous": previous.ref, "new_docs": funnel.docs_out, **carried.stats}
     log.info("shards: %s tokens, %s documents written", totals["tokens"], totals["docs"])
-    register(store, w.manifest)
     return w.manifest
 
 
@@ -287,31 +330,31 @@ def _languages_without_val(languages: dict[str, dict[str, int]], split: SplitCon
     """
     unheld = sorted(lang for lang, n in languages.items() if n["train"] and not n["val"])
     for lang in unheld:
-        log.warning("shards: language %r has %d train documents and none held out for validation (val_fraction=%s): "
-                    "evaluation will not report it; raise split.val_fraction to measure it",
-                    lang, languages[lang]["train"], split.val_fraction)
+        log.warning(
+            "shards: language %r has %d train documents and none held out for validation (val_fraction=%s): "
+            "evaluation will not report it; raise split.val_fraction to measure it",
+            lang,
+            languages[lang]["train"],
+            split.val_fraction,
+        )
     return unheld
 
 
 def _check_splits(docs: Manifest, split: SplitConfig, n_docs: dict[str, int], funnel: Funnel) -> None:
     if n_docs["train"] == 0:
         raise StageError(
-            STAGE, docs.ref, f"the train split is empty ({funnel.docs_in} documents in, {dict(funnel.dropped_docs)} dropped)",
+            STAGE.name,
+            docs.ref,
+            f"the train split is empty ({funnel.docs_in} documents in, {dict(funnel.dropped_docs)} dropped)",
             NO_DOCS_HINT,
         )
     if n_docs["val"] == 0:
         raise StageError(
-            STAGE, docs.ref, f"the validation split is empty ({n_docs['train']} train documents, val_fraction={split.val_fraction})",
+            STAGE.name,
+            docs.ref,
+            f"the validation split is empty ({n_docs['train']} train documents, val_fraction={split.val_fraction})",
             "evaluation needs held-out documents: raise split.val_fraction or feed more documents",
         )
 
 
-def register(store: Store, manifest: Manifest) -> None:
-    """Record a shards artifact and its lineage in the catalog; index its documents once."""
-    with Catalog(store.catalog_path) as cat:
-        cat.register_lineage(store, manifest)
-        if not cat.has_dataset(manifest.ref):
-            cat.index_documents(manifest)
-
-
-task = stage_task(run, name=STAGE, retries=0)
+task = stage_task(STAGE, run)

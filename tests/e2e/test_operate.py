@@ -76,7 +76,9 @@ class Operated:
     def api(self, path: str, body: dict | None = None, method: str | None = None, auth: str | None = AUTH):
         """(HTTP status, JSON body) of one API call."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.ui}/api{path}", data=data, method=method, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.ui}/api{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         if auth:
             req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
         try:
@@ -92,12 +94,17 @@ class Operated:
 
     def deployment(self, name: str) -> dict:
         flow_name, dep_name = name.split("/")
-        found = self.ok("/deployments/filter", {"flows": {"name": {"any_": [flow_name]}}, "deployments": {"name": {"any_": [dep_name]}}})
+        found = self.ok(
+            "/deployments/filter",
+            {"flows": {"name": {"any_": [flow_name]}}, "deployments": {"name": {"any_": [dep_name]}}},
+        )
         assert len(found) == 1, name
         return found[0]
 
     def flow_runs(self, deployment: dict, **flow_run_filter) -> list[dict]:
-        return self.ok("/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}, "flow_runs": flow_run_filter})
+        return self.ok(
+            "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}, "flow_runs": flow_run_filter}
+        )
 
     def wait_for_state(self, run_id: str, states: set[str], timeout: float = 600) -> dict:
         t0 = time.monotonic()
@@ -111,7 +118,9 @@ class Operated:
 
     def task_runs_since(self, since: str) -> dict[str, str]:
         """Stage name -> state of the task runs started after ``since`` (ISO time)."""
-        runs = self.ok("/task_runs/filter", {"task_runs": {"start_time": {"after_": since}}, "sort": "EXPECTED_START_TIME_ASC"})
+        runs = self.ok(
+            "/task_runs/filter", {"task_runs": {"start_time": {"after_": since}}, "sort": "EXPECTED_START_TIME_ASC"}
+        )
         return {r["name"].rsplit("-", 1)[0]: r["state_name"] for r in runs}
 
 
@@ -131,12 +140,33 @@ def operated(tmp_path_factory):
     (tmp / "smoke.yaml").write_text(yaml.safe_dump(config))
     port = _free_port()
     env = _own_prefect_env()
-    env.update({"PREFECT_SERVER_API_AUTH_STRING": AUTH, "LMFORGE_FAIL_STAGE_FILE": str(tmp / "fail-stage"),
-                "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"})
+    env.update(
+        {
+            "PREFECT_SERVER_API_AUTH_STRING": AUTH,
+            "LMFORGE_FAIL_STAGE_FILE": str(tmp / "fail-stage"),
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        }
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "server", "--port", str(port), "--state-dir", str(tmp / "state"),
-         "--config", str(tmp / "smoke.yaml"), "--timezone", TIMEZONE],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "server",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp / "state"),
+            "--config",
+            str(tmp / "smoke.yaml"),
+            "--timezone",
+            TIMEZONE,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         # As a shell starts a background job: SIGINT ignored. `kill -INT` must still stop it.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
@@ -152,7 +182,9 @@ def operated(tmp_path_factory):
     threading.Thread(target=read_output, daemon=True).start()
     t0 = time.monotonic()
     while not ready.wait(1):
-        assert proc.poll() is None and time.monotonic() - t0 < 300, "lmforge server did not get ready:\n" + "\n".join(op.output[-40:])
+        assert proc.poll() is None and time.monotonic() - t0 < 300, "lmforge server did not get ready:\n" + "\n".join(
+            op.output[-40:]
+        )
     SHOTS.mkdir(parents=True, exist_ok=True)
     try:
         yield op
@@ -164,6 +196,7 @@ def operated(tmp_path_factory):
 
 
 # --- 1. through the API -------------------------------------------------------------------
+
 
 def test_deployments_land_on_their_pools_and_are_not_paused(operated):
     names = set()
@@ -190,7 +223,11 @@ def test_deployments_land_on_their_pools_and_are_not_paused(operated):
 def test_nightly_schedule_is_active_and_creates_runs_at_two_in_its_time_zone(operated):
     nightly = operated.deployment("data-refresh/nightly")
     [schedule] = nightly["schedules"]
-    assert schedule["active"] and schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == TIMEZONE
+    assert (
+        schedule["active"]
+        and schedule["schedule"]["cron"] == "0 2 * * *"
+        and schedule["schedule"]["timezone"] == TIMEZONE
+    )
     assert nightly["parameters"] == {"incremental": True}
     t0 = time.monotonic()
     while not (runs := operated.flow_runs(nightly, state={"type": {"any_": ["SCHEDULED"]}})):
@@ -232,6 +269,7 @@ def test_basic_auth_guards_the_api_but_not_the_health_check(operated):
 
 # --- 2. the automation: nightly refresh -> pretrain -----------------------------------------
 
+
 def test_automation_starts_pretraining_when_the_nightly_refresh_publishes_new_data(operated):
     [automation] = operated.ok("/automations/filter", {})
     assert automation["name"] == "pretrain-on-new-data" and automation["enabled"] is False
@@ -247,7 +285,10 @@ def test_automation_starts_pretraining_when_the_nightly_refresh_publishes_new_da
             time.sleep(2)
         [run] = triggered
         # The crawl showed a progress bar, which ended at 100%.
-        progress = operated.ok("/artifacts/filter", {"artifacts": {"key": {"any_": ["ingest-progress"]}, "flow_run_id": {"any_": [first["id"]]}}})
+        progress = operated.ok(
+            "/artifacts/filter",
+            {"artifacts": {"key": {"any_": ["ingest-progress"]}, "flow_run_id": {"any_": [first["id"]]}}},
+        )
         assert [a["data"] for a in progress] == [100.0], progress
         assert re.fullmatch(r"shards/[0-9a-f]+", run["parameters"]["dataset"]), run["parameters"]
         assert (operated.store / run["parameters"]["dataset"] / "manifest.json").exists()
@@ -265,6 +306,7 @@ def test_automation_starts_pretraining_when_the_nightly_refresh_publishes_new_da
 
 # --- 3-4. in a real browser ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
@@ -272,8 +314,17 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                              "--disable-component-update", "--disable-sync", "--no-first-run"])
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         yield b
         b.close()
 
@@ -300,7 +351,9 @@ def _form_field(page, label: str):
     page.get_by_text(label, exact=True).first.wait_for()
     labels = page.locator(".schema-form-property__label", has_text=re.compile(f"^{re.escape(label)}$"))
     assert labels.count() == 1, f"{labels.count()} form fields are labelled {label!r}"
-    prop = labels.locator("xpath=ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]")
+    prop = labels.locator(
+        "xpath=ancestor::div[contains(concat(' ', normalize-space(@class), ' '), ' schema-form-property ')][1]"
+    )
     return prop.locator("input, textarea").first
 
 
@@ -334,11 +387,17 @@ def test_custom_run_from_the_form_completes_and_shows_the_funnel(operated, page)
     states = operated.task_runs_since(started)
     # The nightly refresh of the last test built the data: it is reused; the model stages ran.
     assert {s: states[s] for s in ("ingest", "shards", "pretrain", "evaluate")} == {
-        "ingest": "Cached", "shards": "Cached", "pretrain": "Completed", "evaluate": "Completed"}, states
+        "ingest": "Cached",
+        "shards": "Cached",
+        "pretrain": "Completed",
+        "evaluate": "Completed",
+    }, states
 
     # The torchrun child's step lines are in the pretrain run's log, in the API and on its page.
     steps = operated.config["pretrain"]["train"]["max_steps"]
-    named = operated.ok("/task_runs/filter", {"task_runs": {"start_time": {"after_": started}, "name": {"like_": "pretrain-"}}})
+    named = operated.ok(
+        "/task_runs/filter", {"task_runs": {"start_time": {"after_": started}, "name": {"like_": "pretrain-"}}}
+    )
     # Not the parent's placeholder task run of the pretrain subflow: the stage's own, inside it.
     [pretrain_run] = [r for r in named if r["flow_run_id"] != run["id"]]
     logs = operated.ok("/logs/filter", {"logs": {"task_run_id": {"any_": [pretrain_run["id"]]}}, "limit": 200})
@@ -393,7 +452,9 @@ def test_failed_run_retried_from_the_ui_reruns_only_the_failed_stage_and_after(o
     done = operated.wait_for_state(run["id"], {"Completed", "Failed", "Crashed"}, timeout=600)
     assert done["state_name"] == "Completed" and done["run_count"] == 2, done["state"]
     states = operated.task_runs_since(retried_at)
-    expected = {s: "Cached" for s in ("ingest", "extract", "dedup", "filter", "augment", "tokenizer", "shards", "pretrain")}
+    expected = {
+        s: "Cached" for s in ("ingest", "extract", "dedup", "filter", "augment", "tokenizer", "shards", "pretrain")
+    }
     expected.update({s: "Completed" for s in ("finetune", "evaluate", "export")})
     assert {s: states.get(s) for s in expected} == expected, states
     page.reload()
@@ -406,16 +467,25 @@ def test_the_command_line_finds_the_ui_runs_cache_records(operated, tmp_path):
     config = tmp_path / "changed-filter.yaml"
     config.write_text(yaml.safe_dump(_changed_filter(operated.config)))
     env = _own_prefect_env()
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--output-dir", str(tmp_path / "out")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--output-dir", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert {n: s["cached"] for n, s in summary["stages"].items()} == dict.fromkeys(summary["stages"], True), summary["stages"]
+    assert {n: s["cached"] for n, s in summary["stages"].items()} == dict.fromkeys(summary["stages"], True), summary[
+        "stages"
+    ]
     assert len(summary["stages"]) == 11
     assert any((operated.store / "_prefect_results").iterdir())  # the records live beside the artifacts
 
 
 # --- 5. Ctrl-C ------------------------------------------------------------------------------
+
 
 def test_ctrl_c_stops_server_workers_and_flow_processes(operated):
     state = str(operated.state)

@@ -1,4 +1,4 @@
-"""The whole pipeline flow on configs/smoke.yaml against a generated site: run, rerun, fail, recover.
+"""The whole pipeline flow on configs/smoke.yaml against a generated site: run, rerun, fail, recover, rebuild.
 
 One test, because each step builds on the last and the first run is the expensive
 part (every stage for real: crawl over HTTP, torchrun training, ONNX export).
@@ -7,6 +7,7 @@ part (every stage for real: crawl over HTTP, torchrun training, ONNX export).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,11 @@ import pytest
 import yaml
 
 from flows.cli import main as lmforge
+from storage.catalog import Catalog
 from tests.e2e.site import build_site, serve
+from tests.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["ingest", "extract", "dedup", "filter", "augment", "tokenizer", "shards", "pretrain", "finetune", "evaluate", "export"]
 
 
 def _config(tmp: Path, seed_url: str, **changes) -> Path:
@@ -67,15 +69,21 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
         # The release gate passed and the INT8 model generates, without torch, from the CLI.
         model_dir = Path(first["export"]["copied_to"])
         assert (model_dir / "model.int8.onnx").exists()
-        code = ("import sys; from flows.cli import main; rc = main(['generate', '--model', sys.argv[1], '--prompt', 'The administrator',"
-                " '--max-new-tokens', '8', '--temperature', '0']); assert 'torch' not in sys.modules; sys.exit(rc)")
-        gen = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        code = (
+            "import sys; from flows.cli import main; rc = main(['generate', '--model', sys.argv[1], '--prompt', 'The administrator',"
+            " '--max-new-tokens', '8', '--temperature', '0']); assert 'torch' not in sys.modules; sys.exit(rc)"
+        )
+        gen = subprocess.run(
+            [sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
         assert gen.returncode == 0, gen.stderr
         assert gen.stdout.strip()
 
         # 2. An unchanged rerun is served from cache, stage by stage.
         second = _run(config, tmp_path / "run2")
-        assert all(s["cached"] for s in second["stages"].values()), {n: s["status"] for n, s in second["stages"].items()}
+        assert all(s["cached"] for s in second["stages"].values()), {
+            n: s["status"] for n, s in second["stages"].items()
+        }
         assert second["export"]["artifact"] == first["export"]["artifact"]
 
         # 3. A failure at finetune (after a config change there): the run fails and publishes nothing new...
@@ -90,5 +98,19 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
         assert recovered["status"] == "completed", recovered.get("error")
         cached = {n: s["cached"] for n, s in recovered["stages"].items()}
         assert cached == {n: n not in ("finetune", "evaluate", "export") for n in STAGES}, cached
+
+        # 5. A deleted artifact and a deleted catalog are no cache hits: the next run rebuilds
+        # them, and since the rebuilt dedup artifact has the same content, nothing after it reruns.
+        store = Path(recovered["store"])
+        shutil.rmtree(store / recovered["stages"]["dedup"]["artifact"])
+        (store / "catalog.duckdb").unlink()
+        rebuilt = _run(changed, tmp_path / "run5")
+        assert rebuilt["status"] == "completed", rebuilt.get("error")
+        cached = {n: s["cached"] for n, s in rebuilt["stages"].items()}
+        assert cached == {n: n != "dedup" for n in STAGES}, cached
+        assert rebuilt["stages"]["dedup"]["artifact"] == recovered["stages"]["dedup"]["artifact"]
+        assert (store / recovered["stages"]["dedup"]["artifact"] / "manifest.json").exists()
+        with Catalog(store / "catalog.duckdb", read_only=True) as cat:
+            assert cat.has_dataset(rebuilt["stages"]["shards"]["artifact"])
     finally:
         server.shutdown()

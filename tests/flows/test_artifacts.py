@@ -22,12 +22,18 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.logging.handlers import APILogWorker
 
 from flows.artifacts import (
-    artifact_key, export_markdown, funnel_table, loss_markdown, loss_rows, publish_run, stages_table,
+    artifact_key,
+    export_markdown,
+    funnel_table,
+    loss_markdown,
+    loss_rows,
+    publish_run,
+    stages_table,
 )
 from flows.records import StageRecord
 from storage.artifact import Store
-from tasks.plots import LossHistory, plot_loss, read_loss_history, thin
-from tasks.progress import StageProgress, progress_key
+from tasks.modeling.loss_plot import LossHistory, plot_loss, read_loss_history, thin
+from tasks.prefect_task import PrefectProgress, progress_key
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_STEPS, LOG_EVERY, EVAL_EVERY = 12, 2, 4
@@ -41,7 +47,9 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def flow_artifacts(flow_run_id) -> dict[str, object]:
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return {a.key: a for a in found}
 
 
@@ -56,6 +64,7 @@ def table(artifact) -> list[dict]:
 
 
 # --- the pretrain flow, end to end ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
@@ -72,11 +81,25 @@ def pretrained(tmp_path_factory):
         (np.arange(1200) * 7 % 61).astype("<u2").tofile(w.dir / "tokens-val-00000.bin")
         w.meta.update({"dtype": "uint16", "vocab_size": 64, "eot_id": 0})
     shards = w.manifest
-    config = PipelineConfig(store=str(root), pretrain={
-        "model": {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 32},
-        "train": {"max_steps": MAX_STEPS, "micro_batch_size": 2, "block_size": 16, "warmup_steps": 1, "lr": 1e-2, "min_lr": 1e-3,
-                  "eval_every": EVAL_EVERY, "eval_batches": 2, "ckpt_every": 0, "log_every": LOG_EVERY, "nproc": 1},
-    })
+    config = PipelineConfig(
+        store=str(root),
+        pretrain={
+            "model": {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 32},
+            "train": {
+                "max_steps": MAX_STEPS,
+                "micro_batch_size": 2,
+                "block_size": 16,
+                "warmup_steps": 1,
+                "lr": 1e-2,
+                "min_lr": 1e-3,
+                "eval_every": EVAL_EVERY,
+                "eval_batches": 2,
+                "ckpt_every": 0,
+                "log_every": LOG_EVERY,
+                "nproc": 1,
+            },
+        },
+    )
     state = pretrain(config, dataset=shards.ref, return_state=True)
     result = state.result()
     return {"store": store, "result": result, "flow_run_id": state.state_details.flow_run_id}
@@ -125,33 +148,36 @@ def test_loss_curve_png_is_in_the_artifact_and_embedded_in_markdown(pretrained):
 
 def test_stage_table_of_the_flow(pretrained):
     rows = table(flow_artifacts(pretrained["flow_run_id"])["pretrain-stages"])
-    assert [(r["stage"], r["state"], r["cached"], r["artifact"]) for r in rows] == [("pretrain", "Completed", False, pretrained["result"]["model"])]
+    assert [(r["stage"], r["state"], r["cached"], r["artifact"]) for r in rows] == [
+        ("pretrain", "Completed", False, pretrained["result"]["model"])
+    ]
 
 
 # --- progress ---------------------------------------------------------------------------------
 
+
 def test_progress_is_a_no_op_outside_prefect():
-    p = StageProgress("crawl", "pages fetched")
-    p.update(0.5)
-    p.done()
+    p = PrefectProgress("crawl", "pages fetched")
+    p(0.5)
+    p(1.0)
     assert not p.active
 
 
 def test_progress_throttles_and_never_raises(caplog):
     @task
     def work() -> tuple[str, list[float]]:
-        p = StageProgress("Crawl Stage", "pages fetched", min_seconds=3600, min_step=0.1)
+        p = PrefectProgress("Crawl Stage", "pages fetched", min_seconds=3600, min_step=0.1)
         assert p.active and p.key == "crawl-stage-progress"
         written = []
         for i in range(101):
             before = p._last_fraction
-            p.update(i / 100)
+            p(i / 100)
             if p._last_fraction != before:
                 written.append(p._last_fraction)
         p.done()
-        broken = StageProgress("broken", "an id the API does not know")
+        broken = PrefectProgress("broken", "an id the API does not know")
         broken._id = "00000000-0000-0000-0000-000000000000"
-        broken.update(0.5)  # the API answers 404: a warning, then nothing
+        broken(0.5)  # the API answers 404: a warning, then nothing
         assert not broken.active
         return str(p._id), written
 
@@ -169,11 +195,22 @@ def test_progress_throttles_and_never_raises(caplog):
 
 # --- builders ---------------------------------------------------------------------------------
 
+
 def _records() -> dict[str, StageRecord]:
     return {
         "ingest": StageRecord("ingest", "Completed", False, 1.5, "ingest/a", docs_in=None, docs_out=10, words_out=1000),
-        "dedup": StageRecord("dedup", "Cached", True, 0.1, "dedup/b", docs_in=10, docs_out=7, words_in=1000, words_out=700,
-                             dropped={"exact_duplicate": {"docs": 1, "words": 100}, "near_duplicate": {"docs": 2, "words": 200}}),
+        "dedup": StageRecord(
+            "dedup",
+            "Cached",
+            True,
+            0.1,
+            "dedup/b",
+            docs_in=10,
+            docs_out=7,
+            words_in=1000,
+            words_out=700,
+            dropped={"exact_duplicate": {"docs": 1, "words": 100}, "near_duplicate": {"docs": 2, "words": 200}},
+        ),
         "pretrain": StageRecord("pretrain", "Completed", False, 30.0, "pretrain/c"),
     }
 
@@ -182,15 +219,32 @@ def test_funnel_table_rows_per_stage_then_per_reason():
     assert funnel_table(_records()) == [
         {"stage": "ingest", "drop reason": "", "docs in": None, "docs out": 10, "words in": None, "words out": 1000},
         {"stage": "dedup", "drop reason": "", "docs in": 10, "docs out": 7, "words in": 1000, "words out": 700},
-        {"stage": "dedup", "drop reason": "near_duplicate", "docs in": None, "docs out": -2, "words in": None, "words out": -200},
-        {"stage": "dedup", "drop reason": "exact_duplicate", "docs in": None, "docs out": -1, "words in": None, "words out": -100},
+        {
+            "stage": "dedup",
+            "drop reason": "near_duplicate",
+            "docs in": None,
+            "docs out": -2,
+            "words in": None,
+            "words out": -200,
+        },
+        {
+            "stage": "dedup",
+            "drop reason": "exact_duplicate",
+            "docs in": None,
+            "docs out": -1,
+            "words in": None,
+            "words out": -100,
+        },
     ]
 
 
 def test_stages_table():
     rows = stages_table(_records())
     assert [(r["stage"], r["state"], r["cached"], r["seconds"], r["artifact"]) for r in rows] == [
-        ("ingest", "Completed", False, 1.5, "ingest/a"), ("dedup", "Cached", True, 0.1, "dedup/b"), ("pretrain", "Completed", False, 30.0, "pretrain/c")]
+        ("ingest", "Completed", False, 1.5, "ingest/a"),
+        ("dedup", "Cached", True, 0.1, "dedup/b"),
+        ("pretrain", "Completed", False, 30.0, "pretrain/c"),
+    ]
 
 
 def test_artifact_keys_are_what_prefect_accepts():
@@ -201,7 +255,9 @@ def test_artifact_keys_are_what_prefect_accepts():
 def test_publishing_outside_a_run_is_a_no_op():
     def published() -> int:
         with get_client(sync_client=True) as client:
-            return len(client.read_artifacts(artifact_filter=ArtifactFilter(key={"any_": ["data-funnel", "outside-stages"]})))
+            return len(
+                client.read_artifacts(artifact_filter=ArtifactFilter(key={"any_": ["data-funnel", "outside-stages"]}))
+            )
 
     before = published()
     publish_run("outside", _records(), funnel=True)
@@ -224,7 +280,9 @@ def test_loss_rows_merge_validation_keep_the_resumed_run_and_thin(tmp_path):
     full = loss_rows(metrics, max_rows=10_000)
     assert [r["step"] for r in full] == list(range(1, 501))
     assert full[39]["train_loss"] == 1.5
-    assert {r["step"]: r["val_loss"] for r in full if r["val_loss"] is not None} == {s: 9.0 - s / 100 for s in range(100, 501, 100)}
+    assert {r["step"]: r["val_loss"] for r in full if r["val_loss"] is not None} == {
+        s: 9.0 - s / 100 for s in range(100, 501, 100)
+    }
     thinned = loss_rows(metrics, max_rows=200)
     assert len(thinned) == 200 and thinned[0]["step"] == 1 and thinned[-1]["step"] == 500
     assert all(a["step"] < b["step"] for a, b in zip(thinned, thinned[1:]))
@@ -232,7 +290,9 @@ def test_loss_rows_merge_validation_keep_the_resumed_run_and_thin(tmp_path):
 
 
 def test_plot_loss_writes_a_png_even_without_validation(tmp_path):
-    out = plot_loss(LossHistory(train=[{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}]), tmp_path / "loss.png", "pretrain")
+    out = plot_loss(
+        LossHistory(train=[{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}]), tmp_path / "loss.png", "pretrain"
+    )
     assert png_size(out.read_bytes()) == (800, 450)
 
 
@@ -251,8 +311,14 @@ def test_export_markdown_lists_files_with_sizes_and_the_gate(tmp_path):
         (w.dir / "model.onnx").write_bytes(b"x" * 3 * 1024 * 1024)
         (w.dir / "model.int8.onnx").write_bytes(b"y" * 800 * 1024)
         (w.dir / "tokenizer.json").write_bytes(b"{}")
-        w.meta.update({"files": {"fp32": "model.onnx", "int8": "model.int8.onnx"}, "gate": "passed: int8 +0.4%",
-                       "parity_max_abs_diff": 2.5e-5, "val_loss": {"torch": 2.0, "onnx_int8": 2.008}})
+        w.meta.update(
+            {
+                "files": {"fp32": "model.onnx", "int8": "model.int8.onnx"},
+                "gate": "passed: int8 +0.4%",
+                "parity_max_abs_diff": 2.5e-5,
+                "val_loss": {"torch": 2.0, "onnx_int8": 2.008},
+            }
+        )
     m = w.manifest
     md = export_markdown(m)
     assert f"[model.onnx]({m.path('model.onnx').as_uri()}) | fp32 | 3.0 MiB |" in md
@@ -283,12 +349,21 @@ def test_release_and_data_artifacts_read_back_from_the_api(tmp_path):
 
     state = release_like(return_state=True)
     artifacts = flow_artifacts(state.state_details.flow_run_id)
-    assert set(artifacts) == {"evaluation-report", "exported-model", "exported-model-files", "release-like-stages", "data-funnel"}
+    assert set(artifacts) == {
+        "evaluation-report",
+        "exported-model",
+        "exported-model-files",
+        "release-like-stages",
+        "data-funnel",
+    }
     assert "| finetuned | 1.2345 |" in artifacts["evaluation-report"].data
     assert artifacts["evaluation-report"].description == "Held-out bits per byte: base 1.5000, finetuned 1.2345"
     # Prefect stores a link artifact as markdown: [text](link).
     assert artifacts["exported-model"].data == f"[INT8 ONNX model {exported.ref}]({exported.dir.as_uri()})"
-    assert "| int8 | 1.0 KiB |" in artifacts["exported-model-files"].data and "| fp32 | 2.0 KiB |" in artifacts["exported-model-files"].data
+    assert (
+        "| int8 | 1.0 KiB |" in artifacts["exported-model-files"].data
+        and "| fp32 | 2.0 KiB |" in artifacts["exported-model-files"].data
+    )
     assert table(artifacts["data-funnel"]) == funnel_table(_records())
     assert [r["stage"] for r in table(artifacts["release-like-stages"])] == ["ingest", "dedup", "pretrain"]
 

@@ -16,14 +16,13 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from model import distributed
-from model.distributed import DistInfo
 from model.checkpoint import load_model
-from model.config import GPTConfig
+from model.config import GPTConfig, TrainConfig
 from model.data import TokenWindows
+from model.distributed import DistInfo
 from model.gpt import GPT
 from model.launch import launch
 from model.train import TrainSpec, main, run
-from model.trainer import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -36,8 +35,19 @@ def spec_for(tmp: Path, out: str, micro_batch_size: int) -> TrainSpec:
     return TrainSpec(
         out_dir=tmp / out,
         model=TINY,
-        train=TrainConfig(max_steps=3, micro_batch_size=micro_batch_size, grad_accum_steps=2, block_size=16,
-                          warmup_steps=1, lr=1e-2, min_lr=1e-3, log_every=1, eval_every=2, eval_batches=2, ckpt_every=2),
+        train=TrainConfig(
+            max_steps=3,
+            micro_batch_size=micro_batch_size,
+            grad_accum_steps=2,
+            block_size=16,
+            warmup_steps=1,
+            lr=1e-2,
+            min_lr=1e-3,
+            log_every=1,
+            eval_every=2,
+            eval_batches=2,
+            ckpt_every=2,
+        ),
         train_files=[(tmp / "train.bin", "uint16")],
         val_files=[(tmp / "val.bin", "uint16")],
     )
@@ -50,8 +60,14 @@ def grads_of(model, x, y):
 
 def _worker(rank: int, world: int, tmp: str, port: int) -> None:
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")  # gloo on CPU
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        CUDA_VISIBLE_DEVICES="",
+    )  # gloo on CPU
     info = distributed.init_distributed()
     assert (info.rank, info.world, distributed.world_size()) == (rank, world, world)
     tmp = Path(tmp)

@@ -53,7 +53,12 @@ def test_every_token_is_scored_once_and_documents_start_after_eot(block_size):
         first_inputs.extend(x[:, 0].tolist())
         return np.ones(x.shape)
 
-    docs = [EvalDoc(np.arange(1, 18), 17), EvalDoc(np.array([7]), 1), EvalDoc(np.array([], dtype=np.int64), 0), EvalDoc(np.arange(20, 29), 9)]
+    docs = [
+        EvalDoc(np.arange(1, 18), 17),
+        EvalDoc(np.array([7]), 1),
+        EvalDoc(np.array([], dtype=np.int64), 0),
+        EvalDoc(np.arange(20, 29), 9),
+    ]
     out = score_documents(nll, docs, EOT, block_size, batch_size=2)
     assert out["tokens"] == 27 and out["loss"] == pytest.approx(1.0) and out["documents"] == 3
     targets = np.concatenate([t.ravel() for t in seen_targets])
@@ -84,7 +89,9 @@ def test_torch_and_logits_fn_paths_agree_and_match_cross_entropy_by_hand():
     via_fn = evaluate_logits_fn(logits_fn, docs, EOT, block_size=8, batch_size=3)
     assert via_fn["loss"] == pytest.approx(via_torch["loss"], rel=1e-6)
     for g in ("a", "b"):
-        assert via_fn["by_group"][g]["bits_per_byte"] == pytest.approx(via_torch["by_group"][g]["bits_per_byte"], rel=1e-6)
+        assert via_fn["by_group"][g]["bits_per_byte"] == pytest.approx(
+            via_torch["by_group"][g]["bits_per_byte"], rel=1e-6
+        )
     assert not model.training
 
 

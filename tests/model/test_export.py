@@ -32,7 +32,9 @@ def build_tokenizer() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=290, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=290, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator([TEXT * 20], trainer)
     return tok
 
@@ -119,7 +121,12 @@ def test_onnx_greedy_generation_equals_torch_token_for_token(exported):
     assert len(want) == 32 - len(prompt) + 1  # stopped when the context window was full
     assert OnnxGenerator(result.dir, precision="fp32", threads=1).generate_ids(prompt, 40, temperature=0) == want
     sampled = generate(model, prompt, 40, temperature=1.0, top_k=20, top_p=0.9, eot_id=eot_id, seed=3)
-    assert OnnxGenerator(result.dir, precision="fp32", threads=1).generate_ids(prompt, 40, temperature=1.0, top_k=20, top_p=0.9, seed=3) == sampled
+    assert (
+        OnnxGenerator(result.dir, precision="fp32", threads=1).generate_ids(
+            prompt, 40, temperature=1.0, top_k=20, top_p=0.9, seed=3
+        )
+        == sampled
+    )
 
 
 def test_gate_fails_with_a_message_naming_the_check(exported):

@@ -8,13 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from model.checkpoint import load_model, save_model
-from model.config import GPTConfig
+from model.config import LINEAR_LAYERS, GPTConfig, LoRAConfig, TrainConfig
 from model.distributed import DistInfo
 from model.gpt import GPT
-from model.lora import LoRAConfig, LoRALinear, apply_lora, load_lora, lora_state_dict, merge_lora
+from model.lora import LoRALinear, apply_lora, load_lora, lora_state_dict, merge_lora
 from model.optim import configure_optimizer
 from model.train import TrainSpec, run
-from model.trainer import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -49,7 +48,9 @@ def test_adapter_starts_as_a_no_op():
 def test_only_adapters_train_and_base_is_untouched():
     _, model = lora_model()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"blocks.{i}.attn.{m}.lora_{ab}" for i in range(2) for m in ("q_proj", "v_proj") for ab in "AB"}
+    assert trainable == {
+        f"blocks.{i}.attn.{m}.lora_{ab}" for i in range(2) for m in ("q_proj", "v_proj") for ab in "AB"
+    }
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     one_step(model)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
@@ -87,8 +88,18 @@ def test_lora_state_round_trip_and_mismatch():
         load_lora(narrow, {k: v for k, v in state.items() if "down_proj" not in k} | {"x.lora_A": torch.zeros(1)})
     with pytest.raises(ValueError, match="no Linear module named"):
         apply_lora(GPT(TINY), targets=("c_attn",))
-    with pytest.raises(ValueError, match="r must be"):
+    with pytest.raises(ValueError, match=r"r\n.*greater than or equal to 1"):
         LoRAConfig(r=0)
+    with pytest.raises(ValueError, match=r"unknown LoRA targets \['c_attn'\]"):
+        LoRAConfig(targets=["q_proj", "c_attn"])
+
+
+def test_lora_targets_are_the_gpts_linear_layers():
+    """LINEAR_LAYERS (what a config may name) is exactly the set of Linear names inside a block."""
+    block_linears = {
+        n.rpartition(".")[2] for n, m in GPT(TINY).blocks[0].named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    assert block_linears == set(LINEAR_LAYERS)
 
 
 def test_lora_finetune_through_train_spec(tmp_path):
@@ -99,8 +110,17 @@ def test_lora_finetune_through_train_spec(tmp_path):
     spec = TrainSpec(
         out_dir=tmp_path / "run",
         init_from=tmp_path / "base",
-        train=TrainConfig(max_steps=4, micro_batch_size=2, block_size=16, warmup_steps=1, lr=1e-2, min_lr=1e-3,
-                          log_every=2, eval_every=0, ckpt_every=0),
+        train=TrainConfig(
+            max_steps=4,
+            micro_batch_size=2,
+            block_size=16,
+            warmup_steps=1,
+            lr=1e-2,
+            min_lr=1e-3,
+            log_every=2,
+            eval_every=0,
+            ckpt_every=0,
+        ),
         train_files=[(tmp_path / "ft.bin", "uint16")],
         lora=LoRAConfig(r=4, alpha=8, dropout=0.0),
     )
@@ -110,7 +130,12 @@ def test_lora_finetune_through_train_spec(tmp_path):
     summary = run(loaded, DistInfo(rank=0, local_rank=0, world=1, device=torch.device("cpu")))
     final = tmp_path / "run" / "final"
     assert {p.name for p in final.iterdir()} == {
-        "model.safetensors", "config.json", "summary.json", "adapter.safetensors", "lora.json"}
+        "model.safetensors",
+        "config.json",
+        "summary.json",
+        "adapter.safetensors",
+        "lora.json",
+    }
     record = json.loads((final / "summary.json").read_text())
     assert record["steps"] == 4 and record["lora"]["r"] == 4 and summary["trainable_params"] == 2 * 2 * 4 * 64
 

@@ -13,7 +13,9 @@ from storage.artifact import MANIFEST, ArtifactError, Store, artifact_key, iter_
 
 
 def _table(n, start=0):
-    return pa.table({"doc_id": [f"d{i}" for i in range(start, start + n)], "text": [f"text {i}" for i in range(start, start + n)]})
+    return pa.table(
+        {"doc_id": [f"d{i}" for i in range(start, start + n)], "text": [f"text {i}" for i in range(start, start + n)]}
+    )
 
 
 def _tmp_dirs(store, stage):
@@ -32,7 +34,12 @@ def test_publish_writes_manifest_with_checksums_and_rows(tmp_path):
         assert store.load("dedup", "k1") is None  # nothing visible before the rename
     m = w.manifest
     assert m.dir == tmp_path / "dedup" / "k1"
-    assert sorted(f.path for f in m.files) == ["dropped-00000.parquet", "notes.txt", "part-00000.parquet", "part-00001.parquet"]
+    assert sorted(f.path for f in m.files) == [
+        "dropped-00000.parquet",
+        "notes.txt",
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]
     assert {f.path: f.rows for f in m.files}["part-00001.parquet"] == 2
     loaded = store.load("dedup", "k1")
     assert loaded.digest() == m.digest() and loaded.counters == {"docs_out": 5} and loaded.meta == {"vocab_size": 7}

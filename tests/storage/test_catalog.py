@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from storage.artifact import Store
-from storage.catalog import Catalog, CatalogError, token_spans
+from storage.catalog import Catalog, CatalogError, register_dataset, token_spans
 from storage.documents import SplitConfig, make_doc_id
 from storage.tokens import read_spans
 from tasks import shards, tokenizer
@@ -29,8 +29,19 @@ def _rows(n, seed):
         lang = rng.choice(sorted(WORDS))
         text = " ".join(rng.choice(WORDS[lang]) for _ in range(rng.randint(5, 40)))
         url = f"https://{lang}.example.org/{seed}/{i}"
-        rows.append({"doc_id": make_doc_id(url, text), "url": url, "source": "test", "fetched_at": "2026-11-01", "text": text,
-                     "lang": lang, "lang_score": rng.uniform(0.6, 1.0), "signals": {"words": len(text.split())}, "cluster_id": i})
+        rows.append(
+            {
+                "doc_id": make_doc_id(url, text),
+                "url": url,
+                "source": "test",
+                "fetched_at": "2026-11-01",
+                "text": text,
+                "lang": lang,
+                "lang_score": rng.uniform(0.6, 1.0),
+                "signals": {"words": len(text.split())},
+                "cluster_id": i,
+            }
+        )
     return rows
 
 
@@ -43,7 +54,9 @@ def _pipeline(store, rows, tag):
         w.write_table(pa.Table.from_pylist(rows))
     docs = w.manifest
     tok = tokenizer.run(store, tokenizer.TokenizerConfig(vocab_size=700), docs=docs, split=SPLIT)
-    return ingest, docs, tok, shards.run(store, shards.ShardsConfig(max_tokens_per_shard=1024), docs=docs, tokenizer=tok, split=SPLIT)
+    data = shards.run(store, shards.ShardsConfig(max_tokens_per_shard=1024), docs=docs, tokenizer=tok, split=SPLIT)
+    register_dataset(store, data)  # what the data-refresh flow does after the shards stage
+    return ingest, docs, tok, data
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +91,22 @@ def test_filters_stay_inside_their_dataset(corpus):
         assert cat.select_documents(ds_b.ref, "TRUE").num_rows == 60
         assert cat.query("SELECT count(DISTINCT dataset) AS n FROM documents")["n"][0].as_py() == 2
         shards_per_split = cat.query(
-            "SELECT split, count(*) AS n, sum(n_tokens) AS t FROM token_shards WHERE dataset = $1 GROUP BY split ORDER BY split", [ds_a.ref]
+            "SELECT split, count(*) AS n, sum(n_tokens) AS t FROM token_shards WHERE dataset = $1 GROUP BY split ORDER BY split",
+            [ds_a.ref],
         ).to_pylist()
     assert [r["split"] for r in shards_per_split] == ["train", "val"]
     assert {r["split"]: r["t"] for r in shards_per_split} == ds_a.meta["tokens"]
 
 
-@pytest.mark.parametrize("bad, reason", [
-    ("nope = 1", "nope"),
-    ("lang = ", "syntax error"),
-    ("lang = 'fr'; DROP TABLE documents", "more than one statement"),
-    ("lang = 'fr') OR (TRUE", "syntax error"),
-])
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ("nope = 1", "nope"),
+        ("lang = ", "syntax error"),
+        ("lang = 'fr'; DROP TABLE documents", "more than one statement"),
+        ("lang = 'fr') OR (TRUE", "syntax error"),
+    ],
+)
 def test_a_bad_filter_names_itself_and_the_reason(corpus, bad, reason):
     store, _, (*_, ds), _ = corpus
     with Catalog(store.catalog_path, read_only=True) as cat:
@@ -104,7 +121,8 @@ def test_lineage_lists_every_ancestor_nearest_first(corpus):
     with Catalog(store.catalog_path, read_only=True) as cat:
         lineage = cat.lineage(ds.ref)
         assert [(a["ref"], a["depth"]) for a in lineage] == sorted(
-            [(docs.ref, 1), (tok.ref, 1), (ingest.ref, 2)], key=lambda x: (x[1], x[0]))
+            [(docs.ref, 1), (tok.ref, 1), (ingest.ref, 2)], key=lambda x: (x[1], x[0])
+        )
         assert {a["stage"] for a in lineage} == {"ingest", "filter", "tokenizer"}
         assert cat.lineage(ingest.ref) == []
         with pytest.raises(CatalogError, match="not registered"):
@@ -120,8 +138,9 @@ def test_registration_and_indexing_are_idempotent(corpus, tmp_path):
         assert cat.index_documents(ds) == len(rows)
         assert cat.query("SELECT ref, counters FROM artifacts ORDER BY ref").to_pylist() == before
         assert cat.query("SELECT count(*) AS n FROM documents WHERE dataset = ?", [ds.ref])["n"][0].as_py() == len(rows)
-        assert cat.query("SELECT count(*) AS n FROM token_shards WHERE dataset = ?", [ds.ref])["n"][0].as_py() == \
-            len([f for f in ds.files if f.path.endswith(".bin")])
+        assert cat.query("SELECT count(*) AS n FROM token_shards WHERE dataset = ?", [ds.ref])["n"][0].as_py() == len(
+            [f for f in ds.files if f.path.endswith(".bin")]
+        )
 
 
 def test_a_failed_reindex_keeps_the_previous_rows(tmp_path):
@@ -143,7 +162,9 @@ def test_a_missing_ancestor_is_skipped_and_its_ref_kept(tmp_path):
     (tmp_path / "ingest" / "gone" / "manifest.json").unlink()
     with Catalog(store.catalog_path) as cat:
         assert cat.register_lineage(store, c.manifest) == ["filter/child"]
-        assert cat.lineage("filter/child") == [{"ref": "ingest/gone", "stage": None, "key": None, "depth": 1, "code_version": None, "created_at": None}]
+        assert cat.lineage("filter/child") == [
+            {"ref": "ingest/gone", "stage": None, "key": None, "depth": 1, "code_version": None, "created_at": None}
+        ]
 
 
 def test_requests_that_cannot_be_answered_say_why(corpus, tmp_path):
@@ -163,13 +184,21 @@ def test_requests_that_cannot_be_answered_say_why(corpus, tmp_path):
 def test_waits_for_another_process_to_release_the_catalog(tmp_path):
     path = tmp_path / "catalog.duckdb"
     Catalog(path).close()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import time, duckdb
         con = duckdb.connect({str(path)!r})
         print("holding", flush=True)
         time.sleep(1.5)
         con.close()
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "holding"
         with pytest.raises(CatalogError, match="cannot open the catalog"):

@@ -12,7 +12,7 @@ from storage.artifact import Store, read_table
 from storage.documents import SplitConfig, make_doc_id, split_of
 from tasks import augment
 from tasks.augment import AugmentConfig, selection_rank, text_prefix
-from tasks.common import StageError
+from tasks.stage import StageError
 from tests.tasks.sentences import EN
 
 ES = [
@@ -29,7 +29,9 @@ NAMES_ONLY = "Debian 11 Bullseye, Linux 5.10, GNOME 3.38, Python 3.9, GCC 10.2."
 SPLIT = SplitConfig(val_fraction=0.25, seed=3)
 WIDE = dict(chrf_min=0.0, chrf_max=100.0)
 
-pytestmark = pytest.mark.skipif(shutil.which("apertium") is None, reason="Debian packages apertium + apertium-eng-spa not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("apertium") is None, reason="Debian packages apertium + apertium-eng-spa not installed"
+)
 
 
 def make_docs(n: int, seed: int = 0) -> list[dict]:
@@ -39,8 +41,17 @@ def make_docs(n: int, seed: int = 0) -> list[dict]:
         lang, bank = [("en", EN), ("es", ES), ("fr", FR)][i % 3 if i % 10 else 2]
         text = "\n\n".join(" ".join(rng.sample(bank, min(2, len(bank)))) for _ in range(2))
         url = f"http://127.0.0.1:8000/{lang}/page-{i}.html"
-        rows.append(dict(doc_id=make_doc_id(url, text), url=url, source="crawl", fetched_at="2026-11-01T00:00:00Z",
-                         text=text, lang=lang, lang_score=0.95))
+        rows.append(
+            dict(
+                doc_id=make_doc_id(url, text),
+                url=url,
+                source="crawl",
+                fetched_at="2026-11-01T00:00:00Z",
+                text=text,
+                lang=lang,
+                lang_score=0.95,
+            )
+        )
     return rows
 
 
@@ -69,7 +80,9 @@ def test_fraction_split_and_tags(tmp_path):
     expected = {r["doc_id"] for r in eligible if selection_rank(r["doc_id"], cfg.seed) < 0.5}
     val = {r["doc_id"] for r in rows if split_of(r["doc_id"], SPLIT) == "val"}
     stats = m.counters["augment"]
-    assert stats["eligible"] == len(eligible) and stats["val_skipped"] == sum(r["lang"] != "fr" for r in rows if r["doc_id"] in val)
+    assert stats["eligible"] == len(eligible) and stats["val_skipped"] == sum(
+        r["lang"] != "fr" for r in rows if r["doc_id"] in val
+    )
     assert stats["candidates"] == stats["accepted"] == len(expected)
     assert 0.3 * len(eligible) < len(expected) < 0.7 * len(eligible) and val
 
@@ -114,7 +127,9 @@ def test_max_docs_keeps_the_lowest_ranks(tmp_path):
 def test_chrf_band_rejects_garbage_and_copies(tmp_path):
     rows = make_docs(30, seed=4)
     train = [r for r in rows if split_of(r["doc_id"], SPLIT) == "train"]
-    mislabeled = dict(train[1], doc_id=train_id("mislabeled"), lang="es", text=EN[0] + " " + EN[1])  # English text labelled Spanish
+    mislabeled = dict(
+        train[1], doc_id=train_id("mislabeled"), lang="es", text=EN[0] + " " + EN[1]
+    )  # English text labelled Spanish
     unchanged = dict(train[2], doc_id=train_id("unchanged"), lang="en", text=NAMES_ONLY)
     rows += [mislabeled, unchanged]
     store = Store(tmp_path)
@@ -124,7 +139,9 @@ def test_chrf_band_rejects_garbage_and_copies(tmp_path):
     kept = [r for r in read_table(m).to_pylist() if r["augmented_from"]]
     dropped = read_table(m, "dropped").to_pylist()
     reasons = {r["augmented_from"]: r["dropped_reason"] for r in dropped}
-    assert reasons[mislabeled["doc_id"]] == "roundtrip_chrf_low" and reasons[unchanged["doc_id"]] == "roundtrip_chrf_high"
+    assert (
+        reasons[mislabeled["doc_id"]] == "roundtrip_chrf_low" and reasons[unchanged["doc_id"]] == "roundtrip_chrf_high"
+    )
     assert all(cfg.chrf_min <= r["chrf"] <= cfg.chrf_max for r in kept)
     for r in dropped:
         assert (r["chrf"] < cfg.chrf_min) == (r["dropped_reason"] == "roundtrip_chrf_low")
@@ -143,8 +160,12 @@ def test_rerun_is_a_cache_hit_and_config_changes_the_key(tmp_path):
     again = augment.run(store, cfg, docs, SPLIT)
     assert (again.key, again.created_at) == (first.key, first.created_at)
     off = AugmentConfig(enabled=False)  # no translation needed to see keys change
-    keys = {augment.run(store, off, docs, SPLIT).key, augment.run(store, off.model_copy(update={"seed": 1}), docs, SPLIT).key,
-            augment.run(store, off, docs, SplitConfig(val_fraction=0.5)).key, first.key}
+    keys = {
+        augment.run(store, off, docs, SPLIT).key,
+        augment.run(store, off.model_copy(update={"seed": 1}), docs, SPLIT).key,
+        augment.run(store, off, docs, SplitConfig(val_fraction=0.5)).key,
+        first.key,
+    }
     assert len(keys) == 4
 
 
@@ -171,12 +192,17 @@ def test_missing_apertium_is_a_stage_error_with_install_hint(tmp_path, monkeypat
 def test_bad_inputs_and_configs(tmp_path):
     store = Store(tmp_path)
     no_lang = publish(store, [{k: v for k, v in r.items() if k != "lang"} for r in make_docs(6)], "no-lang")
-    with pytest.raises(StageError, match="no lang column"):
+    with pytest.raises(StageError, match=r"lack column\(s\) \[.lang.\]"):
         augment.run(store, AugmentConfig(), no_lang, SPLIT)
     with pytest.raises(StageError, match="no fr-en direction"):
         augment.run(store, AugmentConfig(pivots={"fr": "en"}), publish(store, make_docs(6)), SPLIT)
-    for bad in (dict(chrf_min=80, chrf_max=60), dict(pivots={"en": "en"}), dict(marian_models={"english": "/x"}),
-                dict(fraction=1.5), dict(unknown=1)):
+    for bad in (
+        dict(chrf_min=80, chrf_max=60),
+        dict(pivots={"en": "en"}),
+        dict(marian_models={"english": "/x"}),
+        dict(fraction=1.5),
+        dict(unknown=1),
+    ):
         with pytest.raises(ValidationError):
             AugmentConfig(**bad)
 

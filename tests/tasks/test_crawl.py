@@ -13,7 +13,7 @@ from fastwarc.warc import ArchiveIterator, WarcRecordType
 
 from storage.artifact import Store, read_table
 from tasks import ingest
-from tasks.crawl import CrawlConfig, extract_links, media_type, normalize_url
+from tasks.text.crawl import CrawlConfig, extract_links, media_type, normalize_url
 
 PROSE = "<p>" + "The administrator checks every log file before the weekly meeting. " * 5 + "</p>"
 
@@ -52,7 +52,14 @@ class Site:
         self.server.server_close()
 
     @staticmethod
-    def send(h, status: int, body: bytes = b"", ctype: str = "text/html; charset=utf-8", headers: dict | None = None, length: bool = True):
+    def send(
+        h,
+        status: int,
+        body: bytes = b"",
+        ctype: str = "text/html; charset=utf-8",
+        headers: dict | None = None,
+        length: bool = True,
+    ):
         h.send_response(status)
         h.send_header("Content-Type", ctype)
         for k, v in (headers or {}).items():
@@ -69,10 +76,29 @@ class Site:
                 return self.send(h, 404, b"not found")
             return self.send(h, self.robots_status, self.robots, "text/plain")
         if path == "/":
-            return self.send(h, 200, page(
-                "a.html", "a.html#section", "private/secret.html", "missing.html", "flaky.html", "broken.html", "busy.html",
-                "data.json", "big.html", "big-stream.html", "loop0", "go", "go2", "slow.html",
-                f"http://localhost:{self.port}/offhost.html", "mailto:someone@example.org", "javascript:void(0)"))
+            return self.send(
+                h,
+                200,
+                page(
+                    "a.html",
+                    "a.html#section",
+                    "private/secret.html",
+                    "missing.html",
+                    "flaky.html",
+                    "broken.html",
+                    "busy.html",
+                    "data.json",
+                    "big.html",
+                    "big-stream.html",
+                    "loop0",
+                    "go",
+                    "go2",
+                    "slow.html",
+                    f"http://localhost:{self.port}/offhost.html",
+                    "mailto:someone@example.org",
+                    "javascript:void(0)",
+                ),
+            )
         if path == "/a.html":
             return self.send(h, 200, page("/", "b.html"))
         if path == "/b.html":
@@ -82,7 +108,9 @@ class Site:
         if path == "/flaky.html":
             return self.send(h, 500 if hit == 1 else 200, page())
         if path == "/busy.html":
-            return self.send(h, 429, b"slow down", headers={"Retry-After": "0"}) if hit == 1 else self.send(h, 200, page())
+            return (
+                self.send(h, 429, b"slow down", headers={"Retry-After": "0"}) if hit == 1 else self.send(h, 200, page())
+            )
         if path == "/broken.html":
             return self.send(h, 500, b"oops")
         if path == "/data.json":
@@ -118,8 +146,17 @@ def closed_port() -> int:
 
 
 def crawl_cfg(seeds: list[str], **kw) -> ingest.IngestConfig:
-    settings = dict(seeds=seeds, max_depth=2, delay_seconds=0.0, workers=4, timeout_seconds=1.5, retries=1,
-                    backoff_seconds=0.01, max_bytes=100_000, max_redirects=3)
+    settings = dict(
+        seeds=seeds,
+        max_depth=2,
+        delay_seconds=0.0,
+        workers=4,
+        timeout_seconds=1.5,
+        retries=1,
+        backoff_seconds=0.01,
+        max_bytes=100_000,
+        max_redirects=3,
+    )
     settings.update(kw)
     return ingest.IngestConfig(kind="crawl", crawl=settings)
 
@@ -131,7 +168,14 @@ def test_crawl_keeps_good_pages_and_drops_each_failure_with_its_reason(site, tmp
 
     kept = read_table(m).to_pylist()
     u = site.url
-    assert [r["url"] for r in kept] == [f"{u}/", f"{u}/a.html", f"{u}/flaky.html", f"{u}/busy.html", f"{u}/target.html", f"{u}/b.html"]
+    assert [r["url"] for r in kept] == [
+        f"{u}/",
+        f"{u}/a.html",
+        f"{u}/flaky.html",
+        f"{u}/busy.html",
+        f"{u}/target.html",
+        f"{u}/b.html",
+    ]
     assert {r["source"] for r in kept} == {"crawl"}
     assert all(r["http_status"] == 200 and r["content_type"] == "text/html" and r["charset"] == "utf-8" for r in kept)
     assert kept[1]["body"] == page("/", "b.html")
@@ -165,7 +209,9 @@ def test_crawl_keeps_good_pages_and_drops_each_failure_with_its_reason(site, tmp
 
     # The WARC archive holds a request/response pair per kept page, bodies identical.
     responses, requests = {}, []
-    for rec in ArchiveIterator(str(m.path(ingest.WARC_NAME)), record_types=WarcRecordType.response | WarcRecordType.request):
+    for rec in ArchiveIterator(
+        str(m.path(ingest.WARC_NAME)), record_types=WarcRecordType.response | WarcRecordType.request
+    ):
         uri = rec.headers.get("WARC-Target-URI")
         if rec.record_type == WarcRecordType.response:
             assert rec.http_headers.status_code == 200
@@ -219,8 +265,10 @@ def test_normalize_url():
 
 
 def test_extract_links_resolves_base_and_dedups():
-    html = b'<html><head><base href="/docs/"></head><body><a href="x.html">1</a><a href="x.html#top">2</a>' \
-           b'<a href="//other.org/y">3</a><a href="mailto:z@z.z">4</a><a>no href</a></body></html>'
+    html = (
+        b'<html><head><base href="/docs/"></head><body><a href="x.html">1</a><a href="x.html#top">2</a>'
+        b'<a href="//other.org/y">3</a><a href="mailto:z@z.z">4</a><a>no href</a></body></html>'
+    )
     assert extract_links(html, "utf-8", "http://h.org/index.html") == ["http://h.org/docs/x.html", "http://other.org/y"]
 
 

@@ -10,8 +10,9 @@ from datasketch import MinHash
 
 from storage.artifact import Store, read_table
 from storage.documents import make_doc_id
-from tasks import dedup, minhash
-from tasks.common import StageError
+from tasks import dedup
+from tasks.stage import StageError
+from tasks.text import minhash
 
 RNG = random.Random(7)
 VOCAB = sorted({"".join(RNG.choice("abcdefghiklmnoprstuvwy") for _ in range(RNG.randint(3, 9))) for _ in range(3000)})
@@ -54,13 +55,25 @@ def corpus():
     text["d0_a_x"] = text["d0_a"].replace(" ", ", ", 10).title()
     text["s1"], text["s1_x"], text["s2"] = "Hello, world!", "hello   WORLD", "Hello there"
     text["null"] = None
-    order = ["d2_a"] + [f"d{i}" for i in range(40)] + ["d0_a", "d0_b", "d1_a", "d3_x", "d4_x", "d0_a_x", "s1", "s1_x", "s2", "null"]
+    order = (
+        ["d2_a"]
+        + [f"d{i}" for i in range(40)]
+        + ["d0_a", "d0_b", "d1_a", "d3_x", "d4_x", "d0_a_x", "s1", "s1_x", "s2", "null"]
+    )
     return [(name, text[name]) for name in order]
 
 
 def publish(store, rows, key="docs", per_part=16):
-    table = [{"doc_id": make_doc_id(f"https://example.org/{name}", t or ""), "url": f"https://example.org/{name}", "source": "test",
-              "fetched_at": "2026-11-01T00:00:00Z", "text": t} for name, t in rows]
+    table = [
+        {
+            "doc_id": make_doc_id(f"https://example.org/{name}", t or ""),
+            "url": f"https://example.org/{name}",
+            "source": "test",
+            "fetched_at": "2026-11-01T00:00:00Z",
+            "text": t,
+        }
+        for name, t in rows
+    ]
     with store.writer("extract", key) as w:
         for i in range(0, len(table), per_part):
             w.write_table(pa.Table.from_pylist(table[i : i + per_part]))
@@ -82,18 +95,29 @@ def by_name(table, ids):
 def test_planted_duplicates_found_and_distinct_docs_kept(result):
     _, _, ids, m = result
     assert m.counters["docs_in"] == 51
-    assert {r: v["docs"] for r, v in m.counters["dropped"].items()} == {"exact_duplicate": 4, "near_duplicate": 4, "missing_text": 1}
+    assert {r: v["docs"] for r, v in m.counters["dropped"].items()} == {
+        "exact_duplicate": 4,
+        "near_duplicate": 4,
+        "missing_text": 1,
+    }
     kept = by_name(read_table(m), ids)
     assert set(kept) == {"d2_a", "s1", "s2"} | {f"d{i}" for i in range(40) if i != 2}
     dropped = by_name(read_table(m, "dropped"), ids)
     expected = {  # name: (reason, duplicate_of, cluster)
-        "d0_a": ("near_duplicate", "d0", "d0"), "d0_b": ("near_duplicate", "d0", "d0"), "d1_a": ("near_duplicate", "d1", "d1"),
-        "d2": ("near_duplicate", "d2_a", "d2_a"), "d3_x": ("exact_duplicate", "d3", "d3"), "d4_x": ("exact_duplicate", "d4", "d4"),
-        "d0_a_x": ("exact_duplicate", "d0_a", "d0"), "s1_x": ("exact_duplicate", "s1", "s1"),
+        "d0_a": ("near_duplicate", "d0", "d0"),
+        "d0_b": ("near_duplicate", "d0", "d0"),
+        "d1_a": ("near_duplicate", "d1", "d1"),
+        "d2": ("near_duplicate", "d2_a", "d2_a"),
+        "d3_x": ("exact_duplicate", "d3", "d3"),
+        "d4_x": ("exact_duplicate", "d4", "d4"),
+        "d0_a_x": ("exact_duplicate", "d0_a", "d0"),
+        "s1_x": ("exact_duplicate", "s1", "s1"),
     }
     for name, (reason, dup_of, cluster) in expected.items():
         row = dropped[name]
-        assert (row["dropped_reason"], row["duplicate_of"], row["cluster_id"]) == (reason, ids[dup_of], ids[cluster]), name
+        assert (row["dropped_reason"], row["duplicate_of"], row["cluster_id"]) == (reason, ids[dup_of], ids[cluster]), (
+            name
+        )
     assert dropped["null"]["dropped_reason"] == "missing_text" and dropped["null"]["cluster_id"] is None
     assert all(row["cluster_id"] == row["doc_id"] for row in kept.values())  # a kept doc names its own cluster
     assert m.meta["clusters"] == 6  # d0 (4 docs), d1, d2_a, d3, d4, s1
@@ -105,12 +129,16 @@ def test_bands_are_grouped_by_duckdb(result):
     bands = [str(m.path(f.path)) for f in m.files_with_prefix("bands-")]
     assert len(bands) == 4  # one per input part (51 rows in parts of 16)
     con = duckdb.connect()
-    n, per_doc = con.execute("SELECT count(*), count(*) / count(DISTINCT doc_id) FROM read_parquet($f)", {"f": bands}).fetchone()
+    n, per_doc = con.execute(
+        "SELECT count(*), count(*) / count(DISTINCT doc_id) FROM read_parquet($f)", {"f": bands}
+    ).fetchone()
     assert (n, per_doc) == (46 * 14, 14)  # 51 rows - 4 exact twins - 1 null reach MinHash
     pairs = con.execute(
         """WITH b AS (SELECT list(doc_id ORDER BY doc_id) AS docs FROM read_parquet($f)
                       GROUP BY band, band_hash HAVING count(*) > 1)
-           SELECT DISTINCT unnest(docs) AS d, docs FROM b""", {"f": bands}).fetchall()
+           SELECT DISTINCT unnest(docs) AS d, docs FROM b""",
+        {"f": bands},
+    ).fetchall()
     names = {v: k for k, v in ids.items()}
     groups = {frozenset(names[d] for d in docs) for _, docs in pairs}
     assert set().union(*groups) == {"d0", "d0_a", "d0_b", "d1", "d1_a", "d2", "d2_a"}

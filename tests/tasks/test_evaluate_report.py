@@ -9,10 +9,19 @@ def _metrics(**by_group):
 
 
 def test_report_names_languages_without_validation_documents():
-    report = {"documents": 3, "where_sql": None, "unigram_bits_per_byte": 2.5, "generations": [],
-              "base": _metrics(en=1), "finetuned": _metrics(en=1), "languages_without_val": ["es", "fr"]}
+    report = {
+        "documents": 3,
+        "where_sql": None,
+        "unigram_bits_per_byte": 2.5,
+        "generations": [],
+        "base": _metrics(en=1),
+        "finetuned": _metrics(en=1),
+        "languages_without_val": ["es", "fr"],
+    }
     text = _markdown(report)
     assert "| finetuned | en | 3 | 90 | 2.0000 | 7.39 | 1.2500 |" in text
     assert "Not measured (train documents, none held out): es, fr." in text
     assert "Not measured" not in _markdown({**report, "languages_without_val": []})
-    assert "Not measured" not in _markdown({k: v for k, v in report.items() if k != "languages_without_val"})  # a cached report
+    assert "Not measured" not in _markdown(
+        {k: v for k, v in report.items() if k != "languages_without_val"}
+    )  # a cached report

@@ -13,9 +13,10 @@ import pytest
 from storage.artifact import Store, read_table
 from storage.documents import count_words, make_doc_id
 from tasks import extract
-from tasks.common import StageError
-from tasks.extract import ExtractConfig, decode_body
 from tasks.ingest import RAW_SCHEMA
+from tasks.stage import StageError
+from tasks.text import html
+from tasks.text.html import ExtractConfig, decode_body
 
 PARAS = [
     "APT is a vast project, whose original plans included a graphical interface. It is based on a library which "
@@ -30,9 +31,11 @@ FRENCH = "Le café coûte 3 €. Déjà vu, naïve façade, « guillemets » et 
 
 def docbook_page(paras: list[str] = PARAS) -> bytes:
     """A page shaped like the Debian handbook's DocBook HTML: banner, nav above and below."""
-    nav = ('<ul class="docnav{top}"><li class="previous"><a accesskey="p" href="apt.html"><strong>Prev</strong>Chapter 6. Maintenance</a></li>'
-           '<li class="up"><a accesskey="u" href="#"><strong>Up</strong></a></li><li class="home"><a accesskey="h" href="index.html">'
-           '<strong>Home</strong></a></li><li class="next"><a accesskey="n" href="next.html"><strong>Next</strong>6.3. The apt-cache Command</a></li></ul>')
+    nav = (
+        '<ul class="docnav{top}"><li class="previous"><a accesskey="p" href="apt.html"><strong>Prev</strong>Chapter 6. Maintenance</a></li>'
+        '<li class="up"><a accesskey="u" href="#"><strong>Up</strong></a></li><li class="home"><a accesskey="h" href="index.html">'
+        '<strong>Home</strong></a></li><li class="next"><a accesskey="n" href="next.html"><strong>Next</strong>6.3. The apt-cache Command</a></li></ul>'
+    )
     body = "".join(f'<div class="para">{p}</div>' for p in paras)
     return (
         '<?xml version="1.0" encoding="UTF-8" standalone="no"?><!DOCTYPE html><html xmlns="http://www.w3.org/1999/xhtml"><head>'
@@ -52,8 +55,19 @@ def html_of(text: str, head: str = "") -> str:
 
 def raw_artifact(store: Store, pages: list[tuple[str, bytes, str, str | None]]):
     """An ingest-shaped artifact of (url, body, content_type, charset) rows."""
-    rows = [{"doc_id": make_doc_id(url), "url": url, "source": "crawl", "fetched_at": "2026-11-23T00:00:00+00:00", "http_status": 200,
-             "content_type": ctype, "charset": charset, "body": body} for url, body, ctype, charset in pages]
+    rows = [
+        {
+            "doc_id": make_doc_id(url),
+            "url": url,
+            "source": "crawl",
+            "fetched_at": "2026-11-23T00:00:00+00:00",
+            "http_status": 200,
+            "content_type": ctype,
+            "charset": charset,
+            "body": body,
+        }
+        for url, body, ctype, charset in pages
+    ]
     key = hashlib.sha256(repr(pages).encode()).hexdigest()[:24]
     with store.writer("ingest", key) as w:
         w.write_table(pa.Table.from_pylist(rows, schema=RAW_SCHEMA))
@@ -85,7 +99,12 @@ def test_every_page_is_kept_or_dropped_with_its_reason(tmp_path):
     french = html_of(FRENCH).encode("cp1252")
     pages = [
         ("http://h.org/latin1-header", french, "text/html", "iso-8859-1"),
-        ("http://h.org/cp1252-meta", html_of(FRENCH, '<meta charset="windows-1252">').encode("cp1252"), "text/html", None),
+        (
+            "http://h.org/cp1252-meta",
+            html_of(FRENCH, '<meta charset="windows-1252">').encode("cp1252"),
+            "text/html",
+            None,
+        ),
         ("http://h.org/wrong-header", french, "text/html", "utf-8"),
         ("http://h.org/bogus-header", html_of(FRENCH).encode("utf-8"), "text/html", "no-such-charset"),
         ("http://h.org/notes.txt", ("Plain notes.\r\n" + " ".join(PARAS)).encode("utf-8"), "text/plain", None),
@@ -96,12 +115,22 @@ def test_every_page_is_kept_or_dropped_with_its_reason(tmp_path):
     ]
     m = extract.run(store, ExtractConfig(workers=2), raw_artifact(store, pages))
     kept, dropped = outcome(m)
-    assert list(kept) == ["http://h.org/latin1-header", "http://h.org/cp1252-meta", "http://h.org/wrong-header", "http://h.org/bogus-header", "http://h.org/notes.txt"]
+    assert list(kept) == [
+        "http://h.org/latin1-header",
+        "http://h.org/cp1252-meta",
+        "http://h.org/wrong-header",
+        "http://h.org/bogus-header",
+        "http://h.org/notes.txt",
+    ]
     for url in list(kept)[:4]:
         assert kept[url] == FRENCH.strip()
     assert kept["http://h.org/notes.txt"].startswith("Plain notes.\nAPT is a vast project")
-    assert dropped == {"http://h.org/random": "undecodable", "http://h.org/nulls": "undecodable",
-                       "http://h.org/short": "too_short", "http://h.org/empty": "empty_text"}
+    assert dropped == {
+        "http://h.org/random": "undecodable",
+        "http://h.org/nulls": "undecodable",
+        "http://h.org/short": "too_short",
+        "http://h.org/empty": "empty_text",
+    }
     c = m.counters
     assert (c["docs_in"], c["docs_out"]) == (9, 5)
     assert c["words_out"] == sum(count_words(t) for t in kept.values())
@@ -115,11 +144,11 @@ def test_decode_body_order():
     assert decode_body(b"\xef\xbb\xbfcaf\xc3\xa9", "windows-1252", 0.01) == "café"  # a BOM beats the header
     assert decode_body("café".encode("cp1252"), "latin1", 0.01) == "café"
     assert decode_body(b"caf\xc3\xa9 \xff ok" + b" plain ascii text" * 10, None, 0.01).startswith("caf")
-    with pytest.raises(extract.Undecodable):
+    with pytest.raises(html.Undecodable):
         decode_body(b"\x00\x01\x02\x03 binary", None, 0.01)
 
 
-real_extract = extract.extract_document
+real_extract = html.extract_document
 
 
 def slow_or_crashing(body, content_type, charset, cfg):
@@ -131,11 +160,16 @@ def slow_or_crashing(body, content_type, charset, cfg):
 
 
 def test_time_limit_and_crashes_cost_one_document_each(tmp_path, monkeypatch):
-    monkeypatch.setattr(extract, "extract_document", slow_or_crashing)  # forked workers inherit it
+    monkeypatch.setattr(html, "extract_document", slow_or_crashing)  # forked workers inherit it
     store = Store(tmp_path)
     good = [(f"http://h.org/{i}", docbook_page(), "text/html", "utf-8") for i in range(6)]
-    pages = good[:2] + [("http://h.org/slow", docbook_page(PARAS + ["SLOW"]), "text/html", "utf-8")] + good[2:4] \
-        + [("http://h.org/crash", docbook_page(PARAS + ["CRASH"]), "text/html", "utf-8")] + good[4:]
+    pages = (
+        good[:2]
+        + [("http://h.org/slow", docbook_page(PARAS + ["SLOW"]), "text/html", "utf-8")]
+        + good[2:4]
+        + [("http://h.org/crash", docbook_page(PARAS + ["CRASH"]), "text/html", "utf-8")]
+        + good[4:]
+    )
     m = extract.run(store, ExtractConfig(workers=2, timeout_seconds=2.0), raw_artifact(store, pages))
     kept, dropped = outcome(m)
     assert list(kept) == [u for u, *_ in good]
@@ -156,8 +190,13 @@ def test_rerun_returns_the_same_artifact(tmp_path):
 
 def test_failures_publish_nothing(tmp_path, monkeypatch):
     store = Store(tmp_path)
-    raw = raw_artifact(store, [("http://h.org/a", docbook_page(), "text/html", "utf-8"),
-                               ("http://h.org/b", html_of("tiny").encode(), "text/html", "utf-8")])
+    raw = raw_artifact(
+        store,
+        [
+            ("http://h.org/a", docbook_page(), "text/html", "utf-8"),
+            ("http://h.org/b", html_of("tiny").encode(), "text/html", "utf-8"),
+        ],
+    )
     with pytest.raises(StageError, match=r"no text kept out of 2 pages \(too_short: 2\)"):
         extract.run(store, ExtractConfig(workers=1, min_chars=100_000), raw)
 

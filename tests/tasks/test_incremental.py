@@ -23,11 +23,11 @@ import yaml
 from flows.config import PipelineConfig
 from flows.data_refresh import data_refresh
 from storage.artifact import Store, read_table
-from storage.catalog import Catalog
+from storage.catalog import Catalog, register_dataset
 from storage.documents import SplitConfig, make_doc_id
 from storage.tokens import open_split
 from tasks import dedup, ingest, shards, tokenizer
-from tasks.common import StageError
+from tasks.stage import StageError
 from tests.e2e.site import EN, build_site, html, page_text
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,16 +101,28 @@ def change_site(root: Path) -> dict:
     (root / "en/mirror-000.html").write_bytes((root / "en/page-001.html").read_bytes())  # an exact copy
     old = (root / "en/page-004.html").read_text(encoding="utf-8")
     # A near copy (one sentence of twenty changed, Jaccard > 0.8) under a new URL, and the same edit in place.
-    edited = old.replace(old[old.index("<p>") + 3 : old.index(". ", old.index("<p>"))], "The release manager signs the final images on Friday", 1)
+    edited = old.replace(
+        old[old.index("<p>") + 3 : old.index(". ", old.index("<p>"))],
+        "The release manager signs the final images on Friday",
+        1,
+    )
     (root / "en/near-004.html").write_text(edited, encoding="utf-8")
     (root / "en/page-005.html").write_text(
-        (root / "en/page-005.html").read_text(encoding="utf-8").replace(*_first_sentence(root / "en/page-005.html")), encoding="utf-8")
-    (root / "en/page-002.html").write_text(html("en page 2", page_text(rng, EN), ["page-001.html", "page-003.html"], "en"), encoding="utf-8")
+        (root / "en/page-005.html").read_text(encoding="utf-8").replace(*_first_sentence(root / "en/page-005.html")),
+        encoding="utf-8",
+    )
+    (root / "en/page-002.html").write_text(
+        html("en page 2", page_text(rng, EN), ["page-001.html", "page-003.html"], "en"), encoding="utf-8"
+    )
     index = (root / "index.html").read_text(encoding="utf-8")
     links = "".join(f'<li><a href="{n}">{n}</a></li>' for n in [*new, "en/mirror-000.html", "en/near-004.html"])
     (root / "index.html").write_text(index.replace("</ul>", links + "</ul>", 1), encoding="utf-8")
-    return {"new": new, "rewritten": "en/page-002.html", "copies": {"en/mirror-000.html": "en/page-001.html", "en/near-004.html": "en/page-004.html"},
-            "edited": "en/page-005.html"}
+    return {
+        "new": new,
+        "rewritten": "en/page-002.html",
+        "copies": {"en/mirror-000.html": "en/page-001.html", "en/near-004.html": "en/page-004.html"},
+        "edited": "en/page-005.html",
+    }
 
 
 def _first_sentence(path: Path) -> tuple[str, str]:
@@ -127,7 +139,10 @@ def test_incremental_refresh_fetches_only_what_changed_and_adds_only_new_documen
     first = data_refresh(cfg, incremental=True)  # an empty catalog: a full refresh
     assert first["new"] is True
     with Catalog(store.catalog_path, read_only=True) as cat:
-        old_docs = {r["url"]: r["doc_id"] for r in cat.query("SELECT url, doc_id FROM documents WHERE dataset = ?", [first["dataset"]]).to_pylist()}
+        old_docs = {
+            r["url"]: r["doc_id"]
+            for r in cat.query("SELECT url, doc_id FROM documents WHERE dataset = ?", [first["dataset"]]).to_pylist()
+        }
     assert len(old_docs) == 20  # every EN/FR page; the index page is too short to keep
     known_pages = {p for p, *_ in page_requests(requests)}
     dirs = artifact_dirs(store.root)
@@ -150,13 +165,18 @@ def test_incremental_refresh_fetches_only_what_changed_and_adds_only_new_documen
     assert third["new"] is True and third["dataset"] != first["dataset"]
     rec = third["records"]
     fetched = {p for p, _, _, status in page_requests(requests) if status == 200}
-    assert fetched == {"/", *(f"/{n}" for n in [*changes["new"], *changes["copies"], changes["rewritten"], changes["edited"]])}
+    assert fetched == {
+        "/",
+        *(f"/{n}" for n in [*changes["new"], *changes["copies"], changes["rewritten"], changes["edited"]]),
+    }
     assert rec["ingest"].meta["not_modified"] == len(known_pages) - 3  # all but the index, page-002 and page-005
     assert (rec["ingest"].meta["new"], rec["ingest"].meta["changed"]) == (5, 3)
     dedup = {r: v["docs"] for r, v in rec["dedup"].dropped.items()}
     assert dedup == {"seen_exact": 1, "seen_near": 2}, dedup  # the mirror, the near copy, page-005's small edit
-    dropped = {r["url"].removeprefix(url): (r["dropped_reason"], r["duplicate_of"])
-               for r in read_table(store.load(*rec["dedup"].artifact.split("/")), "dropped").to_pylist()}
+    dropped = {
+        r["url"].removeprefix(url): (r["dropped_reason"], r["duplicate_of"])
+        for r in read_table(store.load(*rec["dedup"].artifact.split("/")), "dropped").to_pylist()
+    }
     assert dropped == {
         "en/mirror-000.html": ("seen_exact", old_docs[url + "en/page-001.html"]),
         "en/near-004.html": ("seen_near", old_docs[url + "en/page-004.html"]),
@@ -168,12 +188,20 @@ def test_incremental_refresh_fetches_only_what_changed_and_adds_only_new_documen
         rows = cat.query("SELECT url, doc_id FROM documents WHERE dataset = ?", [third["dataset"]]).to_pylist()
         lineage = {a["ref"] for a in cat.lineage(third["dataset"])}
     urls = [r["url"] for r in rows]
-    assert len(urls) == len(set(urls)) == len({r["doc_id"] for r in rows})  # the rewritten page replaced its old version
+    assert (
+        len(urls) == len(set(urls)) == len({r["doc_id"] for r in rows})
+    )  # the rewritten page replaced its old version
     assert set(urls) == set(old_docs) | {url + n for n in changes["new"]}
     assert first["dataset"] in lineage and first["records"]["ingest"].artifact in lineage
     shards = store.load(*third["dataset"].split("/"))
-    assert shards.meta["incremental"] == {"previous": first["dataset"], "new_docs": 4, "carried_docs": 19, "replaced_docs": 1,
-                                          "linked_shards": 1, "rewritten_shards": 1}
+    assert shards.meta["incremental"] == {
+        "previous": first["dataset"],
+        "new_docs": 4,
+        "carried_docs": 19,
+        "replaced_docs": 1,
+        "linked_shards": 1,
+        "rewritten_shards": 1,
+    }
     # Pretraining reads whole .bin files: they hold exactly the indexed documents' tokens.
     for split in ("train", "val"):
         n_tokens = sum(s.n_tokens for s in open_split(shards, split))
@@ -198,13 +226,17 @@ def test_unchanged_files_ingest_publishes_nothing_and_changed_ones_arrive(tmp_pa
     assert {r["dropped_reason"] for r in read_table(second, "dropped").to_pylist()} == {"unchanged"}
     assert read_table(second, "validators").num_rows == 3  # the unchanged ones carried forward
     assert make_doc_id((folder / "p1.html").resolve().as_uri()) == read_table(second)["doc_id"][0].as_py()
-    assert np.array_equal(read_table(second, "validators")["url"].to_numpy(zero_copy_only=False),
-                          read_table(first, "validators")["url"].to_numpy(zero_copy_only=False))
+    assert np.array_equal(
+        read_table(second, "validators")["url"].to_numpy(zero_copy_only=False),
+        read_table(first, "validators")["url"].to_numpy(zero_copy_only=False),
+    )
 
 
 # --- dedup against the documents of earlier runs -------------------------------------------------
 
-VOCAB = sorted({"".join(random.Random(i).choice("abcdefghiklmnoprstuvwy") for _ in range(3 + i % 7)) for i in range(4000)})
+VOCAB = sorted(
+    {"".join(random.Random(i).choice("abcdefghiklmnoprstuvwy") for _ in range(3 + i % 7)) for i in range(4000)}
+)
 
 
 def _text(rng: random.Random, n: int = 300) -> list[str]:
@@ -220,8 +252,15 @@ def _edited(ws: list[str], rng: random.Random, positions=(40, 220)) -> str:
 
 
 def _publish_docs(store: Store, key: str, rows: list[tuple[str, str]]):
-    table = pa.table({"doc_id": [d for d, _ in rows], "url": [f"https://example.org/{d}" for d, _ in rows],
-                      "source": ["test"] * len(rows), "fetched_at": ["2026-11-01"] * len(rows), "text": [t for _, t in rows]})
+    table = pa.table(
+        {
+            "doc_id": [d for d, _ in rows],
+            "url": [f"https://example.org/{d}" for d, _ in rows],
+            "source": ["test"] * len(rows),
+            "fetched_at": ["2026-11-01"] * len(rows),
+            "text": [t for _, t in rows],
+        }
+    )
     with store.writer("extract", key) as w:
         w.write_table(table)
     return w.manifest
@@ -231,34 +270,52 @@ def test_dedup_drops_what_earlier_runs_saw_and_keeps_substantial_changes(tmp_pat
     rng = random.Random(3)
     store = Store(tmp_path)
     old = {f"d{i}": _text(rng) for i in range(8)}
-    first = dedup.run(store, dedup.DedupConfig(), docs=_publish_docs(store, "old", [(d, " ".join(ws)) for d, ws in old.items()]))
+    first = dedup.run(
+        store, dedup.DedupConfig(), docs=_publish_docs(store, "old", [(d, " ".join(ws)) for d, ws in old.items()])
+    )
     assert read_table(first, "hashes").num_rows == 8 and first.counters["docs_out"] == 8
 
     n0, n4 = _text(rng), _text(rng)
     new = [
-        ("n0", " ".join(n0)),                     # new
-        ("n1", " ".join(old["d1"]).upper()),      # an exact copy (after normalization) of d1
-        ("n1_twin", " ".join(old["d1"])),         # ...and its exact twin in this batch: inherits seen_exact
-        ("n2", _edited(old["d2"], rng)),          # a near copy of d2 under a new URL
-        ("d3", _edited(old["d3"], rng)),          # d3's page, lightly edited: a near copy of its own old version
-        ("d5", " ".join(_text(rng))),             # d5's page rewritten: kept, it replaces the old version downstream
-        ("n4", " ".join(n4)),                     # new, with a near copy of itself in the batch
+        ("n0", " ".join(n0)),  # new
+        ("n1", " ".join(old["d1"]).upper()),  # an exact copy (after normalization) of d1
+        ("n1_twin", " ".join(old["d1"])),  # ...and its exact twin in this batch: inherits seen_exact
+        ("n2", _edited(old["d2"], rng)),  # a near copy of d2 under a new URL
+        ("d3", _edited(old["d3"], rng)),  # d3's page, lightly edited: a near copy of its own old version
+        ("d5", " ".join(_text(rng))),  # d5's page rewritten: kept, it replaces the old version downstream
+        ("n4", " ".join(n4)),  # new, with a near copy of itself in the batch
         ("n4_a", _edited(n4, rng)),
     ]
     second = dedup.run(store, dedup.DedupConfig(), docs=_publish_docs(store, "new", new), earlier=[first])
     kept = read_table(second)["doc_id"].to_pylist()
     assert kept == ["n0", "d5", "n4"]
     dropped = {r["doc_id"]: (r["dropped_reason"], r["duplicate_of"]) for r in read_table(second, "dropped").to_pylist()}
-    assert dropped == {"n1": ("seen_exact", "d1"), "n1_twin": ("seen_exact", "d1"), "n2": ("seen_near", "d2"),
-                       "d3": ("seen_near", "d3"), "n4_a": ("near_duplicate", "n4")}
-    assert {r: v["docs"] for r, v in second.counters["dropped"].items()} == {"seen_exact": 2, "seen_near": 2, "near_duplicate": 1}
+    assert dropped == {
+        "n1": ("seen_exact", "d1"),
+        "n1_twin": ("seen_exact", "d1"),
+        "n2": ("seen_near", "d2"),
+        "d3": ("seen_near", "d3"),
+        "n4_a": ("near_duplicate", "n4"),
+    }
+    assert {r: v["docs"] for r, v in second.counters["dropped"].items()} == {
+        "seen_exact": 2,
+        "seen_near": 2,
+        "near_duplicate": 1,
+    }
     assert first.ref in second.parents and second.meta["earlier"] == [first.ref]
 
     # A third run sees both earlier runs: n0 is now old news, as is d5's rewrite.
-    third = dedup.run(store, dedup.DedupConfig(), docs=_publish_docs(store, "third", [("m0", " ".join(n0)), ("d5", new[5][1])]),
-                      earlier=[first, second])
+    third = dedup.run(
+        store,
+        dedup.DedupConfig(),
+        docs=_publish_docs(store, "third", [("m0", " ".join(n0)), ("d5", new[5][1])]),
+        earlier=[first, second],
+    )
     assert read_table(third).num_rows == 0
-    assert {r["doc_id"]: r["duplicate_of"] for r in read_table(third, "dropped").to_pylist()} == {"m0": "n0", "d5": "d5"}
+    assert {r["doc_id"]: r["duplicate_of"] for r in read_table(third, "dropped").to_pylist()} == {
+        "m0": "n0",
+        "d5": "d5",
+    }
 
     with pytest.raises(StageError, match="band keys were made with MinHash"):
         dedup.run(store, dedup.DedupConfig(seed=2), docs=_publish_docs(store, "new", new), earlier=[first])
@@ -272,9 +329,18 @@ WORDS = "web text becomes a small model after dedup and filtering le texte du we
 
 def _rows(n: int, seed: int, start: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    return [{"doc_id": f"doc{i}", "url": f"https://example.org/{i}", "source": "test", "fetched_at": "2026-11-01",
-             "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))), "lang": "en", "augmented_from": None}
-            for i in range(start, start + n)]
+    return [
+        {
+            "doc_id": f"doc{i}",
+            "url": f"https://example.org/{i}",
+            "source": "test",
+            "fetched_at": "2026-11-01",
+            "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))),
+            "lang": "en",
+            "augmented_from": None,
+        }
+        for i in range(start, start + n)
+    ]
 
 
 def _publish_rows(store: Store, key: str, rows: list[dict]):
@@ -294,6 +360,8 @@ def test_shards_new_version_links_untouched_shards_and_replaces_changed_document
     changed = {**old_rows[5], "text": "a rewritten page about web text " * 5}
     delta = [changed, *_rows(10, seed=1, start=1000)]
     v2 = shards.run(store, cfg, docs=_publish_rows(store, "delta", delta), tokenizer=tok, split=SPLIT, previous=v1)
+    for version in (v1, v2):  # what the data-refresh flow does after each shards run
+        register_dataset(store, version)
 
     inc = v2.meta["incremental"]
     assert (inc["previous"], inc["new_docs"], inc["carried_docs"], inc["replaced_docs"]) == (v1.ref, 11, 119, 1)
@@ -307,14 +375,18 @@ def test_shards_new_version_links_untouched_shards_and_replaces_changed_document
     shard_files = {s.name: s for split in ("train", "val") for s in open_split(v2, split)}
     for r in index:
         ids = shard_files[r["shard"]].span(r["start"], r["n_tokens"]).tolist()
-        assert ids == enc.encode(text[r["doc_id"]], add_special_tokens=False).ids + [int(tok.meta["eot_id"])], r["doc_id"]
+        assert ids == enc.encode(text[r["doc_id"]], add_special_tokens=False).ids + [int(tok.meta["eot_id"])], r[
+            "doc_id"
+        ]
     # Untouched shards are the previous version's files (one inode, no copy); pretraining's
     # whole-file reads see exactly the indexed tokens.
     old_inodes = {os.stat(v1.path(f.path)).st_ino for f in v1.files_with_prefix("tokens-")}
     linked = [f for f in v2.files_with_prefix("tokens-") if os.stat(v2.path(f.path)).st_ino in old_inodes]
     assert len(linked) == 2 * inc["linked_shards"]
     for split in ("train", "val"):
-        assert sum(s.n_tokens for s in open_split(v2, split)) == sum(r["n_tokens"] for r in index if r["split"] == split)
+        assert sum(s.n_tokens for s in open_split(v2, split)) == sum(
+            r["n_tokens"] for r in index if r["split"] == split
+        )
     with Catalog(store.catalog_path, read_only=True) as cat:
         assert cat.datasets() == [v1.ref, v2.ref]
         assert cat.query("SELECT count(*) AS n FROM documents WHERE dataset = ?", [v2.ref])["n"][0].as_py() == 130
@@ -330,7 +402,9 @@ def test_a_changed_page_without_text_worth_keeping_is_no_new_version(site, tmp_p
     first = data_refresh(cfg)
     dirs = artifact_dirs(Store(cfg.store).root)
     index = (root / "index.html").read_text(encoding="utf-8")
-    (root / "index.html").write_text(index.replace("</ul>", '<li><a href="en/page-003.html">again</a></li></ul>', 1), encoding="utf-8")
+    (root / "index.html").write_text(
+        index.replace("</ul>", '<li><a href="en/page-003.html">again</a></li></ul>', 1), encoding="utf-8"
+    )
     again = data_refresh(cfg, incremental=True)
     assert again["new"] is False and again["dataset"] == first["dataset"]
     assert again["reason"].startswith("no text kept from the 1 new or changed pages since")

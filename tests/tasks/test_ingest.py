@@ -15,21 +15,36 @@ from warcio.warcwriter import WARCWriter
 from storage.artifact import Store, read_table
 from storage.documents import make_doc_id
 from tasks import ingest
-from tasks.common import StageError
+from tasks.stage import StageError
 
 HTML = b"<html><body><p>A page about package management.</p></body></html>"
 
 
-def record(url: str, body: bytes = HTML, status: str = "200 OK", ctype: str = "text/html; charset=utf-8", kind: str = "response") -> bytes:
+def record(
+    url: str,
+    body: bytes = HTML,
+    status: str = "200 OK",
+    ctype: str = "text/html; charset=utf-8",
+    kind: str = "response",
+) -> bytes:
     """One WARC record, uncompressed, as bytes."""
     out = BytesIO()
     w = WARCWriter(out, gzip=False)
     if kind == "conversion":
         rec = w.create_warc_record(url, "conversion", payload=BytesIO(body), warc_content_type="text/plain")
     elif kind == "request":
-        rec = w.create_warc_record(url, "request", http_headers=StatusAndHeaders("GET / HTTP/1.1", [("Host", "example.org")], is_http_request=True))
+        rec = w.create_warc_record(
+            url,
+            "request",
+            http_headers=StatusAndHeaders("GET / HTTP/1.1", [("Host", "example.org")], is_http_request=True),
+        )
     else:
-        rec = w.create_warc_record(url, "response", payload=BytesIO(body), http_headers=StatusAndHeaders(status, [("Content-Type", ctype)], protocol="HTTP/1.1"))
+        rec = w.create_warc_record(
+            url,
+            "response",
+            payload=BytesIO(body),
+            http_headers=StatusAndHeaders(status, [("Content-Type", ctype)], protocol="HTTP/1.1"),
+        )
     w.write_record(rec)
     return out.getvalue()
 
@@ -39,27 +54,36 @@ def run_warc(tmp_path: Path, *paths: str):
 
 
 def test_warc_records_kept_and_dropped_with_reasons(tmp_path):
-    corrupted = record("http://example.org/corrupt").replace(b"package management", b"package MANAGEMENT")  # digest no longer matches
+    corrupted = record("http://example.org/corrupt").replace(
+        b"package management", b"package MANAGEMENT"
+    )  # digest no longer matches
     bad_http = record("http://example.org/bad-http").replace(b"HTTP/1.1 200 OK", b"HXXP/9.9 ??? !!")
-    data = b"".join([
-        record("http://example.org/1"),
-        corrupted,
-        record("http://example.org/missing", b"gone", status="404 Not Found"),
-        record("http://example.org/logo.png", b"\x89PNG", ctype="image/png"),
-        record("http://example.org/wet", "Plain text from a WET file. Ça marche.".encode(), kind="conversion"),
-        record("http://example.org/1", kind="request"),
-        record("http://example.org/1"),
-        b"THIS IS NOT A WARC RECORD\r\nat all\r\n\r\n",
-        record("http://example.org/8"),
-        bad_http,
-    ])
+    data = b"".join(
+        [
+            record("http://example.org/1"),
+            corrupted,
+            record("http://example.org/missing", b"gone", status="404 Not Found"),
+            record("http://example.org/logo.png", b"\x89PNG", ctype="image/png"),
+            record("http://example.org/wet", "Plain text from a WET file. Ça marche.".encode(), kind="conversion"),
+            record("http://example.org/1", kind="request"),
+            record("http://example.org/1"),
+            b"THIS IS NOT A WARC RECORD\r\nat all\r\n\r\n",
+            record("http://example.org/8"),
+            bad_http,
+        ]
+    )
     (tmp_path / "in.warc").write_bytes(data)
     m = run_warc(tmp_path, str(tmp_path / "in.warc"))
 
     kept = read_table(m).to_pylist()
     assert [r["url"] for r in kept] == ["http://example.org/1", "http://example.org/wet", "http://example.org/8"]
     assert kept[0]["doc_id"] == make_doc_id("http://example.org/1")
-    assert (kept[0]["http_status"], kept[0]["content_type"], kept[0]["charset"], kept[0]["body"]) == (200, "text/html", "utf-8", HTML)
+    assert (kept[0]["http_status"], kept[0]["content_type"], kept[0]["charset"], kept[0]["body"]) == (
+        200,
+        "text/html",
+        "utf-8",
+        HTML,
+    )
     assert (kept[1]["http_status"], kept[1]["content_type"]) == (None, "text/plain")
     assert kept[1]["body"].decode() == "Plain text from a WET file. Ça marche."
     assert {r["source"] for r in kept} == {"warc"}
@@ -71,20 +95,34 @@ def test_warc_records_kept_and_dropped_with_reasons(tmp_path):
         ("http://example.org/logo.png", "not_html"),
         ("http://example.org/1", "duplicate_url"),
     ]
-    assert dropped[4][0].startswith((tmp_path / "in.warc").as_uri() + "#offset=") and dropped[4][1] == "malformed_record"
+    assert (
+        dropped[4][0].startswith((tmp_path / "in.warc").as_uri() + "#offset=") and dropped[4][1] == "malformed_record"
+    )
     assert dropped[5] == ("http://example.org/bad-http", "malformed_record")
     assert m.counters["docs_in"] == 9 and m.counters["docs_out"] == 3
-    assert {r: v["docs"] for r, v in m.counters["dropped"].items()} == {"malformed_record": 3, "http_404": 1, "not_html": 1, "duplicate_url": 1}
+    assert {r: v["docs"] for r, v in m.counters["dropped"].items()} == {
+        "malformed_record": 3,
+        "http_404": 1,
+        "not_html": 1,
+        "duplicate_url": 1,
+    }
 
 
 def test_gzipped_warc_resumes_after_a_bad_member_and_a_truncated_tail(tmp_path):
-    members = [gzip.compress(record("http://example.org/a")), gzip.compress(b"garbage that is not WARC\r\n\r\n"),
-               gzip.compress(record("http://example.org/b"))]
+    members = [
+        gzip.compress(record("http://example.org/a")),
+        gzip.compress(b"garbage that is not WARC\r\n\r\n"),
+        gzip.compress(record("http://example.org/b")),
+    ]
     tail = gzip.compress(record("http://example.org/c"))
     (tmp_path / "in.warc.gz").write_bytes(b"".join(members) + tail[: len(tail) // 2])
     (tmp_path / "other.warc.gz").write_bytes(gzip.compress(record("http://example.org/d")))
     m = run_warc(tmp_path, str(tmp_path / "*.warc.gz"))
-    assert [r["url"] for r in read_table(m).to_pylist()] == ["http://example.org/a", "http://example.org/b", "http://example.org/d"]
+    assert [r["url"] for r in read_table(m).to_pylist()] == [
+        "http://example.org/a",
+        "http://example.org/b",
+        "http://example.org/d",
+    ]
     assert m.counters["dropped"] == {"malformed_record": {"docs": 2, "words": 0}}
     assert m.meta["files"] == 2
 
@@ -110,7 +148,10 @@ def test_files_kind_reads_the_folder_recursively(tmp_path):
     rows = read_table(m).to_pylist()
     root = (tmp_path / "site").resolve()
     assert [(r["url"], r["content_type"]) for r in rows] == [
-        ((root / "a.html").as_uri(), "text/html"), ((root / "notes.txt").as_uri(), "text/plain"), ((root / "sub" / "b.HTM").as_uri(), "text/html")]
+        ((root / "a.html").as_uri(), "text/html"),
+        ((root / "notes.txt").as_uri(), "text/plain"),
+        ((root / "sub" / "b.HTM").as_uri(), "text/html"),
+    ]
     assert rows[1]["body"] == b"plain notes" and rows[0]["http_status"] is None and rows[0]["source"] == "files"
     assert m.counters["docs_in"] == 3 and m.meta["files"] == 3
 
@@ -121,11 +162,11 @@ def test_changed_local_files_change_the_key_and_unchanged_reuse_it(tmp_path):
     cfg = ingest.IngestConfig(kind="files", files={"root": str(tmp_path / "site")})
     first = ingest.run(store, cfg)
     assert ingest.run(store, cfg).created_at == first.created_at
-    before = ingest.cache_fingerprint(cfg=cfg, store=store)
+    before = ingest.local_inputs(cfg)
     page = tmp_path / "site" / "a.html"
     page.write_bytes(HTML + b"<p>more</p>")
     os.utime(page, ns=(page.stat().st_atime_ns, page.stat().st_mtime_ns + 10**9))
-    assert ingest.cache_fingerprint(cfg=cfg, store=store) != before
+    assert ingest.local_inputs(cfg) != before
     second = ingest.run(store, cfg)
     assert second.key != first.key
     assert read_table(second).to_pylist()[0]["body"].endswith(b"<p>more</p>")

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from tasks.quality_rules import (
+from tasks.text.quality_rules import (
     C4Config,
     FineWebConfig,
     GopherQualityConfig,
@@ -19,7 +19,9 @@ from tasks.quality_rules import (
     gopher_repetition,
 )
 
-EN = Scope(word_rules=True, segmented=True, stop_words=frozenset(["the", "be", "to", "of", "and", "that", "have", "with"]))
+EN = Scope(
+    word_rules=True, segmented=True, stop_words=frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
+)
 OTHER = Scope(word_rules=False, segmented=True)  # e.g. French with quality_languages=["en"]
 UNSEGMENTED = Scope(word_rules=False, segmented=False)  # e.g. Japanese
 
@@ -29,8 +31,10 @@ The tokenizer is trained on the training split only, so that the validation text
 We measure the quality of the model with held-out data and export it to a format that runs on a small server without a GPU.
 This is the last sentence of the document, and it has enough words to pass the rules that count words and sentences."""
 
-NOUNS = ("apple banana cherry window garden pencil rocket silver forest meadow river candle basket marble "
-         "engine harbor violin planet pillow carpet ladder mirror button rabbit saddle tunnel wallet").split()
+NOUNS = (
+    "apple banana cherry window garden pencil rocket silver forest meadow river candle basket marble "
+    "engine harbor violin planet pillow carpet ladder mirror button rabbit saddle tunnel wallet"
+).split()
 
 
 def long_lines(n, tail="."):
@@ -92,7 +96,9 @@ def test_word_rules_only_for_quality_languages():
     signals, reason = check("gopher_quality", short_french, scope=OTHER)
     assert reason is None and "words" not in signals and "stop_words" not in signals
     # A quality language without a stop-word list gets the other word rules but not that one.
-    signals, reason = check("gopher_quality", short_french, scope=Scope(word_rules=True, segmented=True, stop_words=None))
+    signals, reason = check(
+        "gopher_quality", short_french, scope=Scope(word_rules=True, segmented=True, stop_words=None)
+    )
     assert reason == "gopher_quality:short_doc" and "stop_words" not in signals
 
 
@@ -190,7 +196,10 @@ FINEWEB_TRIPS = {
     "line_punct": (long_lines(10, tail=""), {}),
     "short_lines": ("\n".join(f"A short {n}." for n in NOUNS[:10]), {}),
     "dup_line_chars": ("\n".join([long_lines(8)] + long_lines(2).split("\n")), {}),
-    "newline_ratio": ("\n".join(f"Internationalization-standardization {n}." for n in NOUNS[:10]), {"newline_ratio": 0.3}),
+    "newline_ratio": (
+        "\n".join(f"Internationalization-standardization {n}." for n in NOUNS[:10]),
+        {"newline_ratio": 0.3},
+    ),
 }
 
 

@@ -9,11 +9,11 @@ import pyarrow.compute as pc
 import pytest
 
 from storage.artifact import Store, read_table
-from storage.catalog import Catalog
+from storage.catalog import Catalog, register_dataset
 from storage.documents import SplitConfig, make_doc_id, split_of
 from storage.tokens import open_split
 from tasks import shards, tokenizer
-from tasks.common import StageError
+from tasks.stage import StageError
 
 SPLIT = SplitConfig(val_fraction=0.2, seed=1)
 WORDS = {
@@ -33,17 +33,28 @@ def make_docs(n=240, seed=0):
         if i % 31 == 0:
             text += " <|endoftext|> ¿qué? 😀"
         url = f"https://example.org/{i}"
-        rows.append({
-            "doc_id": make_doc_id(url, text), "url": url, "source": "test", "fetched_at": "2026-11-01", "text": text,
-            "lang": lang, "lang_score": round(rng.uniform(0.5, 1.0), 3), "signals": {"words": len(text.split()), "ratio": 0.5},
-            "cluster_id": i // 3, "augmented_from": None,
-        })
+        rows.append(
+            {
+                "doc_id": make_doc_id(url, text),
+                "url": url,
+                "source": "test",
+                "fetched_at": "2026-11-01",
+                "text": text,
+                "lang": lang,
+                "lang_score": round(rng.uniform(0.5, 1.0), 3),
+                "signals": {"words": len(text.split()), "ratio": 0.5},
+                "cluster_id": i // 3,
+                "augmented_from": None,
+            }
+        )
     originals = list(rows)
     train = [r for r in originals if split_of(r["doc_id"], SPLIT) == "train"]
     val = [r for r in originals if split_of(r["doc_id"], SPLIT) == "val"]
     for src in train[::5] + val[:1]:
         text = " ".join(reversed(src["text"].split()))
-        rows.append({**src, "doc_id": make_doc_id(src["url"] + "#bt", text), "text": text, "augmented_from": src["doc_id"]})
+        rows.append(
+            {**src, "doc_id": make_doc_id(src["url"] + "#bt", text), "text": text, "augmented_from": src["doc_id"]}
+        )
     rows.append({**rows[0], "doc_id": "empty", "text": ""})
     return rows
 
@@ -96,15 +107,31 @@ def test_splits_are_deterministic_and_paraphrases_follow_their_source(built):
             assert index[r["doc_id"]]["split"] == split_of(r["augmented_from"] or r["doc_id"], SPLIT)
     augmented = [r for r in index.values() if r["augmented_from"]]
     assert augmented and all(r["split"] == "train" for r in augmented)
-    assert {reason: d["docs"] for reason, d in m.counters["dropped"].items()} == {"augmented_from_val": 1, "empty_text": 1}
+    assert {reason: d["docs"] for reason, d in m.counters["dropped"].items()} == {
+        "augmented_from_val": 1,
+        "empty_text": 1,
+    }
     assert len(index) == len(rows) - 2
 
 
 def test_index_keeps_metadata_and_meta_adds_up(built):
     store, rows, tok, m = built
     index = read_table(m, "index")
-    assert index.column_names == ["doc_id", "url", "source", "lang", "lang_score", "signals", "cluster_id", "augmented_from",
-                                  "split", "shard", "start", "n_tokens", "n_bytes"]
+    assert index.column_names == [
+        "doc_id",
+        "url",
+        "source",
+        "lang",
+        "lang_score",
+        "signals",
+        "cluster_id",
+        "augmented_from",
+        "split",
+        "shard",
+        "start",
+        "n_tokens",
+        "n_bytes",
+    ]
     first = index.to_pylist()[0]
     source = next(r for r in rows if r["doc_id"] == first["doc_id"])
     assert json.loads(first["signals"]) == source["signals"]
@@ -113,12 +140,19 @@ def test_index_keeps_metadata_and_meta_adds_up(built):
     for split in ("train", "val"):
         part = index.filter(pc.equal(index["split"], split))
         assert m.meta["docs"][split] == part.num_rows == sum(s.n_docs for s in open_split(m, split))
-        assert m.meta["tokens"][split] == pc.sum(part["n_tokens"]).as_py() == sum(s.n_tokens for s in open_split(m, split))
+        assert (
+            m.meta["tokens"][split] == pc.sum(part["n_tokens"]).as_py() == sum(s.n_tokens for s in open_split(m, split))
+        )
         assert m.meta["bytes"][split] == pc.sum(part["n_bytes"]).as_py()
     assert m.counters["tokens_out"] == sum(m.meta["tokens"].values())
     by_lang = index.group_by(["lang", "split"]).aggregate([("doc_id", "count")]).to_pylist()
-    assert m.meta["languages"] == {lang: {s: next((r["doc_id_count"] for r in by_lang if r["lang"] == lang and r["split"] == s), 0)
-                                          for s in ("train", "val")} for lang in WORDS}
+    assert m.meta["languages"] == {
+        lang: {
+            s: next((r["doc_id_count"] for r in by_lang if r["lang"] == lang and r["split"] == s), 0)
+            for s in ("train", "val")
+        }
+        for lang in WORDS
+    }
     assert "languages_without_val" not in m.meta
     assert m.counters["docs_in"] == len(rows)
 
@@ -126,10 +160,17 @@ def test_index_keeps_metadata_and_meta_adds_up(built):
 def test_registered_in_the_catalog_once(built):
     store, rows, tok, m = built
     docs = store.load("filter", "docs")
-    again = shards.run(store, shards.ShardsConfig(max_tokens_per_shard=2048, batch_size=64), docs=docs, tokenizer=tok, split=SPLIT)
+    again = shards.run(
+        store, shards.ShardsConfig(max_tokens_per_shard=2048, batch_size=64), docs=docs, tokenizer=tok, split=SPLIT
+    )
     assert again.created_at == m.created_at
+    assert not store.catalog_path.exists()  # the stage writes no catalog: the flow that runs it does
+    register_dataset(store, m)
+    register_dataset(store, again)
     with Catalog(store.catalog_path, read_only=True) as cat:
-        assert cat.query("SELECT count(*) AS n FROM documents WHERE dataset = ?", [m.ref])["n"][0].as_py() == len(rows) - 2
+        assert (
+            cat.query("SELECT count(*) AS n FROM documents WHERE dataset = ?", [m.ref])["n"][0].as_py() == len(rows) - 2
+        )
         assert sorted(cat.query("SELECT ref FROM artifacts")["ref"].to_pylist()) == sorted([m.ref, tok.ref, docs.ref])
 
 
@@ -141,7 +182,11 @@ def test_same_documents_give_byte_identical_shards(tmp_path):
 
 
 def test_missing_metadata_columns_become_nulls(tmp_path):
-    rows = [{k: r[k] for k in ("doc_id", "url", "source", "fetched_at", "text")} for r in make_docs(80) if not r["augmented_from"]]
+    rows = [
+        {k: r[k] for k in ("doc_id", "url", "source", "fetched_at", "text")}
+        for r in make_docs(80)
+        if not r["augmented_from"]
+    ]
     m = build(Store(tmp_path), rows)[2]
     index = read_table(m, "index")
     for col in ("lang", "lang_score", "signals", "cluster_id", "augmented_from"):

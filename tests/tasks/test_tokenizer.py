@@ -8,7 +8,7 @@ import pytest
 from storage.artifact import Store
 from storage.documents import SplitConfig, make_doc_id, split_of
 from tasks import tokenizer
-from tasks.common import StageError
+from tasks.stage import StageError
 
 SPLIT = SplitConfig(val_fraction=0.2, seed=3)
 WORDS = {
@@ -36,7 +36,15 @@ def make_docs(n=300, seed=0):
     for row in rows[::4]:
         if split_of(row["doc_id"], SPLIT) == "train":
             text = " ".join(reversed(row["text"].split()))
-            rows.append({"doc_id": make_doc_id(row["url"] + "#bt", text), "url": row["url"], "text": text, "lang": row["lang"], "augmented_from": row["doc_id"]})
+            rows.append(
+                {
+                    "doc_id": make_doc_id(row["url"] + "#bt", text),
+                    "url": row["url"],
+                    "text": text,
+                    "lang": row["lang"],
+                    "augmented_from": row["doc_id"],
+                }
+            )
     return rows
 
 
@@ -68,7 +76,9 @@ def test_byte_level_round_trip_and_eot_id(tmp_path):
 def test_trains_on_the_train_split_only(tmp_path):
     store = Store(tmp_path)
     rows = make_docs()
-    m = tokenizer.run(store, tokenizer.TokenizerConfig(vocab_size=2048, min_frequency=2), docs=publish_docs(store, rows), split=SPLIT)
+    m = tokenizer.run(
+        store, tokenizer.TokenizerConfig(vocab_size=2048, min_frequency=2), docs=publish_docs(store, rows), split=SPLIT
+    )
     train = [r for r in rows if split_of(r["augmented_from"] or r["doc_id"], SPLIT) == "train"]
     assert 0 < len(train) < len(rows)
     assert any(r["augmented_from"] for r in train)
@@ -93,7 +103,9 @@ def test_same_input_gives_the_same_tokenizer_and_a_rerun_is_a_cache_hit(tmp_path
 
 def test_max_train_chars_caps_the_sample(tmp_path):
     store = Store(tmp_path)
-    m = tokenizer.run(store, tokenizer.TokenizerConfig(max_train_chars=5000), docs=publish_docs(store, make_docs()), split=SPLIT)
+    m = tokenizer.run(
+        store, tokenizer.TokenizerConfig(max_train_chars=5000), docs=publish_docs(store, make_docs()), split=SPLIT
+    )
     assert m.meta["train_chars"] == 5000
     assert m.counters["train_capped"] is True
     assert 0 < m.meta["train_docs"] < 50

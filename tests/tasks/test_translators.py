@@ -11,7 +11,7 @@ import pytest
 from storage.artifact import Store, read_table
 from storage.documents import SplitConfig, make_doc_id, split_of
 from tasks import augment
-from tasks.translators import ApertiumTranslator, MarianTranslator, TranslatorError
+from tasks.text.translators import ApertiumTranslator, MarianTranslator, TranslatorError
 from tests.tasks.sentences import EN as ALL_EN
 
 EN = ALL_EN[:6]
@@ -22,7 +22,9 @@ ES = [
     "El tren a la capital llegó tarde por la nieve que cubría las vías.",
 ]
 
-needs_apertium = pytest.mark.skipif(shutil.which("apertium") is None, reason="Debian packages apertium + apertium-eng-spa not installed")
+needs_apertium = pytest.mark.skipif(
+    shutil.which("apertium") is None, reason="Debian packages apertium + apertium-eng-spa not installed"
+)
 
 
 @needs_apertium
@@ -87,8 +89,17 @@ def build_tiny_marian(path, seed: int):
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(300)]
     spm = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=spm, vocab_size=120, model_type="unigram", character_coverage=1.0,
-        hard_vocab_limit=False, pad_id=-1, bos_id=-1, eos_id=-1, unk_id=0, minloglevel=2,
+        sentence_iterator=iter(lines),
+        model_writer=spm,
+        vocab_size=120,
+        model_type="unigram",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        pad_id=-1,
+        bos_id=-1,
+        eos_id=-1,
+        unk_id=0,
+        minloglevel=2,
     )
     path.mkdir(parents=True)
     (path / "source.spm").write_bytes(spm.getvalue())
@@ -99,11 +110,23 @@ def build_tiny_marian(path, seed: int):
         vocab.setdefault(sp.id_to_piece(i), len(vocab))
     vocab["<pad>"] = len(vocab)
     (path / "vocab.json").write_text(json.dumps(vocab))
-    tokenizer = transformers.MarianTokenizer(source_spm=str(path / "source.spm"), target_spm=str(path / "target.spm"), vocab=str(path / "vocab.json"))
+    tokenizer = transformers.MarianTokenizer(
+        source_spm=str(path / "source.spm"), target_spm=str(path / "target.spm"), vocab=str(path / "vocab.json")
+    )
     config = transformers.MarianConfig(
-        vocab_size=len(vocab), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
-        pad_token_id=vocab["<pad>"], eos_token_id=0, decoder_start_token_id=vocab["<pad>"], forced_eos_token_id=0,
+        vocab_size=len(vocab),
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+        pad_token_id=vocab["<pad>"],
+        eos_token_id=0,
+        decoder_start_token_id=vocab["<pad>"],
+        forced_eos_token_id=0,
     )
     torch.manual_seed(seed)
     transformers.MarianMTModel(config).save_pretrained(path)
@@ -141,12 +164,23 @@ def test_augment_stage_with_marian_backend(tmp_path, marian_dirs):
         lang, bank = ("en", EN) if i % 2 else ("es", ES)
         text = " ".join(bank[(i + k) % len(bank)] for k in range(2))
         url = f"http://127.0.0.1/{lang}/{i}.html"
-        rows.append(dict(doc_id=make_doc_id(url, text), url=url, source="test", fetched_at="2026-01-01T00:00:00Z", text=text, lang=lang))
+        rows.append(
+            dict(
+                doc_id=make_doc_id(url, text),
+                url=url,
+                source="test",
+                fetched_at="2026-01-01T00:00:00Z",
+                text=text,
+                lang=lang,
+            )
+        )
     store = Store(tmp_path / "store")
     with store.writer("filter", "marian-input") as w:
         w.write_table(pa.Table.from_pylist(rows))
     split = SplitConfig(val_fraction=0.2)
-    cfg = augment.AugmentConfig(backend="marian", marian_models=marian_dirs, marian_max_length=16, fraction=1.0, chrf_min=0.0, chrf_max=100.0)
+    cfg = augment.AugmentConfig(
+        backend="marian", marian_models=marian_dirs, marian_max_length=16, fraction=1.0, chrf_min=0.0, chrf_max=100.0
+    )
     m = augment.run(store, cfg, w.manifest, split)
     train = [r for r in rows if split_of(r["doc_id"], split) == "train"]
     stats = m.counters["augment"]

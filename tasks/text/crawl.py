@@ -42,6 +42,7 @@ import datetime as _dt
 import email.utils
 import hashlib
 import http.client
+import logging
 import re
 import ssl
 import threading
@@ -60,32 +61,55 @@ from resiliparse.parse.html import HTMLTree
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from tasks.common import StageConfig, stage_logger
+from tasks.text.pages import HTML_TYPES, Drop, Page, Unchanged, Validator
+from tasks.text.settings import Settings
 
-log = stage_logger("ingest")
+log = logging.getLogger("lmforge.ingest")
 
-HTML_TYPES = ("text/html", "application/xhtml+xml")
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 _CHARSET = re.compile(r"charset\s*=\s*[\"']?([^\"';\s]+)", re.I)
 _SAFE = "/%:@!$&'()*+,;=-._~"
 
 
-class CrawlConfig(StageConfig):
+class CrawlConfig(Settings):
     """Where to crawl and how politely."""
 
-    seeds: list[str] = Field(["http://127.0.0.1:8000/"], min_length=1, description="Start URLs (http/https); the crawl stays on their hosts. The default is what `python -m http.server` serves.")
-    max_pages: int = Field(10_000, ge=1, le=10_000_000, description="Most URLs attempted (kept + dropped) before stopping.")
+    seeds: list[str] = Field(
+        ["http://127.0.0.1:8000/"],
+        min_length=1,
+        description="Start URLs (http/https); the crawl stays on their hosts. The default is what `python -m http.server` serves.",
+    )
+    max_pages: int = Field(
+        10_000, ge=1, le=10_000_000, description="Most URLs attempted (kept + dropped) before stopping."
+    )
     max_depth: int = Field(5, ge=0, le=100, description="Most links followed from a seed (seeds are depth 0).")
-    delay_seconds: float = Field(1.0, ge=0.0, le=600.0, description="Least time between two request starts to one host; robots.txt Crawl-delay wins when larger.")
+    delay_seconds: float = Field(
+        1.0,
+        ge=0.0,
+        le=600.0,
+        description="Least time between two request starts to one host; robots.txt Crawl-delay wins when larger.",
+    )
     workers: int = Field(4, ge=1, le=64, description="Concurrent fetches (threads); the per-host delay still applies.")
-    timeout_seconds: float = Field(10.0, gt=0.0, le=600.0, description="Time limit of one request: connect, each read, and the whole body.")
+    timeout_seconds: float = Field(
+        10.0, gt=0.0, le=600.0, description="Time limit of one request: connect, each read, and the whole body."
+    )
     retries: int = Field(2, ge=0, le=10, description="Extra attempts after a timeout, connection error, 5xx or 429.")
-    backoff_seconds: float = Field(1.0, ge=0.0, le=600.0, description="First retry waits this long, doubling on each further retry.")
-    max_retry_after_seconds: float = Field(30.0, ge=0.0, le=3600.0, description="Longest Retry-After honoured; a longer one gives the page up.")
+    backoff_seconds: float = Field(
+        1.0, ge=0.0, le=600.0, description="First retry waits this long, doubling on each further retry."
+    )
+    max_retry_after_seconds: float = Field(
+        30.0, ge=0.0, le=3600.0, description="Longest Retry-After honoured; a longer one gives the page up."
+    )
     max_bytes: int = Field(5_000_000, ge=1024, description="Largest body read; a larger page is dropped as too_large.")
-    max_redirects: int = Field(5, ge=0, le=50, description="Most redirect hops followed for one URL (RFC 9309 asks for at least 5).")
-    user_agent: str = Field("lmforge-crawler/0.1", min_length=1, description="User-Agent header, also the name matched against robots.txt rules.")
+    max_redirects: int = Field(
+        5, ge=0, le=50, description="Most redirect hops followed for one URL (RFC 9309 asks for at least 5)."
+    )
+    user_agent: str = Field(
+        "lmforge-crawler/0.1",
+        min_length=1,
+        description="User-Agent header, also the name matched against robots.txt rules.",
+    )
 
     @field_validator("seeds")
     @classmethod
@@ -94,52 +118,6 @@ class CrawlConfig(StageConfig):
             if urlsplit(s).scheme not in ("http", "https") or not urlsplit(s).hostname:
                 raise ValueError(f"seed {s!r} is not an http(s) URL")
         return seeds
-
-
-@dataclass
-class Page:
-    """A document the source yields: what the ingest artifact stores per row."""
-
-    url: str
-    fetched_at: str
-    http_status: int | None
-    content_type: str
-    charset: str | None
-    body: bytes
-
-
-@dataclass
-class Drop:
-    """A URL or record given up, with a snake_case reason and a human detail."""
-
-    url: str
-    reason: str
-    detail: str
-    fetched_at: str = ""
-    http_status: int | None = None
-
-
-@dataclass(frozen=True)
-class Validator:
-    """What a crawl knew of one URL, for the next crawl's conditional request."""
-
-    url: str
-    etag: str | None
-    last_modified: str | None
-    sha256: str
-    links: tuple[str, ...] = ()
-
-
-@dataclass
-class Unchanged:
-    """A known URL whose page did not change since the crawl that made ``validator``."""
-
-    url: str
-    reason: str  # not_modified (HTTP 304) or unchanged (200, same bytes)
-    detail: str
-    fetched_at: str
-    http_status: int
-    validator: Validator
 
 
 @dataclass
@@ -271,8 +249,17 @@ class Crawler:
         self.cfg = cfg
         self.previous = previous or {}
         self.validators: dict[str, Validator] = {}
-        self.stats = {"requests": 0, "retries": 0, "bytes_fetched": 0, "redirects": 0,
-                      "conditional_requests": 0, "not_modified": 0, "unchanged": 0, "new": 0, "changed": 0}
+        self.stats = {
+            "requests": 0,
+            "retries": 0,
+            "bytes_fetched": 0,
+            "redirects": 0,
+            "conditional_requests": 0,
+            "not_modified": 0,
+            "unchanged": 0,
+            "new": 0,
+            "changed": 0,
+        }
         self._stats_lock = threading.Lock()
         self._gates: dict[str, _HostGate] = {}
         self._robots: dict[str, urllib.robotparser.RobotFileParser | _Failure] = {}
@@ -286,7 +273,11 @@ class Crawler:
     # --- HTTP ----------------------------------------------------------------------------
 
     def _request_headers(self) -> list[tuple[str, str]]:
-        return [("User-Agent", self.cfg.user_agent), ("Accept", "text/html,application/xhtml+xml;q=0.9,*/*;q=0.1"), ("Accept-Encoding", "identity")]
+        return [
+            ("User-Agent", self.cfg.user_agent),
+            ("Accept", "text/html,application/xhtml+xml;q=0.9,*/*;q=0.1"),
+            ("Accept-Encoding", "identity"),
+        ]
 
     def _conditional_headers(self, url: str) -> list[tuple[str, str]]:
         """If-None-Match / If-Modified-Since for a URL an earlier crawl knew (else none)."""
@@ -294,7 +285,8 @@ class Crawler:
         if known is None:
             return []
         return ([("If-None-Match", known.etag)] if known.etag else []) + (
-            [("If-Modified-Since", known.last_modified)] if known.last_modified else [])
+            [("If-Modified-Since", known.last_modified)] if known.last_modified else []
+        )
 
     def _once(self, url: str, want_body, extra_headers: list[tuple[str, str]] = ()) -> _Response:
         """One GET, no retries. ``want_body(status, headers)`` says whether to read the body."""
@@ -320,7 +312,9 @@ class Crawler:
                     if size > self.cfg.max_bytes:
                         raise _Failure("too_large", f"body exceeds max_bytes={self.cfg.max_bytes}", resp.status)
                     if time.monotonic() > deadline:
-                        raise _Failure("timeout", f"body not read within {self.cfg.timeout_seconds}s", resp.status, retry=True)
+                        raise _Failure(
+                            "timeout", f"body not read within {self.cfg.timeout_seconds}s", resp.status, retry=True
+                        )
                     chunks.append(chunk)
                 body = b"".join(chunks)
                 self._count("bytes_fetched", size)
@@ -362,7 +356,9 @@ class Crawler:
             for _ in range(self.cfg.max_redirects + 1):
                 resp = self._get(url, lambda status, _: 200 <= status < 300)
                 location = header(resp.headers, "location")
-                target = normalize_url(urljoin(url, location)) if location and resp.status in REDIRECT_STATUSES else None
+                target = (
+                    normalize_url(urljoin(url, location)) if location and resp.status in REDIRECT_STATUSES else None
+                )
                 if target is None:
                     break
                 url = target
@@ -386,7 +382,9 @@ class Crawler:
         if isinstance(rules, _Failure):
             raise rules
         if not rules.can_fetch(self.cfg.user_agent, url):
-            reason = "robots.txt answered 5xx: everything disallowed" if rules.disallow_all else "disallowed by robots.txt"
+            reason = (
+                "robots.txt answered 5xx: everything disallowed" if rules.disallow_all else "disallowed by robots.txt"
+            )
             raise _Failure("robots_disallowed", reason)
 
     # --- pages ----------------------------------------------------------------------------
@@ -407,8 +405,13 @@ class Crawler:
     def _unchanged(self, url: str, reason: str, detail: str, fetched_at: str, resp: _Response) -> Unchanged:
         """A known URL confirmed unchanged; fresher validators from the answer replace the old."""
         known = self.previous[url]
-        validator = Validator(url, header(resp.headers, "etag") or known.etag,
-                              header(resp.headers, "last-modified") or known.last_modified, known.sha256, known.links)
+        validator = Validator(
+            url,
+            header(resp.headers, "etag") or known.etag,
+            header(resp.headers, "last-modified") or known.last_modified,
+            known.sha256,
+            known.links,
+        )
         return Unchanged(url, reason, detail, fetched_at, resp.status, validator)
 
     def _visit(self, url: str) -> _Fetched | Unchanged | Drop:
@@ -451,7 +454,9 @@ class Crawler:
         sha = hashlib.sha256(body).hexdigest()
         known = self.previous.get(current)
         if known is not None and known.sha256 == sha:
-            return self._unchanged(current, "unchanged", f"HTTP {resp.status}, body identical to the previous crawl's", fetched_at, resp)
+            return self._unchanged(
+                current, "unchanged", f"HTTP {resp.status}, body identical to the previous crawl's", fetched_at, resp
+            )
         parts = urlsplit(current)
         fetched = _Fetched(
             page=Page(current, fetched_at, resp.status, ctype, charset, body),
@@ -462,7 +467,9 @@ class Crawler:
             headers=[(k, v) for k, v in resp.headers if k.lower() != "transfer-encoding"],
         )
         fetched.links = extract_links(body, charset, current)
-        fetched.validator = Validator(current, header(resp.headers, "etag"), header(resp.headers, "last-modified"), sha, tuple(fetched.links))
+        fetched.validator = Validator(
+            current, header(resp.headers, "etag"), header(resp.headers, "last-modified"), sha, tuple(fetched.links)
+        )
         return fetched
 
     def crawl(self, warc_path: Path) -> Iterator[Page | Unchanged | Drop]:
@@ -478,7 +485,11 @@ class Crawler:
         try:
             with open(warc_path, "wb") as f:
                 warc = WARCWriter(f, gzip=True)
-                warc.write_record(warc.create_warcinfo_record(warc_path.name, {"software": "lmforge ingest (crawl)", "format": "WARC File Format 1.0"}))
+                warc.write_record(
+                    warc.create_warcinfo_record(
+                        warc_path.name, {"software": "lmforge ingest (crawl)", "format": "WARC File Format 1.0"}
+                    )
+                )
                 while frontier and attempted < cfg.max_pages:
                     level = frontier[: cfg.max_pages - attempted]
                     attempted += len(level)
@@ -492,9 +503,14 @@ class Crawler:
                         final = result.url if isinstance(result, Unchanged) else result.page.url
                         if final != url:
                             if final in seen:
-                                when, status = ((result.fetched_at, result.http_status) if isinstance(result, Unchanged)
-                                                else (result.page.fetched_at, result.page.http_status))
-                                yield Drop(url, "duplicate_url", f"redirects to {final}, crawled on its own", when, status)
+                                when, status = (
+                                    (result.fetched_at, result.http_status)
+                                    if isinstance(result, Unchanged)
+                                    else (result.page.fetched_at, result.page.http_status)
+                                )
+                                yield Drop(
+                                    url, "duplicate_url", f"redirects to {final}, crawled on its own", when, status
+                                )
                                 continue
                             seen.add(final)
                         if isinstance(result, Unchanged):
@@ -521,11 +537,17 @@ class Crawler:
     def _archive(self, warc: WARCWriter, f: _Fetched) -> None:
         date = {"WARC-Date": f.page.fetched_at.replace("+00:00", "Z")}
         req = warc.create_warc_record(
-            f.page.url, "request", warc_headers_dict=dict(date),
+            f.page.url,
+            "request",
+            warc_headers_dict=dict(date),
             http_headers=StatusAndHeaders(f.request_line, f.request_headers, is_http_request=True),
         )
         resp = warc.create_warc_record(
-            f.page.url, "response", payload=BytesIO(f.page.body), length=len(f.page.body), warc_headers_dict=dict(date),
+            f.page.url,
+            "response",
+            payload=BytesIO(f.page.body),
+            length=len(f.page.body),
+            warc_headers_dict=dict(date),
             http_headers=StatusAndHeaders(f.status_line, f.headers, protocol=f.protocol),
         )
         warc.write_request_response_pair(req, resp)

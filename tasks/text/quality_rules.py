@@ -53,7 +53,7 @@ from functools import cached_property
 import numpy as np
 from pydantic import Field, field_validator
 
-from tasks.common import StageConfig
+from tasks.text.settings import Settings
 
 GOPHER_STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]
 TERMINAL_PUNCT = (".", "!", "?", "…", "。", "！", "？", "।", "؟", "۔", "։", "።", "။", "។", '"', "'", "”", "’", "»")
@@ -117,21 +117,44 @@ def _first(checks: list[tuple[str, bool]], family: str) -> str | None:
 
 # --- Gopher quality (Rae et al. 2021, appendix A) -----------------------------------------
 
-class GopherQualityConfig(StageConfig):
+
+class GopherQualityConfig(Settings):
     """Gopher's quality rules; a None threshold turns its rule off."""
 
     enabled: bool = Field(True, description="Apply the Gopher quality rules.")
     min_words: int | None = Field(50, ge=1, description="Drop documents with fewer words (word rule).")
     max_words: int | None = Field(100_000, ge=1, description="Drop documents with more words (word rule).")
-    min_mean_word_length: float | None = Field(3.0, ge=0, description="Drop documents whose mean word length is below this, in characters (word rule).")
-    max_mean_word_length: float | None = Field(10.0, ge=0, description="Drop documents whose mean word length is above this, in characters (word rule).")
+    min_mean_word_length: float | None = Field(
+        3.0, ge=0, description="Drop documents whose mean word length is below this, in characters (word rule)."
+    )
+    max_mean_word_length: float | None = Field(
+        10.0, ge=0, description="Drop documents whose mean word length is above this, in characters (word rule)."
+    )
     max_hash_ratio: float | None = Field(0.1, ge=0, description="Drop documents with more '#' per word (word rule).")
-    max_ellipsis_ratio: float | None = Field(0.1, ge=0, description="Drop documents with more '...' or '…' per word (word rule).")
-    max_bullet_lines: float | None = Field(0.9, ge=0, le=1, description="Drop documents where a larger fraction of lines starts with a bullet (•, -, *, ◦, ‣).")
-    max_ellipsis_lines: float | None = Field(0.3, ge=0, le=1, description="Drop documents where a larger fraction of lines ends with '...' or '…'.")
-    min_alpha_words: float | None = Field(0.8, ge=0, le=1, description="Drop documents where a smaller fraction of words contains a letter (word rule).")
-    min_stop_words: int | None = Field(2, ge=1, description="Drop documents with fewer stop-word occurrences (word rule; only languages listed in stop_words).")
-    stop_words: dict[str, list[str]] = Field(default_factory=lambda: {"en": list(GOPHER_STOP_WORDS)}, description="Stop words per language (ISO 639-1), matched case-insensitively. Gopher's English list by default.")
+    max_ellipsis_ratio: float | None = Field(
+        0.1, ge=0, description="Drop documents with more '...' or '…' per word (word rule)."
+    )
+    max_bullet_lines: float | None = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Drop documents where a larger fraction of lines starts with a bullet (•, -, *, ◦, ‣).",
+    )
+    max_ellipsis_lines: float | None = Field(
+        0.3, ge=0, le=1, description="Drop documents where a larger fraction of lines ends with '...' or '…'."
+    )
+    min_alpha_words: float | None = Field(
+        0.8, ge=0, le=1, description="Drop documents where a smaller fraction of words contains a letter (word rule)."
+    )
+    min_stop_words: int | None = Field(
+        2,
+        ge=1,
+        description="Drop documents with fewer stop-word occurrences (word rule; only languages listed in stop_words).",
+    )
+    stop_words: dict[str, list[str]] = Field(
+        default_factory=lambda: {"en": list(GOPHER_STOP_WORDS)},
+        description="Stop words per language (ISO 639-1), matched case-insensitively. Gopher's English list by default.",
+    )
 
 
 def gopher_quality(doc: Parsed, cfg: GopherQualityConfig, scope: Scope) -> Result:
@@ -172,16 +195,34 @@ def gopher_quality(doc: Parsed, cfg: GopherQualityConfig, scope: Scope) -> Resul
 
 # --- Gopher repetition (Rae et al. 2021, table A1) ----------------------------------------
 
-class GopherRepetitionConfig(StageConfig):
+
+class GopherRepetitionConfig(Settings):
     """Gopher's repetition rules; a None threshold (or a missing n) turns its rule off."""
 
     enabled: bool = Field(True, description="Apply the Gopher repetition rules.")
-    max_dup_lines: float | None = Field(0.3, ge=0, le=1, description="Drop documents where a larger fraction of lines repeats an earlier line.")
-    max_dup_paragraphs: float | None = Field(0.3, ge=0, le=1, description="Drop documents where a larger fraction of paragraphs repeats an earlier one.")
-    max_dup_line_chars: float | None = Field(0.2, ge=0, le=1, description="Drop documents where repeated lines hold a larger fraction of the characters.")
-    max_dup_paragraph_chars: float | None = Field(0.2, ge=0, le=1, description="Drop documents where repeated paragraphs hold a larger fraction of the characters.")
-    top_ngram_chars: dict[int, float] = Field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16}, description="n -> drop when the most frequent repeated word n-gram covers a larger fraction of word characters (segmented scripts).")
-    dup_ngram_chars: dict[int, float] = Field(default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}, description="n -> drop when repeats of earlier word n-grams cover a larger fraction of word characters (segmented scripts).")
+    max_dup_lines: float | None = Field(
+        0.3, ge=0, le=1, description="Drop documents where a larger fraction of lines repeats an earlier line."
+    )
+    max_dup_paragraphs: float | None = Field(
+        0.3, ge=0, le=1, description="Drop documents where a larger fraction of paragraphs repeats an earlier one."
+    )
+    max_dup_line_chars: float | None = Field(
+        0.2, ge=0, le=1, description="Drop documents where repeated lines hold a larger fraction of the characters."
+    )
+    max_dup_paragraph_chars: float | None = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Drop documents where repeated paragraphs hold a larger fraction of the characters.",
+    )
+    top_ngram_chars: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16},
+        description="n -> drop when the most frequent repeated word n-gram covers a larger fraction of word characters (segmented scripts).",
+    )
+    dup_ngram_chars: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> drop when repeats of earlier word n-grams cover a larger fraction of word characters (segmented scripts).",
+    )
 
     @field_validator("top_ngram_chars", "dup_ngram_chars")
     @classmethod
@@ -258,7 +299,10 @@ def gopher_repetition(doc: Parsed, cfg: GopherRepetitionConfig, scope: Scope) ->
     }
     checks = [
         ("dup_paragraphs", cfg.max_dup_paragraphs is not None and s["dup_paragraphs"] > cfg.max_dup_paragraphs),
-        ("dup_paragraph_chars", cfg.max_dup_paragraph_chars is not None and s["dup_paragraph_chars"] > cfg.max_dup_paragraph_chars),
+        (
+            "dup_paragraph_chars",
+            cfg.max_dup_paragraph_chars is not None and s["dup_paragraph_chars"] > cfg.max_dup_paragraph_chars,
+        ),
         ("dup_lines", cfg.max_dup_lines is not None and s["dup_lines"] > cfg.max_dup_lines),
         ("dup_line_chars", cfg.max_dup_line_chars is not None and s["dup_line_chars"] > cfg.max_dup_line_chars),
     ]
@@ -275,14 +319,21 @@ def gopher_repetition(doc: Parsed, cfg: GopherRepetitionConfig, scope: Scope) ->
 
 # --- C4 (Raffel et al. 2020), document-level ----------------------------------------------
 
-class C4Config(StageConfig):
+
+class C4Config(Settings):
     """C4's document-level rules (see the module docstring for what is on by default and why)."""
 
     enabled: bool = Field(True, description="Apply the C4 rules.")
     lorem_ipsum: bool = Field(True, description="Drop documents containing 'lorem ipsum' (placeholder text).")
-    curly_brace: bool = Field(False, description="Drop documents containing '{' (C4's code filter; off: a technical corpus shows legitimate snippets).")
+    curly_brace: bool = Field(
+        False,
+        description="Drop documents containing '{' (C4's code filter; off: a technical corpus shows legitimate snippets).",
+    )
     min_sentences: int | None = Field(5, ge=1, description="Drop documents with fewer sentences (segmented scripts).")
-    terminal_punct: bool = Field(False, description="Count sentences only in lines ending in terminal punctuation, as C4's line filter would leave them (off, as in FineWeb).")
+    terminal_punct: bool = Field(
+        False,
+        description="Count sentences only in lines ending in terminal punctuation, as C4's line filter would leave them (off, as in FineWeb).",
+    )
 
 
 def _ends_sentence(line: str) -> bool:
@@ -292,7 +343,10 @@ def _ends_sentence(line: str) -> bool:
 def c4(doc: Parsed, cfg: C4Config, scope: Scope) -> Result:
     """C4: placeholder text, curly braces, too few sentences."""
     s: Signals = {"lorem_ipsum": int("lorem ipsum" in doc.text.lower()), "curly_brace": int("{" in doc.text)}
-    checks = [("lorem_ipsum", cfg.lorem_ipsum and bool(s["lorem_ipsum"])), ("curly_brace", cfg.curly_brace and bool(s["curly_brace"]))]
+    checks = [
+        ("lorem_ipsum", cfg.lorem_ipsum and bool(s["lorem_ipsum"])),
+        ("curly_brace", cfg.curly_brace and bool(s["curly_brace"])),
+    ]
     if scope.segmented:
         lines = [line for line in doc.lines if _ends_sentence(line)] if cfg.terminal_punct else doc.lines
         s["sentences"] = sum(len(_SENTENCE_END.findall(line)) for line in lines)
@@ -302,15 +356,35 @@ def c4(doc: Parsed, cfg: C4Config, scope: Scope) -> Result:
 
 # --- FineWeb (Penedo et al. 2024, section 3.6) --------------------------------------------
 
-class FineWebConfig(StageConfig):
+
+class FineWebConfig(Settings):
     """FineWeb's custom rules, at the paper's thresholds."""
 
     enabled: bool = Field(True, description="Apply the FineWeb rules.")
-    line_punct: float | None = Field(0.12, ge=0, le=1, description="Drop documents whose fraction of lines ending in punctuation is at most this (segmented scripts).")
-    dup_line_chars: float | None = Field(0.1, ge=0, le=1, description="Drop documents where duplicated lines hold at least this fraction of characters (paper: 0.1; datatrove's default 0.01).")
+    line_punct: float | None = Field(
+        0.12,
+        ge=0,
+        le=1,
+        description="Drop documents whose fraction of lines ending in punctuation is at most this (segmented scripts).",
+    )
+    dup_line_chars: float | None = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Drop documents where duplicated lines hold at least this fraction of characters (paper: 0.1; datatrove's default 0.01).",
+    )
     short_line_chars: int = Field(30, ge=1, description="A line of at most this many characters is short.")
-    short_lines: float | None = Field(0.67, ge=0, le=1, description="Drop documents where at least this fraction of lines is short (segmented scripts).")
-    newline_ratio: float | None = Field(None, ge=0, description="Drop documents with more newlines per word (datatrove's extra list rule, 0.3 there; not in the paper, so off).")
+    short_lines: float | None = Field(
+        0.67,
+        ge=0,
+        le=1,
+        description="Drop documents where at least this fraction of lines is short (segmented scripts).",
+    )
+    newline_ratio: float | None = Field(
+        None,
+        ge=0,
+        description="Drop documents with more newlines per word (datatrove's extra list rule, 0.3 there; not in the paper, so off).",
+    )
 
 
 def fineweb(doc: Parsed, cfg: FineWebConfig, scope: Scope) -> Result:

@@ -29,9 +29,17 @@ class LossHistory:
         """One row per logged step: step, train loss, val loss (where evaluated), lr, tokens."""
         by_step: dict[int, dict] = {}
         for r in self.train:
-            by_step[r["step"]] = {"step": r["step"], "train_loss": r.get("loss"), "val_loss": None, "lr": r.get("lr"), "tokens": r.get("tokens")}
+            by_step[r["step"]] = {
+                "step": r["step"],
+                "train_loss": r.get("loss"),
+                "val_loss": None,
+                "lr": r.get("lr"),
+                "tokens": r.get("tokens"),
+            }
         for step, v in self.val.items():
-            by_step.setdefault(step, {"step": step, "train_loss": None, "val_loss": None, "lr": None, "tokens": None})["val_loss"] = v
+            by_step.setdefault(step, {"step": step, "train_loss": None, "val_loss": None, "lr": None, "tokens": None})[
+                "val_loss"
+            ] = v
         return [by_step[s] for s in sorted(by_step)]
 
 
@@ -71,9 +79,22 @@ def plot_loss(history: LossHistory, out: Path, title: str) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if history.train:
-        ax.plot([r["step"] for r in history.train], [r["loss"] for r in history.train], label="train loss", color="tab:blue", linewidth=1.5)
+        ax.plot(
+            [r["step"] for r in history.train],
+            [r["loss"] for r in history.train],
+            label="train loss",
+            color="tab:blue",
+            linewidth=1.5,
+        )
     if history.val:
-        ax.plot(list(history.val), list(history.val.values()), label="validation loss", color="tab:orange", marker="o", linewidth=1.2)
+        ax.plot(
+            list(history.val),
+            list(history.val.values()),
+            label="validation loss",
+            color="tab:orange",
+            marker="o",
+            linewidth=1.2,
+        )
     ax.set_xlabel("optimizer step", fontsize=11)
     ax.set_ylabel("cross-entropy loss (nats/token)", fontsize=11)
     ax.set_title(title, fontsize=13)

@@ -11,8 +11,8 @@ Design decisions:
 - Shingles are word n-grams of the normalized text. A document with fewer than ``n``
   words has one shingle, its whole normalized text (empty text included), so every
   document has a signature and short identical snippets still meet.
-- Hashing is vectorized per document with numpy, the fastest pure-Python path
-  measured (shared/reference/data-pipelines.md §1.5): each word is hashed once with
+- Hashing is vectorized per document with numpy (faster than hashing each shingle in
+  Python, as datasketch's ``update`` does; see bench/stages.py): each word is hashed once with
   CRC-32 (C speed), a shingle's 64-bit hash is a fixed linear combination of its words'
   hashes put through the MurmurHash3 64-bit finalizer, and its top 32 bits feed the
   permutations.
@@ -34,12 +34,13 @@ import zlib
 from functools import lru_cache
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash
 
 SCHEME = "affine32"
 _COMBINING = re.compile("[\u0300-\u036f]")
 # Scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, kana, CJK ideographs.
-_UNSPACED = re.compile("([\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])")
+_UNSPACED = re.compile(
+    "([\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff])"
+)
 _PUNCT = re.compile(r"[^\w\s]|_")
 _DIGIT = re.compile(r"\d")
 _U64 = np.uint64
@@ -90,6 +91,8 @@ def shingle_hashes(normalized: str, ngram: int) -> np.ndarray:
 @lru_cache(maxsize=8)
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """datasketch's affine32 permutation parameters (a, b) for this num_perm and seed."""
+    from datasketch import MinHash  # imported here: datasketch loads scipy (0.7 s), needed only when hashing
+
     a, b = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
     return a, b
 
@@ -101,8 +104,10 @@ def signature(shingles: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
     return (hv[:, None] * a[None, :] + b[None, :]).min(axis=0)
 
 
-def as_minhash(sig: np.ndarray, seed: int) -> LeanMinHash:
+def as_minhash(sig: np.ndarray, seed: int):
     """A datasketch LeanMinHash over a signature, for ``jaccard`` estimates."""
+    from datasketch import LeanMinHash
+
     return LeanMinHash(seed=seed, hashvalues=sig, scheme=SCHEME)
 
 

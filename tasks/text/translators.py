@@ -32,12 +32,46 @@ from typing import Protocol
 
 # ISO 639-3 (Apertium's current names) -> ISO 639-1. Older pairs use 639-1 names directly.
 _ISO3_TO_1 = {
-    "eng": "en", "spa": "es", "cat": "ca", "glg": "gl", "epo": "eo", "eus": "eu", "isl": "is",
-    "fra": "fr", "por": "pt", "ita": "it", "deu": "de", "nld": "nl", "ron": "ro", "oci": "oc",
-    "arg": "an", "mkd": "mk", "bul": "bg", "nob": "nb", "nno": "nn", "swe": "sv",
-    "dan": "da", "pol": "pl", "ces": "cs", "slk": "sk", "slv": "sl", "ukr": "uk", "rus": "ru",
-    "bel": "be", "kaz": "kk", "tat": "tt", "mlt": "mt", "ara": "ar", "cym": "cy", "bre": "br",
-    "gle": "ga", "hin": "hi", "urd": "ur", "ind": "id", "msa": "ms", "srd": "sc",
+    "eng": "en",
+    "spa": "es",
+    "cat": "ca",
+    "glg": "gl",
+    "epo": "eo",
+    "eus": "eu",
+    "isl": "is",
+    "fra": "fr",
+    "por": "pt",
+    "ita": "it",
+    "deu": "de",
+    "nld": "nl",
+    "ron": "ro",
+    "oci": "oc",
+    "arg": "an",
+    "mkd": "mk",
+    "bul": "bg",
+    "nob": "nb",
+    "nno": "nn",
+    "swe": "sv",
+    "dan": "da",
+    "pol": "pl",
+    "ces": "cs",
+    "slk": "sk",
+    "slv": "sl",
+    "ukr": "uk",
+    "rus": "ru",
+    "bel": "be",
+    "kaz": "kk",
+    "tat": "tt",
+    "mlt": "mt",
+    "ara": "ar",
+    "cym": "cy",
+    "bre": "br",
+    "gle": "ga",
+    "hin": "hi",
+    "urd": "ur",
+    "ind": "id",
+    "msa": "ms",
+    "srd": "sc",
 }
 _MODE = re.compile(r"^([a-z]{2,3})-([a-z]{2,3})$")
 _SEPARATOR_TOKEN = "§§§"
@@ -207,25 +241,29 @@ class MarianTranslator:
                     segments.extend(sentences)
             layouts.append(layout)
         done = self._translate_segments(segments, src, tgt)
-        return ["".join(p if isinstance(p, str) else " ".join(done[j] for j in p) for p in layout) for layout in layouts]
+        return [
+            "".join(p if isinstance(p, str) else " ".join(done[j] for j in p) for p in layout) for layout in layouts
+        ]
 
     def _translate_segments(self, segments: list[str], src: str, tgt: str) -> list[str]:
-        import torch
-
+        # generate() runs under torch.no_grad() itself: this module never imports torch.
         if not segments:
             return []
         tokenizer, model = self._load(src, tgt)
         order = sorted(range(len(segments)), key=lambda i: len(segments[i]), reverse=True)
         out = [""] * len(segments)
-        with torch.no_grad():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                enc = tokenizer(
-                    [segments[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
-                )
-                generated = model.generate(**enc, max_new_tokens=self.max_length, num_beams=self.num_beams, do_sample=False)
-                for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
-                    out[i] = text
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            enc = tokenizer(
+                [segments[i] for i in idx],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+            )
+            generated = model.generate(**enc, max_new_tokens=self.max_length, num_beams=self.num_beams, do_sample=False)
+            for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+                out[i] = text
         return out
 
     def fingerprint(self) -> str:

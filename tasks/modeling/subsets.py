@@ -16,7 +16,7 @@ import pyarrow as pa
 from storage.artifact import Manifest, Store
 from storage.catalog import Catalog, CatalogError, token_spans
 from storage.tokens import read_spans
-from tasks.common import StageError
+from tasks.stage import StageError
 
 
 def select(store: Store, stage: str, shards: Manifest, where_sql: str | None, split: str | None) -> pa.Table:

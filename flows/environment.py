@@ -1,0 +1,37 @@
+"""The process environment of ``lmforge`` commands: Prefect settings and where a profile's store is.
+
+Shared by ``lmforge run`` and ``lmforge server`` (which sets the same for its workers), and
+read before any heavy import: it only places Prefect's result storage and quiets it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def prepare_environment(store: Path) -> None:
+    """Prefect settings for a command-line run: offline, lmforge's logs in the run log, records in the store."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lmforge")
+    # Without a server Prefect starts a temporary one; on a loaded 2-core machine that can take 30 s+.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(store / "_prefect_results"))
+
+
+def store_of(config_path: str | Path, relative_to: Path | None = None) -> Path:
+    """The absolute store a profile names (``relative_to`` for a relative one, default the cwd).
+
+    Read with plain YAML, before the heavy config models import: it only places Prefect's
+    result storage, and a profile that does not parse fails later with the full error.
+    """
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(config_path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        raw = {}
+    value = raw.get("store") if isinstance(raw, dict) else None
+    store = Path(value if isinstance(value, str) and value.strip() else ".lmforge/store").expanduser()
+    return (relative_to / store if relative_to is not None else store).resolve()

@@ -1,0 +1,97 @@
+"""Publishing a directory atomically: build it under a temporary name, fsync, rename.
+
+The one way lmforge makes a directory appear whole or not at all: artifacts
+(:class:`storage.artifact.ArtifactWriter`), training checkpoints and the trained model
+(``model/``). Standard library only, so ``model/`` can use it without pulling in
+pyarrow or anything else of ``storage``.
+
+Design decisions:
+- A temporary directory is a sibling of its final path (same file system, so the rename
+  is atomic) named ``.tmp-<final name>-<host>-<pid>-<random>``. Only directories whose
+  writer process is gone (same host, pid not alive) are swept by later writers; a writer
+  still at work, or one on another host sharing the file system, keeps its directory.
+- Files and the directory are fsynced before the rename, and the parent after it, so a
+  power cut leaves the old state or the new one.
+- When the final path exists, ``replace`` decides: a checkpoint or a model directory is
+  replaced (old one renamed aside, new one in, old one removed); a content-addressed
+  artifact is kept (same key, same content) and the new copy discarded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _abandoned(tmp_name: str) -> bool:
+    """Whether a temporary directory belongs to a writer on this host that has exited."""
+    parts = tmp_name.rsplit("-", 3)  # ['.tmp-<name>', host, pid, id]
+    if len(parts) != 4 or not parts[2].isdigit() or len(parts[3]) != 8:
+        return True  # not a name this module makes: left by an older layout
+    host, pid = parts[1], parts[2]
+    if host != _HOST:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, PermissionError):
+        return False
+    return False
+
+
+def new_temp_dir(final: Path) -> Path:
+    """A fresh, empty temporary directory beside ``final``; abandoned ones of ``final`` are swept first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
+        if _abandoned(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def publish_dir(tmp: Path, final: Path, *, replace: bool) -> bool:
+    """fsync ``tmp`` and everything in it, then rename it to ``final``.
+
+    Returns False when ``final`` already existed and ``replace`` is False: ``tmp`` is then
+    removed and ``final`` left as it was.
+    """
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            fsync_file(p)
+    fsync_dir(tmp)
+    if final.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        old = final.parent / f"{TMP_PREFIX}old-{final.name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    fsync_dir(final.parent)
+    return True

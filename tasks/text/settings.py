@@ -1,0 +1,21 @@
+"""The base of every settings class of the engines and stages: strict, immutable, finite.
+
+- Unknown keys are errors (a typo in a profile must not be silently ignored).
+- Values are frozen: a config is hashed into artifact keys, so it must not change after
+  it was validated.
+- Defaults go through the validators too: a validator that normalizes (sorts a list of
+  languages, say) gives the same value whether it came from the default or from a form
+  or YAML file that spells the default out, or the same settings would hash to two keys.
+- ``inf`` and ``nan`` are refused wherever a float is expected: no threshold or rate in
+  lmforge means anything at infinity.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Settings(BaseModel):
+    """Base of every engine and stage config (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)

@@ -34,6 +34,7 @@ from tasks.ingest import IngestConfig
 from tasks.pretrain import PretrainConfig
 from tasks.shards import ShardsConfig
 from tasks.stage import StageConfig
+from tasks.text.settings import describe
 from tasks.tokenizer import TokenizerConfig
 
 
@@ -86,17 +87,6 @@ class PipelineConfig(StageConfig):
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file, key and reason."""
-
-
-def describe(error: ValidationError) -> str:
-    """Each problem of a validation error as ``key: reason (got value)``, joined by '; '."""
-    problems = []
-    for err in error.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        value = err.get("input")
-        got = f" (got {value!r})" if value is None or isinstance(value, (str, int, float, bool)) else ""
-        problems.append(f"{key}: {err['msg'].removeprefix('Value error, ')}{got}")
-    return "; ".join(problems)
 
 
 def load_config(path: str | Path) -> PipelineConfig:

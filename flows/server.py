@@ -14,7 +14,8 @@ What it starts, in order, and why:
    A deployment left paused (``serve()`` pauses its deployment on shutdown, and a later
    deploy keeps it paused) is resumed, so the nightly schedule really runs.
 4. A worker on the ``cpu`` pool, and one on the ``gpu`` pool when this host has a GPU
-   (or ``--gpu-worker``). Workers inherit this process's environment: the result storage
+   (or ``--gpu-worker``). Workers inherit this process's environment, less the server's
+   secrets (its auth string and database URL: :func:`worker_env`): the result storage
    (``PREFECT_RESULTS_LOCAL_STORAGE_PATH``, default ``<store>/_prefect_results`` of the
    ``--config`` profile, where ``lmforge run`` keeps them too, so a run from the UI
    finds the cache records of one from the command line and shows its stages Cached), the profile
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ipaddress
 import json
 import os
 import signal
@@ -64,12 +66,12 @@ class Supervisor:
     server_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     children: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
         proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
-            env={**self.env, SERVER_ID_ENV: self.server_id},
+            env={**(self.env if env is None else env), SERVER_ID_ENV: self.server_id},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -166,7 +168,43 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     env.setdefault("LMFORGE_GPU_DEVICES", "0")
     if env.get("PREFECT_SERVER_API_AUTH_STRING"):
         env.setdefault("PREFECT_API_AUTH_STRING", env["PREFECT_SERVER_API_AUTH_STRING"])
+    # The UI is served from the API's own origin: no other site's pages may call the API.
+    env.setdefault("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", api.removesuffix("/api"))
     return env
+
+
+SERVER_SECRETS = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+"""What only the server needs: workers and the flow runs they start never see them (they
+authenticate with ``PREFECT_API_AUTH_STRING``, and never touch the database)."""
+
+
+def worker_env(env: dict[str, str]) -> dict[str, str]:
+    """A worker's environment: the server's, less the server's secrets."""
+    return {k: v for k, v in env.items() if k not in SERVER_SECRETS and not k.startswith("PREFECT_SERVER_DATABASE_")}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback name or address (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(host: str, env: dict[str, str]) -> str | None:
+    """Why listening on ``host`` would be unsafe with this environment, or None.
+
+    Prefect's process worker runs whatever a deployment run asks for, so whoever reaches
+    the API runs code on the workers: beyond loopback, the API needs a password.
+    """
+    if is_loopback(host) or env.get("PREFECT_SERVER_API_AUTH_STRING"):
+        return None
+    return (
+        f"--host {host} would open the Prefect API (which runs code on the workers) to the network without a password: "
+        "set PREFECT_SERVER_API_AUTH_STRING=user:password, or keep the default --host 127.0.0.1"
+    )
 
 
 RETRYABLE_STATUS = (429, 502, 503)
@@ -288,6 +326,10 @@ def has_gpu() -> bool:
 
 def cmd_server(args: argparse.Namespace) -> int:
     env = server_env(args)
+    problem = exposure_problem(args.host, env)
+    if problem:
+        print(f"lmforge server: {problem}", file=sys.stderr)
+        return 2
     state = Path(env["PREFECT_HOME"])
     (state / "logs").mkdir(parents=True, exist_ok=True)
     if not Path(env["LMFORGE_CONFIG"]).is_file():
@@ -331,6 +373,7 @@ def cmd_server(args: argparse.Namespace) -> int:
                     "--name",
                     name,
                 ],
+                env=worker_env(env),
             )
             wait_worker_online(sup, pool, name, args.startup_timeout)
         print(f"lmforge server: workers on pool(s) {', '.join(pools)}; logs in {sup.logs}", flush=True)

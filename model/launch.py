@@ -10,6 +10,7 @@ Design decisions:
 - Every line of the child's stdout and stderr goes to ``on_line`` as it arrives, so the
   task's log shows training progress live; the last lines ride on the RuntimeError of a
   failed run, so the cause (a traceback from rank N) is in the task's failure message.
+- The child's environment carries no credentials (:func:`child_environment`).
 - The spec is validated here, before any process starts: a bad config is a ValueError
   in the caller (never retried), not a failed child and a retry.
 - On CPU each worker gets ``OMP_NUM_THREADS=1``: two workers with two threads each on a
@@ -32,6 +33,18 @@ import torch
 from model import train as entrypoint
 
 _ROOT = Path(__file__).resolve().parent.parent  # the directory holding the model package
+
+
+def child_environment(env: dict[str, str]) -> dict[str, str]:
+    """``env`` less credentials: training talks to no API and no database, so it gets none of
+    their secrets (Prefect's auth strings and database URL, any ``*_PASSWORD`` or ``*_TOKEN``)."""
+    secret = ("AUTH_STRING", "DATABASE_CONNECTION_URL", "PASSWORD", "TOKEN", "SECRET")
+    return {
+        k: v
+        for k, v in env.items()
+        if not (k.startswith("PREFECT_") and any(w in k for w in secret))
+        and not k.endswith(("_PASSWORD", "_TOKEN", "_SECRET"))
+    }
 
 
 def default_nproc() -> int:
@@ -69,7 +82,7 @@ def launch(
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     entrypoint.TrainSpec.load(spec_path)
-    child_env = {**os.environ, **(env or {})}
+    child_env = child_environment({**os.environ, **(env or {})})
     child_env["PYTHONUNBUFFERED"] = "1"
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), child_env.get("PYTHONPATH")]))
     if not torch.cuda.is_available():

@@ -20,6 +20,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,17 @@ FORMAT_VERSION = "1"
 
 class ArtifactError(RuntimeError):
     """An artifact is missing, corrupt or inconsistent; the message says which and why."""
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def safe_relative(name: str, where: str) -> str:
+    """``name`` when it is a relative path that stays inside its directory; ArtifactError otherwise."""
+    parts = name.split("/")
+    if not name or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        raise ArtifactError(f"{where}: file path {name!r} is not a relative path inside the artifact")
+    return name
 
 
 @dataclass(frozen=True)
@@ -72,8 +84,8 @@ class Manifest:
         return Path(self.root) / self.stage / self.key
 
     def path(self, name: str) -> Path:
-        """Absolute path of one of this artifact's files."""
-        return self.dir / name
+        """Absolute path of one of this artifact's files (a relative path inside the artifact)."""
+        return self.dir / safe_relative(name, f"artifact {self.ref}")
 
     def files_with_prefix(self, prefix: str) -> list[FileEntry]:
         return sorted((f for f in self.files if f.path.startswith(prefix)), key=lambda f: f.path)
@@ -143,14 +155,27 @@ class Store:
         return d
 
     def artifact_dir(self, stage: str, key: str) -> Path:
+        """``<root>/<stage>/<key>``; both must be plain names, so no ref reaches outside the store."""
+        for part, what in ((stage, "stage"), (key, "key")):
+            if not _NAME.fullmatch(part or ""):
+                raise ArtifactError(
+                    f"artifact {stage}/{key}: {what} {part!r} is not a plain name (letters, digits, '_', '-', '.')"
+                )
         return self.root / stage / key
 
     def load(self, stage: str, key: str) -> Manifest | None:
-        """The published manifest, or None when the artifact does not exist (yet)."""
+        """The published manifest, or None when the artifact does not exist (yet).
+
+        Every file the manifest lists must be a relative path inside the artifact.
+        """
         mpath = self.artifact_dir(stage, key) / MANIFEST
         if not mpath.exists():
             return None
         m = Manifest.from_dict(json.loads(mpath.read_text()))
+        if (m.stage, m.key) != (stage, key):
+            raise ArtifactError(f"artifact {stage}/{key}: its manifest names {m.stage}/{m.key}")
+        for f in m.files:
+            safe_relative(f.path, f"artifact {m.ref}")
         m.root = str(self.root)
         return m
 

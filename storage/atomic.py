@@ -92,6 +92,15 @@ def publish_dir(tmp: Path, final: Path, *, replace: bool) -> bool:
         tmp.rename(final)
         shutil.rmtree(old)
     else:
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+            # Another writer published the same path between our check and our rename.
+            if not replace:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
+            return publish_dir(tmp, final, replace=True)
     fsync_dir(final.parent)
     return True

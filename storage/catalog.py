@@ -14,10 +14,13 @@ shards stage (a cache hit) rebuilds it. Design decisions:
 - DuckDB lets one process at a time open the file for writing. A :class:`Catalog` is
   opened, used and closed within a stage, never held across stages; opening waits up to
   ``lock_timeout`` seconds for another process's lock to go away.
-- User filters are parsed as a single SQL expression (``duckdb.SQLExpression``) and
-  applied to a relation already restricted to one dataset, so a filter cannot reach past
-  its dataset or run a second statement; a bad one raises :class:`CatalogError` naming
-  the filter and DuckDB's reason.
+- User filters (:mod:`storage.filters`) are checked, then evaluated in a sandbox that
+  holds the rows of one dataset and nothing else: a filter cannot reach other tables,
+  files or settings, or run a second statement; a bad one raises :class:`CatalogError`
+  naming the filter and the reason in words. Read-only connections (the ones that answer
+  users) have external access and extension loading off too.
+- The catalog held by another process past ``lock_timeout`` is :class:`CatalogBusy`, a
+  transient condition that callers retry, not a bad request.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.artifact import Manifest, Store
+from storage.filters import SANDBOX, FilterError, apply_filter
 
 log = logging.getLogger("lmforge.catalog")
 
@@ -81,6 +85,10 @@ SCHEMA = [
 
 class CatalogError(RuntimeError):
     """A catalog request cannot be answered; the message says which request and why."""
+
+
+class CatalogBusy(CatalogError):
+    """Another process holds the catalog's write lock: try again later."""
 
 
 class Catalog:
@@ -228,20 +236,20 @@ class Catalog:
             raise CatalogError(
                 f"dataset {dataset_ref!r} is not indexed in {self.path}: run the shards stage that produces it"
             )
-        rel = self.con.sql(
+        rows = self.con.sql(
             """SELECT d.* EXCLUDE (dataset), s.path, s.dtype
                FROM documents d JOIN token_shards s USING (dataset, shard)
-               WHERE d.dataset = $1 AND ($2::VARCHAR IS NULL OR d.split = $2)""",
+               WHERE d.dataset = $1 AND ($2::VARCHAR IS NULL OR d.split = $2)
+               ORDER BY shard, start""",
             params=[dataset_ref, split],
-        )
+        ).to_arrow_table()
+        if where_sql is None:
+            return rows
         try:
-            if where_sql is not None:
-                rel = rel.filter(duckdb.SQLExpression(where_sql))
-            return rel.order("shard, start").to_arrow_table()
-        except duckdb.Error as e:
-            reason = str(e).splitlines()[0]
+            return apply_filter(rows, where_sql, DOCUMENT_COLUMNS)
+        except FilterError as e:
             raise CatalogError(
-                f"documents filter {where_sql!r} is not a valid SQL condition over the documents table: {reason} "
+                f"documents filter {where_sql!r} is not valid: {e} "
                 f"(columns: {', '.join(DOCUMENT_COLUMNS)}; e.g. \"lang = 'fr' AND lang_score > 0.9\")"
             ) from None
 
@@ -301,9 +309,11 @@ def _connect(path: Path, read_only: bool, lock_timeout: float) -> duckdb.DuckDBP
     delay = 0.05
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return duckdb.connect(str(path), read_only=read_only, config=SANDBOX if read_only else {})
         except duckdb.IOException as e:
-            if "lock" not in str(e).lower() or time.monotonic() >= deadline:
-                raise CatalogError(f"cannot open the catalog {path}: {str(e).splitlines()[0]}") from e
+            busy = "lock" in str(e).lower()
+            if not busy or time.monotonic() >= deadline:
+                kind = CatalogBusy if busy else CatalogError
+                raise kind(f"cannot open the catalog {path}: {str(e).splitlines()[0]}") from e
             time.sleep(delay)
             delay = min(delay * 2, 1.0)

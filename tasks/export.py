@@ -9,9 +9,6 @@ model that does not match what was evaluated.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from pydantic import Field
 
 from storage.artifact import Manifest, Store
@@ -43,11 +40,12 @@ def run(store: Store, cfg: ExportConfig, model: Manifest, shards: Manifest, toke
 
     docs = eval_docs(select(store, STAGE.name, shards, None, "val"), shards.meta["dtype"], cfg.gate_docs_per_language)
     gpt = load_model(model.dir).eval()
-    with tempfile.TemporaryDirectory(prefix="lmforge-export-") as tmp:
-        # Export and score outside the store first: a failed gate must leave no artifact.
+    # Export and score inside the writer's temporary directory, which lives in the store (a
+    # rename never crosses file systems); a failed gate raises inside it, so nothing is published.
+    with STAGE.writer(store, b) as w:
         result = export_model(
             gpt,
-            Path(tmp),
+            w.dir,
             eot_id=int(shards.meta["eot_id"]),
             val_docs=docs,
             tokenizer_file=tokenizer.path("tokenizer.json"),
@@ -61,22 +59,18 @@ def run(store: Store, cfg: ExportConfig, model: Manifest, shards: Manifest, toke
                 STAGE.name,
                 model.ref,
                 result.verdict.message,
-                "the model was not published; inspect export.json checks or relax the export tolerances",
+                "the model was not published; inspect the gate's checks in the log, or relax the export tolerances",
             )
-        with STAGE.writer(store, b) as w:
-            for f in sorted(Path(tmp).iterdir()):
-                if f.is_file():
-                    f.replace(w.dir / f.name)
-            val = result.meta["val"]
-            w.meta.update(
-                {
-                    "gate": result.meta["gate"]["message"],
-                    "parity_max_abs_diff": result.meta["parity_max_abs_diff"],
-                    "val_loss": {k: v["loss"] for k, v in val.items()},
-                    "bytes": result.meta["bytes"],
-                    "files": result.meta["files"],
-                }
-            )
+        val = result.meta["val"]
+        w.meta.update(
+            {
+                "gate": result.meta["gate"]["message"],
+                "parity_max_abs_diff": result.meta["parity_max_abs_diff"],
+                "val_loss": {k: v["loss"] for k, v in val.items()},
+                "bytes": result.meta["bytes"],
+                "files": result.meta["files"],
+            }
+        )
     return w.manifest
 
 

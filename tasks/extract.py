@@ -17,7 +17,7 @@ from storage.artifact import Manifest, PartBuffer, Store, iter_batches
 from storage.documents import BASE_FIELDS, BASE_SCHEMA, Funnel
 from tasks.prefect_task import stage_task
 from tasks.stage import Stage, StageError, stage_logger
-from tasks.text.html import ExtractConfig, ExtractorPool
+from tasks.text.html import ExtractConfig, ExtractorPool, longest_word
 
 STAGE = Stage("extract", __name__)
 BATCH_ROWS = 512
@@ -53,6 +53,13 @@ def run(store: Store, cfg: ExtractConfig, raw: Manifest, allow_empty: bool = Fal
                     reason, detail = "empty_text", "no text left after extraction"
                 elif reason is None and len(text) < cfg.min_chars:
                     reason, detail = "too_short", f"{len(text)} characters < min_chars={cfg.min_chars}"
+                elif reason is None and len(text) > cfg.max_chars:
+                    reason, detail = "too_long", f"{len(text)} characters > max_chars={cfg.max_chars}"
+                elif reason is None and (longest := longest_word(text)) > cfg.max_word_chars:
+                    reason, detail = (
+                        "word_too_long",
+                        f"a word of {longest} characters > max_word_chars={cfg.max_word_chars}",
+                    )
                 funnel.seen(text)
                 if reason is None:
                     funnel.kept(text)

@@ -206,11 +206,15 @@ def _ingest(
         meta["warc"] = WARC_NAME
     elif cfg.kind == "warc":
         paths = warc_paths(cfg.warc)
-        items, what, total = read_warcs(paths, cfg.warc.verify_digests), f"{len(paths)} WARC file(s)", None
+        items, what, total = (
+            read_warcs(paths, cfg.warc.verify_digests, cfg.warc.max_bytes),
+            f"{len(paths)} WARC file(s)",
+            None,
+        )
         meta["files"] = len(paths)
     else:
         paths = files_under(cfg.files)
-        items, what, total = read_files(paths), f"folder {cfg.files.root}", len(paths)
+        items, what, total = read_files(paths, cfg.files.max_bytes), f"folder {cfg.files.root}", len(paths)
         meta["files"] = len(paths)
     body_size = lambda row: len(row["body"])  # noqa: E731  (raw HTML bounds a part, not its row count)
     kept = PartBuffer(w, "part", RAW_SCHEMA, max_rows=PART_ROWS, max_bytes=PART_BYTES, size_of=body_size)

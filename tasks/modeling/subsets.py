@@ -14,16 +14,22 @@ import numpy as np
 import pyarrow as pa
 
 from storage.artifact import Manifest, Store
-from storage.catalog import Catalog, CatalogError, token_spans
+from storage.catalog import Catalog, CatalogBusy, CatalogError, token_spans
 from storage.tokens import read_spans
 from tasks.stage import StageError
 
 
 def select(store: Store, stage: str, shards: Manifest, where_sql: str | None, split: str | None) -> pa.Table:
-    """Catalog rows of ``shards`` matching ``where_sql`` in ``split``; bad SQL is a StageError."""
+    """Catalog rows of ``shards`` matching ``where_sql`` in ``split``.
+
+    A bad filter is a StageError (not retried); a catalog busy in another process is a
+    RuntimeError, which the task's retries take care of.
+    """
     try:
         with Catalog(store.catalog_path, read_only=True) as cat:
             return cat.select_documents(shards.ref, where_sql, split)
+    except CatalogBusy as e:
+        raise RuntimeError(f"[{stage}] catalog busy: {e}") from None
     except CatalogError as e:
         raise StageError(stage, f"filter {where_sql!r}", str(e)) from None
 

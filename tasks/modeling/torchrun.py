@@ -28,8 +28,11 @@ import re
 import shutil
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from storage.artifact import Manifest, Store
 from tasks.stage import Begun, Progress, Stage, StageError, stage_logger
+from tasks.text.settings import describe
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \|")
 SUMMARY_KEYS = (
@@ -73,9 +76,10 @@ def train_in_child(stage: str, work: Path, spec: dict, nproc: int | None, progre
 
     try:
         launch(spec_path, n, on_line=on_line)
-    except ValueError as e:
+    except ValueError as e:  # raised before torchrun starts: nothing ran, and a retry would fail the same way
+        reason = describe(e) if isinstance(e, ValidationError) else str(e)
         raise StageError(
-            stage, str(spec_path), f"the train spec is not valid: {e}", "fix the train settings of the profile"
+            stage, str(spec_path), f"the train spec is not valid: {reason}", "fix the train settings of the profile"
         ) from None
     except RuntimeError as e:
         raise RuntimeError(f"[{stage}] {e}") from None

@@ -11,7 +11,8 @@ Design decisions:
   percent-encoding requoted) so one page is one URL.
 - robots.txt follows RFC 9309: fetched once per host before any page; a 2xx body is
   parsed, a 4xx (404 included) allows everything, a 5xx disallows everything, and an
-  unreachable host drops its pages with the fetch error. A larger ``Crawl-delay`` wins.
+  unreachable host drops its pages with the fetch error. A larger ``Crawl-delay`` wins, up
+  to ``max_crawl_delay_seconds``: a host that asks for more is skipped (``crawl_delay_too_long``).
 - Politeness: request starts to one host are spaced by the delay across all threads.
 - Retries: timeouts, connection errors, 5xx and 429, with exponential backoff; a
   ``Retry-After`` is honoured when it is at most ``max_retry_after_seconds``.
@@ -108,7 +109,15 @@ class CrawlConfig(Settings):
     user_agent: str = Field(
         "lmforge-crawler/0.1",
         min_length=1,
-        description="User-Agent header, also the name matched against robots.txt rules.",
+        max_length=256,
+        pattern=r"^[\x20-\x7e]+$",
+        description="User-Agent header, also the name matched against robots.txt rules (printable ASCII: no line breaks).",
+    )
+    max_crawl_delay_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        le=3600.0,
+        description="Longest robots.txt Crawl-delay honoured; a host asking for more is skipped (crawl_delay_too_long).",
     )
 
     @field_validator("seeds")
@@ -373,6 +382,10 @@ class Crawler:
             rp.allow_all = True
         self._robots[host] = rp
         delay = rp.crawl_delay(self.cfg.user_agent) if 200 <= resp.status < 300 else None
+        if delay and float(delay) > self.cfg.max_crawl_delay_seconds:
+            detail = f"robots.txt asks for Crawl-delay {delay}s, above max_crawl_delay_seconds={self.cfg.max_crawl_delay_seconds}"
+            self._robots[host] = _Failure("crawl_delay_too_long", detail)
+            return
         if delay and float(delay) > self._gates[host].delay:
             log.info("%s: robots.txt asks for Crawl-delay %ss", host, delay)
             self._gates[host].delay = float(delay)

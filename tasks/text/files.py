@@ -1,11 +1,16 @@
-"""Reading a local folder of pages: every file under a root with a wanted name ending."""
+"""Reading a local folder of pages: every file under a root with a wanted name ending.
+
+The folder is the boundary: a symbolic link that leads outside it is not followed, a file
+reached twice (through a link) is read once, and a file over ``max_bytes`` is dropped as
+``too_large`` without being read whole.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterator
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tasks.text.pages import Drop, Page, SourceError, iso_time
 from tasks.text.settings import Settings
@@ -18,24 +23,40 @@ class FilesConfig(Settings):
     extensions: list[str] = Field(
         [".html", ".htm", ".txt"],
         min_length=1,
-        description="File name endings read (case-insensitive); .txt is text/plain, the rest text/html.",
+        description="File name endings read (case-insensitive), each starting with '.'; .txt is text/plain, the rest text/html.",
     )
+    max_bytes: int = Field(5_000_000, ge=1024, description="Largest file read; a larger one is dropped as too_large.")
+
+    @field_validator("extensions")
+    @classmethod
+    def _endings(cls, extensions: list[str]) -> list[str]:
+        for e in extensions:
+            if len(e) < 2 or not e.startswith(".") or "/" in e:
+                raise ValueError(f"extension {e!r} is not a file name ending like '.html'")
+        return extensions
 
 
 def files_under(cfg: FilesConfig) -> list[Path]:
+    """The wanted files under ``cfg.root``, resolved, each once, none outside the root."""
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise SourceError(str(root), "folder not found", "check files.root")
+    root = root.resolve()
     endings = tuple(e.lower() for e in cfg.extensions)
-    return sorted(p.resolve() for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(endings))
+    found = {p.resolve() for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(endings)}
+    return sorted(p for p in found if p.is_relative_to(root))
 
 
-def read_files(paths: list[Path]) -> Iterator[Page | Drop]:
+def read_files(paths: list[Path], max_bytes: int = 5_000_000) -> Iterator[Page | Drop]:
     for p in paths:
         try:
-            body = p.read_bytes()
+            with open(p, "rb") as f:
+                body = f.read(max_bytes + 1)
         except OSError as e:
             yield Drop(p.as_uri(), "unreadable_file", str(e))
+            continue
+        if len(body) > max_bytes:
+            yield Drop(p.as_uri(), "too_large", f"larger than max_bytes={max_bytes}")
             continue
         ctype = "text/plain" if p.suffix.lower() == ".txt" else "text/html"
         yield Page(p.as_uri(), iso_time(p.stat().st_mtime), None, ctype, None, body)

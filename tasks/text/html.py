@@ -53,6 +53,16 @@ class ExtractConfig(Settings):
     min_chars: int = Field(
         200, ge=0, description="Shortest extracted text kept, in characters; shorter is dropped as too_short."
     )
+    max_chars: int = Field(
+        1_000_000,
+        ge=1000,
+        description="Longest extracted text kept, in characters; longer is dropped as too_long (a runaway page would stall the filter and the tokenizer).",
+    )
+    max_word_chars: int = Field(
+        1000,
+        ge=50,
+        description="Longest run of characters without white space kept; a page with a longer one (base64, a minified blob) is dropped as word_too_long, in every language.",
+    )
     main_content: bool = Field(
         True,
         description="Keep only the main content (resiliparse's boilerplate removal): no navigation, headers, footers.",
@@ -100,6 +110,11 @@ def decode_body(body: bytes, charset: str | None, max_bad_char_ratio: float) -> 
     if text and bad > max_bad_char_ratio * len(text):
         raise Undecodable(f"{bad} of {len(text)} characters unreadable as {enc}")
     return text
+
+
+def longest_word(text: str) -> int:
+    """Length of the longest run of non-white-space characters (0 for an empty text)."""
+    return max(map(len, text.split()), default=0)
 
 
 def extract_document(body: bytes, content_type: str, charset: str | None, cfg: ExtractConfig) -> str:

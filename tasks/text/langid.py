@@ -9,12 +9,16 @@ Design decisions:
 - fastText predicts one line at a time, so newlines become spaces (datatrove, Dolma,
   NeMo do the same; cc_net's deletion glues words together). Top-1 label and its
   probability, as FineWeb uses them.
+- Invisible format characters (zero-width spaces and joiners, bidi controls, soft
+  hyphens, byte-order marks) are removed first: they render as nothing, but English
+  text sprinkled with zero-width spaces scored as Khmer.
 - No download ever happens: a missing model is an error that says what to install.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import fasttext
 
 MODEL_FILE = "lid.176.ftz"
 _PREFIX = "__label__"
+_INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 
 
 class LangIdError(RuntimeError):
@@ -58,5 +63,5 @@ def identify(texts: list[str]) -> tuple[list[str], list[float]]:
     """Top-1 language code and probability of each text."""
     if not texts:
         return [], []
-    found, probs = load_model().predict([t.replace("\n", " ") for t in texts], k=1)
+    found, probs = load_model().predict([_INVISIBLE.sub("", t).replace("\n", " ") for t in texts], k=1)
     return [f[0].removeprefix(_PREFIX) for f in found], [float(p[0]) for p in probs]

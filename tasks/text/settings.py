@@ -12,10 +12,21 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class Settings(BaseModel):
     """Base of every engine and stage config (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+def describe(error: ValidationError) -> str:
+    """Each problem of a validation error as ``key: reason (got value)``, joined by '; '."""
+    problems = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        value = err.get("input")
+        got = f" (got {value!r})" if value is None or isinstance(value, (str, int, float, bool)) else ""
+        problems.append(f"{key}: {err['msg'].removeprefix('Value error, ')}{got}")
+    return "; ".join(problems)

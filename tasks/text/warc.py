@@ -36,6 +36,9 @@ class WarcConfig(Settings):
         ..., min_length=1, description="WARC/WET files or glob patterns (gzip, zstd, lz4 or plain)."
     )
     verify_digests: bool = Field(True, description="Drop records whose WARC-Block-Digest does not match their bytes.")
+    max_bytes: int = Field(
+        5_000_000, ge=1024, description="Largest record read; a larger one is dropped as too_large, unread."
+    )
 
 
 def warc_paths(cfg: WarcConfig) -> list[Path]:
@@ -55,9 +58,19 @@ def warc_paths(cfg: WarcConfig) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in out))
 
 
-def _records(path: Path, verify: bool) -> Iterator[tuple[WarcRecord, bytes] | Drop]:
+class _Resync(Exception):
+    """A record's header cannot be trusted: go on at the next record boundary after it."""
+
+
+def _records(path: Path, verify: bool, max_bytes: int) -> Iterator[tuple[WarcRecord, bytes] | Drop]:
     """Response and conversion records of one file with their payloads read (HTTP headers
-    parsed); an unreadable stretch becomes one drop."""
+    parsed); an unreadable stretch becomes one drop.
+
+    A record's declared length is checked before anything of it is read: over
+    ``max_bytes`` it is dropped unread (``too_large``); past the end of an uncompressed
+    file it is a lie, dropped as ``malformed_record``, and reading resumes at the next
+    ``WARC/1.`` line instead of skipping the rest of the file.
+    """
     types = WarcRecordType.response | WarcRecordType.conversion
     try:
         f = open(path, "rb")
@@ -67,7 +80,8 @@ def _records(path: Path, verify: bool) -> Iterator[tuple[WarcRecord, bytes] | Dr
         if os.fstat(f.fileno()).st_size == 0:
             return
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            boundary = b"\x1f\x8b\x08" if data[:2] == b"\x1f\x8b" else b"WARC/1."
+            gzipped = data[:2] == b"\x1f\x8b"
+            boundary = b"\x1f\x8b\x08" if gzipped else b"WARC/1."
             start, suppress = 0, False
             while start >= 0:
                 f.seek(start)
@@ -76,6 +90,21 @@ def _records(path: Path, verify: bool) -> Iterator[tuple[WarcRecord, bytes] | Dr
                     for rec in ArchiveIterator(f, record_types=types, parse_http=False):
                         last = rec.stream_pos
                         uri = rec.headers.get("WARC-Target-URI") or f"{path.as_uri()}#offset={last}"
+                        if not gzipped and rec.stream_pos + rec.content_length > len(data):
+                            yield Drop(
+                                uri,
+                                "malformed_record",
+                                f"{path.name} offset {last}: declared length "
+                                f"{rec.content_length} runs past the end of the file",
+                            )
+                            raise _Resync()
+                        if rec.content_length > max_bytes:
+                            yield Drop(
+                                uri,
+                                "too_large",
+                                f"{path.name} offset {last}: {rec.content_length} bytes > max_bytes={max_bytes}",
+                            )
+                            continue
                         problem = None
                         if rec.headers.get("Content-Length") != str(rec.content_length):
                             problem = "truncated record (Content-Length missing or not met)"
@@ -91,6 +120,9 @@ def _records(path: Path, verify: bool) -> Iterator[tuple[WarcRecord, bytes] | Dr
                         suppress = False
                         yield rec, payload
                     return
+                except _Resync:
+                    suppress = False
+                    start = data.find(boundary, last + 1)
                 except OSError as e:
                     if not suppress:
                         yield Drop(
@@ -102,11 +134,11 @@ def _records(path: Path, verify: bool) -> Iterator[tuple[WarcRecord, bytes] | Dr
                     start = data.find(boundary, last + 1)
 
 
-def read_warcs(paths: list[Path], verify: bool) -> Iterator[Page | Drop]:
+def read_warcs(paths: list[Path], verify: bool, max_bytes: int = 5_000_000) -> Iterator[Page | Drop]:
     seen: set[str] = set()
     for path in paths:
         log.info("reading %s", path)
-        for item in _records(path, verify):
+        for item in _records(path, verify, max_bytes):
             if isinstance(item, Drop):
                 yield item
                 continue

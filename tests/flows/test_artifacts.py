@@ -99,6 +99,7 @@ def pretrained(tmp_path_factory):
                 "nproc": 1,
             },
         },
+        finetune={"train": {"block_size": 16}},  # a model of 16 tokens is finetuned on 16-token windows
     )
     state = pretrain(config, dataset=shards.ref, return_state=True)
     result = state.result()

@@ -1,5 +1,6 @@
 """`lmforge server`'s API calls retry what Prefect's client retries, and nothing else (against a real local HTTP server)."""
 
+import argparse
 import threading
 import urllib.error
 import urllib.request
@@ -57,3 +58,45 @@ def test_other_errors_are_not_retried(url):
     with pytest.raises(urllib.error.HTTPError) as e:
         srv.api_call({"PREFECT_API_URL": url}, "/missing")
     assert e.value.code == 404 and Flaky.counts["/missing"] == 1
+
+
+def test_the_api_is_not_opened_to_the_network_without_a_password():
+    assert srv.exposure_problem("127.0.0.1", {}) is None and srv.exposure_problem("::1", {}) is None
+    assert srv.exposure_problem("localhost", {}) is None
+    assert srv.exposure_problem("0.0.0.0", {"PREFECT_SERVER_API_AUTH_STRING": "admin:pw"}) is None
+    for host in ("0.0.0.0", "10.0.0.5", "::", "example.org"):
+        assert "PREFECT_SERVER_API_AUTH_STRING" in srv.exposure_problem(host, {})
+
+
+def test_lmforge_server_refuses_a_public_host_without_auth_before_starting_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PREFECT_SERVER_API_AUTH_STRING", raising=False)
+    args = argparse_namespace("--host", "0.0.0.0", "--state-dir", str(tmp_path / "state"))
+    assert srv.cmd_server(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--host 0.0.0.0" in err and "PREFECT_SERVER_API_AUTH_STRING" in err
+    assert not (tmp_path / "state" / "logs").exists()
+
+
+def test_workers_and_training_children_get_no_server_secrets():
+    from model.launch import child_environment
+
+    env = {
+        "PREFECT_SERVER_API_AUTH_STRING": "admin:pw",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": "postgresql+asyncpg://u:p@h/db",
+        "PREFECT_API_AUTH_STRING": "admin:pw",
+        "PREFECT_API_URL": "http://127.0.0.1:4200/api",
+        "PATH": "/usr/bin",
+    }
+    worker = srv.worker_env(env)
+    assert worker == {k: env[k] for k in ("PREFECT_API_AUTH_STRING", "PREFECT_API_URL", "PATH")}
+    child = child_environment({**worker, "AWS_SECRET": "x", "HF_TOKEN": "y"})
+    assert child == {"PREFECT_API_URL": "http://127.0.0.1:4200/api", "PATH": "/usr/bin"}
+    server_env = srv.server_env(argparse_namespace("--port", "4200"))
+    assert server_env["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:4200"
+
+
+def argparse_namespace(*argv: str):
+    """``lmforge server`` arguments, as the command line parses them."""
+    parser = argparse.ArgumentParser()
+    srv.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["server", *argv])

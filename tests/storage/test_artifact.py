@@ -1,6 +1,7 @@
 """Artifacts: atomic publish, crash safety, checksums, and one artifact per key."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -163,3 +164,63 @@ def test_part_buffer_bounds_parts_by_rows_and_bytes(tmp_path):
     assert [f.rows for f in m.files_with_prefix("big-")] == [2, 2, 1]  # 12 bytes >= 10 closes a part
     assert [f.rows for f in m.files_with_prefix("index-")] == [3, 3, 2]
     assert read_table(m, "index")["n"].to_pylist() == list(range(8))
+
+
+def test_refs_and_manifest_paths_stay_inside_the_store(tmp_path):
+    store = Store(tmp_path / "store")
+    outside = tmp_path / "outside"
+    with Store(outside).writer("x", "evil") as w:
+        w.write_table(_table(1))
+    for stage, key in [("shards", "../../outside/x/evil"), ("..", "x"), ("shards", ".."), ("shards", "a/b"), ("", "k")]:
+        with pytest.raises(ArtifactError, match="is not a plain name"):
+            store.load(stage, key)
+    with store.writer("dedup", "k1") as w:
+        w.write_table(_table(2))
+    manifest = json.loads((w.manifest.dir / "manifest.json").read_text())
+    for bad in ["/etc/hostname", "../k2/part-00000.parquet", "a/../../b"]:
+        tampered = {**manifest, "files": [{**manifest["files"][0], "path": bad}]}
+        (w.manifest.dir / "manifest.json").write_text(json.dumps(tampered))
+        with pytest.raises(ArtifactError, match="is not a relative path inside the artifact"):
+            store.load("dedup", "k1")
+
+
+def test_a_rebuilt_artifact_with_the_same_content_has_the_same_digest(tmp_path):
+    """The digest is content (files' checksums), not when it was made: what was built from it stays valid."""
+    store = Store(tmp_path)
+    with store.writer("dedup", "k1") as w:
+        w.write_table(_table(3))
+        w.meta["seconds"] = 1.0
+    first = w.manifest
+    shutil.rmtree(first.dir)
+    with store.writer("dedup", "k1") as w:
+        w.write_table(_table(3))
+        w.meta["seconds"] = 2.0  # timings differ from run to run
+    assert w.manifest.created_at != first.created_at
+    assert w.manifest.digest() == first.digest()
+    with store.writer("dedup", "k2") as other:
+        other.write_table(_table(4))
+    assert other.manifest.digest() != first.digest()
+
+
+def test_the_loser_of_a_publish_race_adopts_the_winners_artifact(tmp_path, monkeypatch):
+    """Both writers saw no artifact; the first rename wins and the second keeps the winner's, no error."""
+    import storage.atomic as atomic
+
+    store = Store(tmp_path)
+    real_exists = Path.exists
+    with store.writer("dedup", "k1") as w:
+        w.write_table(_table(3))
+    winner = w.manifest
+    calls = {"n": 0}
+
+    def stale_exists(path):  # the loser checked before the winner renamed
+        if path == winner.dir and calls["n"] == 0:
+            calls["n"] += 1
+            return False
+        return real_exists(path)
+
+    monkeypatch.setattr(atomic.Path, "exists", stale_exists)
+    with store.writer("dedup", "k1") as loser:
+        loser.write_table(_table(3))
+    assert loser.manifest.created_at == winner.created_at and calls["n"] == 1
+    assert [p.name for p in (tmp_path / "dedup").iterdir()] == ["k1"]

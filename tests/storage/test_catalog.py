@@ -4,12 +4,13 @@ import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from storage.artifact import Store
-from storage.catalog import Catalog, CatalogError, register_dataset, token_spans
+from storage.catalog import Catalog, CatalogBusy, CatalogError, register_dataset, token_spans
 from storage.documents import SplitConfig, make_doc_id
 from storage.tokens import read_spans
 from tasks import shards, tokenizer
@@ -98,13 +99,25 @@ def test_filters_stay_inside_their_dataset(corpus):
     assert {r["split"]: r["t"] for r in shards_per_split} == ds_a.meta["tokens"]
 
 
+SECRET = "/etc/hostname"
+
+
 @pytest.mark.parametrize(
     "bad, reason",
     [
-        ("nope = 1", "nope"),
+        ("nope = 1", "names a column, table or function that a filter cannot use"),
         ("lang = ", "syntax error"),
-        ("lang = 'fr'; DROP TABLE documents", "more than one statement"),
+        ("lang = 'fr'; DROP TABLE documents", "not a valid SQL condition"),
         ("lang = 'fr') OR (TRUE", "syntax error"),
+        # Reaching past the dataset: files, directory listings, other tables, settings, the environment.
+        (f"lang = 'en' AND error((SELECT content FROM read_text('{SECRET}')))::BOOLEAN", "holds a subquery"),
+        ("EXISTS (SELECT * FROM glob('/*'))", "holds a subquery"),
+        ("doc_id IN (SELECT ref FROM artifacts)", "holds a subquery"),
+        ("(SELECT count(*) FROM artifacts WHERE ref LIKE 'shards/%') > 0", "holds a subquery"),
+        ("EXISTS (SELECT * FROM duckdb_settings())", "holds a subquery"),
+        (f"read_text('{SECRET}') IS NOT NULL", "names a column, table or function"),
+        ("length(getenv('HOME')) > 0", "names a column, table or function"),
+        ("CAST(lang AS INTEGER) = 1", "fails on the documents"),
     ],
 )
 def test_a_bad_filter_names_itself_and_the_reason(corpus, bad, reason):
@@ -113,7 +126,43 @@ def test_a_bad_filter_names_itself_and_the_reason(corpus, bad, reason):
         with pytest.raises(CatalogError, match="documents filter") as err:
             cat.select_documents(ds.ref, bad)
         assert repr(bad) in str(err.value) and reason in str(err.value)
+        assert Path(SECRET).read_text().strip() not in str(err.value).replace(repr(bad), "")
         assert cat.select_documents(ds.ref).num_rows == 200
+
+
+def test_a_filter_sees_its_dataset_only_and_plain_conditions_work(corpus):
+    store, _, (*_, ds_a), (*_, ds_b) = corpus
+    with Catalog(store.catalog_path, read_only=True) as cat:
+        fr = cat.select_documents(
+            ds_a.ref, "lang = 'fr' AND n_tokens > 3 AND lang_score IS NOT NULL OR doc_id LIKE 'zz%'"
+        )
+        assert 0 < fr.num_rows < 200 and set(fr["lang"].to_pylist()) == {"fr"}
+        assert fr.column_names[-2:] == ["path", "dtype"]  # token locations come with the rows
+        assert cat.select_documents(ds_b.ref, "TRUE").num_rows == 60
+        with pytest.raises(CatalogError, match="cannot use"):
+            cat.select_documents(ds_a.ref, "dataset IS NOT NULL")  # not even the column naming other datasets
+
+
+def test_a_catalog_held_by_a_writer_is_busy_not_a_bad_request(tmp_path):
+    path = tmp_path / "catalog.duckdb"
+    with Catalog(path):
+        pass
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, time; c = duckdb.connect({str(path)!r}); print('held', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CatalogBusy):
+            Catalog(path, read_only=True, lock_timeout=0.5)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_lineage_lists_every_ancestor_nearest_first(corpus):

@@ -279,3 +279,20 @@ def test_media_type_and_config_validation():
         CrawlConfig(seeds=["ftp://example.org/"])
     with pytest.raises(ValueError):
         CrawlConfig(seeds=[])
+
+
+def test_a_host_asking_for_a_crawl_delay_past_the_cap_is_skipped(tmp_path):
+    slow = Site(robots=b"User-agent: *\nCrawl-delay: 120\n")
+    try:
+        store = Store(tmp_path / "store")
+        with pytest.raises(ingest.StageError, match="crawl_delay_too_long: 1"):
+            ingest.run(store, crawl_cfg([slow.url + "/a.html"], max_depth=0, max_crawl_delay_seconds=10))
+        assert "/a.html" not in slow.hits  # nothing but robots.txt was fetched
+    finally:
+        slow.close()
+
+
+@pytest.mark.parametrize("agent", ["lmforge\r\nX-Injected: 1", "bot\n", "", "naïve-bot"])
+def test_a_user_agent_that_could_inject_headers_is_a_config_error(agent):
+    with pytest.raises(ValueError, match="user_agent"):
+        CrawlConfig(user_agent=agent)

@@ -210,3 +210,23 @@ def test_failures_publish_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         extract.run(store, ExtractConfig(workers=1), raw)
     assert list((store.root / "extract").iterdir()) == []
+
+
+def test_runaway_texts_are_dropped_in_every_language(tmp_path):
+    """A megabyte page or a kilobyte 'word' (base64, a minified blob) never reaches the filter or BPE."""
+    store = Store(tmp_path)
+    blob = "QUJD" * 600  # 2,400 characters without a space
+    pages = [
+        ("http://h.org/ok", docbook_page(), "text/html", "utf-8"),
+        ("http://h.org/huge", html_of("Une phrase tout à fait ordinaire. " * 40_000).encode(), "text/html", "utf-8"),
+        ("http://h.org/blob", docbook_page(PARAS + [blob]), "text/html", "utf-8"),
+        ("http://h.org/ja", html_of("日本語の文章です。" * 100 + blob).encode(), "text/html", "utf-8"),
+    ]
+    m = extract.run(store, ExtractConfig(workers=1), raw_artifact(store, pages))
+    kept, dropped = outcome(m)
+    assert list(kept) == ["http://h.org/ok"]
+    assert dropped == {
+        "http://h.org/huge": "too_long",
+        "http://h.org/blob": "word_too_long",
+        "http://h.org/ja": "word_too_long",
+    }

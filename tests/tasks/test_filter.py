@@ -65,6 +65,12 @@ def reasons(manifest):
     return dict(zip(table.column("url").to_pylist(), table.column("dropped_reason").to_pylist()))
 
 
+def test_invisible_characters_do_not_change_the_language():
+    hidden = "\u200b".join(EN[0]) + "\u202e\u2066\u00ad\ufeff"  # a zero-width space between every character
+    (lang,), (score,) = langid.identify([hidden])
+    assert lang == "en" and score > 0.65
+
+
 def test_langid_on_known_text():
     langs, scores = langid.identify([EN[0], FR, DE, ES, JA, GIBBERISH])
     assert langs[:5] == ["en", "fr", "de", "es", "ja"]

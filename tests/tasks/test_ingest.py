@@ -188,8 +188,8 @@ def test_an_error_mid_write_leaves_no_artifact(tmp_path, monkeypatch):
 
     read_files = ingest.read_files
 
-    def failing(paths):
-        yield from list(read_files(paths))[:1]
+    def failing(paths, max_bytes):
+        yield from list(read_files(paths, max_bytes))[:1]
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(ingest, "read_files", failing)
@@ -205,3 +205,42 @@ def test_config_needs_the_section_of_its_kind():
         ingest.IngestConfig(kind="warc")
     with pytest.raises(ValidationError):
         ingest.IngestConfig(kind="files", files={"root": "x"}, unknown=1)
+
+
+def test_files_stay_under_the_root_each_once_and_under_the_size_cap(tmp_path):
+    write_folder(tmp_path / "site")
+    (tmp_path / "secret.html").write_bytes(HTML)
+    (tmp_path / "site" / "escape.html").symlink_to(tmp_path / "secret.html")  # a link out of the root
+    (tmp_path / "site" / "again").symlink_to(tmp_path / "site" / "sub", target_is_directory=True)  # b.HTM twice
+    (tmp_path / "site" / "big.html").write_bytes(HTML + b"<p>x</p>" * 2000)
+    cfg = ingest.IngestConfig(kind="files", files={"root": str(tmp_path / "site"), "max_bytes": 4096})
+    m = ingest.run(Store(tmp_path / "store"), cfg)
+    urls = [r["url"] for r in read_table(m).to_pylist()]
+    assert not any("secret" in u or "escape" in u for u in urls)
+    assert len(urls) == len(set(urls)) and sum(u.endswith("b.HTM") for u in urls) == 1
+    dropped = {r["url"].rsplit("/", 1)[1]: r["dropped_reason"] for r in read_table(m, "dropped").to_pylist()}
+    assert dropped == {"big.html": "too_large"}
+
+
+@pytest.mark.parametrize("extensions", [[""], ["html"], [".html", "."]])
+def test_an_extension_filter_that_matches_anything_is_refused(tmp_path, extensions):
+    with pytest.raises(ValueError, match="not a file name ending"):
+        ingest.IngestConfig(kind="files", files={"root": str(tmp_path), "extensions": extensions})
+
+
+def test_a_record_that_lies_about_its_length_or_is_too_large_is_dropped_and_reading_goes_on(tmp_path):
+    liar = record("http://example.org/liar").replace(b"Content-Length: ", b"Content-Length: 500000000000\r\nX-Was: ", 1)
+    big = record("http://example.org/big", HTML + b"<p>filler</p>" * 1000)
+    (tmp_path / "in.warc").write_bytes(record("http://example.org/a") + liar + big + record("http://example.org/b"))
+    bomb = gzip.compress(record("http://example.org/bomb", b"<p>" + b"x" * 3_000_000 + b"</p>"))  # 3 MB from a few kB
+    (tmp_path / "in2.warc.gz").write_bytes(bomb + gzip.compress(record("http://example.org/c")))
+    cfg = ingest.IngestConfig(kind="warc", warc={"paths": [str(tmp_path / "in*")], "max_bytes": 8192})
+    m = ingest.run(Store(tmp_path / "store"), cfg)
+    kept = [r["url"] for r in read_table(m).to_pylist()]
+    assert kept == ["http://example.org/a", "http://example.org/b", "http://example.org/c"]
+    dropped = {r["url"]: r["dropped_reason"] for r in read_table(m, "dropped").to_pylist()}
+    assert dropped == {
+        "http://example.org/liar": "malformed_record",
+        "http://example.org/big": "too_large",
+        "http://example.org/bomb": "too_large",
+    }

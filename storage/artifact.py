@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -127,6 +128,9 @@ def artifact_key(stage: str, parents: Iterable[Manifest], config: dict[str, Any]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+_VERIFIED: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> sha256, for files verified in this process
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -192,13 +196,31 @@ class Store:
         return None
 
     def verify(self, manifest: Manifest) -> None:
-        """Check every file's size and sha256; raise ArtifactError naming the first bad one."""
+        """Check every file's size and sha256; raise ArtifactError naming the first bad one.
+
+        A file checked before in this process and not touched since (same inode, size and
+        modification time) is not hashed again: a run verifies each input once, however
+        many stages read it.
+        """
         for f in manifest.files:
             p = manifest.path(f.path)
-            if not p.exists():
-                raise ArtifactError(f"artifact {manifest.ref}: file {f.path} is missing")
-            if p.stat().st_size != f.bytes or _sha256_file(p) != f.sha256:
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                raise ArtifactError(f"artifact {manifest.ref}: file {f.path} is missing") from None
+            seen = (str(p), st.st_ino, st.st_size, st.st_mtime_ns)
+            if _VERIFIED.get(seen) == f.sha256:
+                continue
+            if st.st_size != f.bytes or _sha256_file(p) != f.sha256:
                 raise ArtifactError(f"artifact {manifest.ref}: file {f.path} does not match its checksum")
+            _VERIFIED[seen] = f.sha256
+
+    def quarantine(self, manifest: Manifest) -> Path:
+        """Move a damaged artifact aside (``<stage>/.damaged-<key>-<id>``) so its key can be rebuilt;
+        its files stay there to look at."""
+        aside = self.root / manifest.stage / f".damaged-{manifest.key}-{uuid.uuid4().hex[:8]}"
+        os.rename(self.artifact_dir(manifest.stage, manifest.key), aside)
+        return aside
 
     def writer(
         self,

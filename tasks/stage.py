@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from storage.artifact import Manifest, Store, artifact_key, columns_of
+from storage.artifact import ArtifactError, Manifest, Store, artifact_key, columns_of
 from tasks.code_version import code_version
 from tasks.text.settings import Settings
 
@@ -162,7 +162,11 @@ class Stage:
         return f"{self.name}-{self.key(cfg, **inputs)}-{where}"
 
     def begin(self, store: Store, cfg: BaseModel, **inputs: Any) -> Begun:
-        """Compute the key; return the published artifact if it exists (verifying its files).
+        """Compute the key; return the published artifact if it exists and verifies.
+
+        Every input artifact is verified first (sizes and checksums of its files, once per
+        process): a tampered or truncated input is a StageError naming it. A published
+        artifact of this key that does not verify is moved aside and built again.
 
         A failure switch (:func:`injected_failure`) makes the stage fail here, before it
         writes anything: fault injection for testing rerun-from-cache, and for rehearsing
@@ -173,15 +177,30 @@ class Stage:
             raise StageError(self.name, switch, "failure injected on purpose", f"clear {switch} to run normally")
         parents, config = self._parts(cfg, inputs)
         for p in parents:
-            if store.load(p.stage, p.key) is None:
+            published = store.load(p.stage, p.key)
+            if published is None:
                 raise StageError(
                     self.name, p.ref, "input artifact is missing from the store", "rerun the pipeline to rebuild it"
                 )
+            try:
+                store.verify(published)
+            except ArtifactError as e:
+                raise StageError(
+                    self.name,
+                    p.ref,
+                    f"input artifact does not verify: {e}",
+                    "rerun the pipeline: it rebuilds a damaged artifact",
+                ) from None
         key = artifact_key(self.name, parents, config, self.code_version)
         done = store.load(self.name, key)
         if done is not None:
-            store.verify(done)
-            stage_logger(self.name).info("%s: artifact %s already published, reusing it", self.name, key)
+            try:
+                store.verify(done)
+                stage_logger(self.name).info("%s: artifact %s already published, reusing it", self.name, key)
+            except ArtifactError as e:
+                aside = store.quarantine(done)
+                stage_logger(self.name).warning("%s: %s; moved it to %s and building it again", self.name, e, aside)
+                done = None
         return Begun(key, done, parents, config, self.code_version)
 
     def writer(self, store: Store, begun: Begun, extra_parents: list[Manifest] = ()):

@@ -45,6 +45,7 @@ import hashlib
 import http.client
 import logging
 import re
+import socket
 import ssl
 import threading
 import time
@@ -306,33 +307,61 @@ class Crawler:
         gate = self._gates.get(host_of(url))
         if gate is not None:
             gate.wait()
-        deadline = time.monotonic() + self.cfg.timeout_seconds
         self._count("requests")
+        # One wall-clock limit for the whole response, headers and body: a watchdog shuts the
+        # socket at the deadline, so a server that trickles a byte at a time cannot hold a
+        # fetch (and its depth level) past it. Per-read socket timeouts alone never fire then.
+        expired = threading.Event()
+        held: list[socket.socket] = []  # the connection's socket: http.client drops conn.sock once it has the headers
+
+        def expire() -> None:
+            expired.set()
+            for sock in [*held, conn.sock]:
+                if sock is None:
+                    continue
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(self.cfg.timeout_seconds, expire)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             sent = dict([*self._request_headers(), *extra_headers])
             conn.request("GET", urlunsplit(("", "", parts.path or "/", parts.query, "")), headers=sent)
+            held.append(conn.sock)
+            if expired.is_set():
+                expire()
             resp = conn.getresponse()
             headers = resp.getheaders()
             body = None
             if want_body(resp.status, headers):
                 chunks, size = [], 0
-                while chunk := resp.read(1 << 16):
+                while chunk := resp.read1(1 << 16):
                     size += len(chunk)
                     if size > self.cfg.max_bytes:
                         raise _Failure("too_large", f"body exceeds max_bytes={self.cfg.max_bytes}", resp.status)
-                    if time.monotonic() > deadline:
-                        raise _Failure(
-                            "timeout", f"body not read within {self.cfg.timeout_seconds}s", resp.status, retry=True
-                        )
                     chunks.append(chunk)
+                if expired.is_set():
+                    raise _Failure(
+                        "timeout", f"response not complete within {self.cfg.timeout_seconds}s", resp.status, retry=True
+                    )
                 body = b"".join(chunks)
                 self._count("bytes_fetched", size)
+            if expired.is_set():
+                raise _Failure("timeout", f"response not complete within {self.cfg.timeout_seconds}s", retry=True)
             return _Response("HTTP/1.0" if resp.version == 10 else "HTTP/1.1", resp.status, resp.reason, headers, body)
         except TimeoutError as e:
             raise _Failure("timeout", f"no answer within {self.cfg.timeout_seconds}s ({e})", retry=True) from e
         except (OSError, http.client.HTTPException) as e:
+            if expired.is_set():
+                raise _Failure(
+                    "timeout", f"response not complete within {self.cfg.timeout_seconds}s", retry=True
+                ) from e
             raise _Failure("connection_error", f"{type(e).__name__}: {e}", retry=True) from e
         finally:
+            watchdog.cancel()
             conn.close()
 
     def _get(self, url: str, want_body, extra_headers: list[tuple[str, str]] = ()) -> _Response:

@@ -296,3 +296,34 @@ def test_a_host_asking_for_a_crawl_delay_past_the_cap_is_skipped(tmp_path):
 def test_a_user_agent_that_could_inject_headers_is_a_config_error(agent):
     with pytest.raises(ValueError, match="user_agent"):
         CrawlConfig(user_agent=agent)
+
+
+class Trickle(Site):
+    """A site whose pages arrive a few bytes at a time, each well within a socket timeout."""
+
+    def serve(self, h, hit: int) -> None:
+        if h.path == "/robots.txt":
+            return self.send(h, 404, b"")
+        body = page()
+        h.send_response(200)
+        h.send_header("Content-Type", "text/html")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        for i in range(0, len(body), 2):  # about 20 s for the whole page
+            h.wfile.write(body[i : i + 2])
+            h.wfile.flush()
+            time.sleep(0.1)
+
+
+def test_a_trickling_server_cannot_hold_a_fetch_past_its_time_limit(tmp_path):
+    site = Trickle()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ingest.StageError, match="timeout: 1"):
+            ingest.run(
+                Store(tmp_path / "store"),
+                crawl_cfg([site.url + "/a.html"], max_depth=0, retries=0, timeout_seconds=1.0),
+            )
+        assert time.monotonic() - started < 8  # the page alone would take about 20 s to arrive
+    finally:
+        site.close()

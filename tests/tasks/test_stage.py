@@ -111,3 +111,32 @@ def test_stage_error_round_trips_through_pickle():
     back = pickle.loads(pickle.dumps(e))
     assert (back.stage, back.input, back.reason, back.hint) == (e.stage, e.input, e.reason, e.hint)
     assert str(back) == str(e) == "[filter] docs/abc: every document was dropped (relax filter.languages)"
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other content
+    path.write_bytes(bytes(data))
+
+
+def test_a_tampered_input_is_refused_naming_it(tmp_path):
+    store = Store(tmp_path)
+    parent = _publish(store, A, _Cfg())
+    _flip_a_byte(parent.path("part-00000.parquet"))
+    with pytest.raises(
+        StageError, match=r"\[b\] a/\w+: input artifact does not verify: .*part-00000.parquet does not match"
+    ):
+        B.begin(store, _Cfg(), docs=parent)
+
+
+def test_a_damaged_published_artifact_is_moved_aside_and_built_again(tmp_path):
+    store = Store(tmp_path)
+    first = _publish(store, A, _Cfg())
+    _flip_a_byte(first.path("part-00000.parquet"))
+    again = A.begin(store, _Cfg())
+    assert again.done is None and again.key == first.key  # not served: built again under the same key
+    (aside,) = (tmp_path / "a").glob(f".damaged-{first.key}-*")
+    assert (aside / "manifest.json").exists()
+    rebuilt = _publish(store, A, _Cfg())
+    store.verify(rebuilt)
+    assert rebuilt.digest() == first.digest()  # the same content, so what was built from it stays valid

@@ -105,6 +105,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from storage.artifact import Store
+    from storage.gc import collect
+
+    root = Path(args.store)
+    if not root.is_dir():
+        print(f"lmforge gc: {root} is not a directory", file=sys.stderr)
+        return 2
+    done = collect(Store(root), dry_run=args.dry_run)
+    for path, size in done.removed:
+        print(f"{'would remove' if args.dry_run else 'removed'} {path} ({size / 1e6:.1f} MB)")
+    for path in done.kept_busy:
+        print(f"kept {path}: a run is using it")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"lmforge gc: {verb} {done.bytes / 1e6:.1f} MB in {len(done.removed)} item(s) under {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description="Web text to a deployable small language model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -120,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
+    c = sub.add_parser("gc", help="remove what no artifact or running job needs from a store (and say how much)")
+    c.add_argument("--store", required=True, help="the store directory, e.g. .lmforge/demo")
+    c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    c.set_defaults(fn=cmd_gc)
     from flows.server import add_parser as add_server_parser
 
     add_server_parser(sub)

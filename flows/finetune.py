@@ -8,9 +8,8 @@ from flows.artifacts import publish_run, publish_training
 from flows.config import DEFAULT_CONFIG, PipelineConfig
 from flows.pretrain import pretrain
 from flows.records import StageRecord, run_stage
-from flows.refs import load_ref, parent_of
+from flows.refs import indexed_dataset, load_ref
 from storage.artifact import Store
-from storage.catalog import register_dataset
 from tasks import finetune as finetune_stage
 
 
@@ -32,9 +31,7 @@ def finetune(
         upstream = pretrain(config)
         base_model, records = upstream["model"], dict(upstream["records"])
     base = load_ref(store, base_model, "pretrain")
-    data = parent_of(store, base, "shards")
-    tok = parent_of(store, data, "tokenizer")
-    register_dataset(store, data)  # the stages select documents in the catalog: rebuild it if it was lost
+    data, tok = indexed_dataset(store, base)
     tuned = run_stage(
         records,
         "finetune",

@@ -8,7 +8,8 @@ changed).
 
 from __future__ import annotations
 
-from storage.artifact import Manifest, Store
+from storage.artifact import ArtifactError, Manifest, Store
+from storage.catalog import register_dataset
 from tasks.stage import StageError
 
 
@@ -17,7 +18,12 @@ def load_ref(store: Store, ref: str, expect_stage: str) -> Manifest:
     stage, _, key = ref.partition("/")
     if stage != expect_stage or not key:
         raise StageError(expect_stage, ref, f"expected an artifact ref like '{expect_stage}/<key>'")
-    m = store.load(stage, key)
+    try:
+        m = store.load(stage, key)
+    except ArtifactError as e:
+        raise StageError(
+            expect_stage, ref, str(e), f"give a ref like '{expect_stage}/<key>' from the catalog"
+        ) from None
     if m is None:
         raise StageError(
             expect_stage, ref, f"no such artifact in {store.root}", "run the upstream flow first or leave it empty"
@@ -31,6 +37,14 @@ def parent_of(store: Store, manifest: Manifest, stage: str) -> Manifest:
         if ref.startswith(stage + "/"):
             return load_ref(store, ref, stage)
     raise StageError(manifest.stage, manifest.ref, f"has no {stage} parent")
+
+
+def indexed_dataset(store: Store, model: Manifest) -> tuple[Manifest, Manifest]:
+    """The dataset (shards) a model was trained on and its tokenizer, with the dataset indexed
+    in the catalog: the model stages select documents there, and a lost catalog is rebuilt."""
+    data = parent_of(store, model, "shards")
+    register_dataset(store, data)
+    return data, parent_of(store, data, "tokenizer")
 
 
 def ancestors(store: Store, manifest: Manifest) -> list[Manifest]:

@@ -8,9 +8,8 @@ from flows.artifacts import publish_evaluation, publish_export, publish_run
 from flows.config import DEFAULT_CONFIG, PipelineConfig
 from flows.finetune import finetune
 from flows.records import StageRecord, run_stage
-from flows.refs import load_ref, parent_of
+from flows.refs import indexed_dataset, load_ref, parent_of
 from storage.artifact import Store
-from storage.catalog import register_dataset
 from tasks import evaluate as evaluate_stage
 from tasks import export as export_stage
 
@@ -34,9 +33,7 @@ def release(
         model, records = upstream["model"], dict(upstream["records"])
     tuned = load_ref(store, model, "finetune")
     base = parent_of(store, tuned, "pretrain")
-    data = parent_of(store, tuned, "shards")
-    tok = parent_of(store, data, "tokenizer")
-    register_dataset(store, data)  # the stages select documents in the catalog: rebuild it if it was lost
+    data, tok = indexed_dataset(store, tuned)
     report = run_stage(
         records,
         "evaluate",

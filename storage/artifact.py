@@ -158,6 +158,11 @@ class Store:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def lock_path(self, stage: str, key: str) -> Path:
+        """The lock file that two runs building the same artifact take turns on."""
+        self.artifact_dir(stage, key)  # the same names check
+        return self.root / "_locks" / f"{stage}-{key}.lock"
+
     def artifact_dir(self, stage: str, key: str) -> Path:
         """``<root>/<stage>/<key>``; both must be plain names, so no ref reaches outside the store."""
         for part, what in ((stage, "stage"), (key, "key")):

@@ -12,6 +12,8 @@ Design decisions:
   still at work, or one on another host sharing the file system, keeps its directory.
 - Files and the directory are fsynced before the rename, and the parent after it, so a
   power cut leaves the old state or the new one.
+- Two runs that would build the same path take turns: :func:`exclusive` locks a file
+  beside it for as long as one of them works.
 - When the final path exists, ``replace`` decides: a checkpoint or a model directory is
   replaced (old one renamed aside, new one in, old one removed); a content-addressed
   artifact is kept (same key, same content) and the new copy discarded.
@@ -19,11 +21,14 @@ Design decisions:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 TMP_PREFIX = ".tmp-"
 _HOST = socket.gethostname().replace("-", "_")
@@ -45,7 +50,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _abandoned(tmp_name: str) -> bool:
+def abandoned(tmp_name: str) -> bool:
     """Whether a temporary directory belongs to a writer on this host that has exited."""
     parts = tmp_name.rsplit("-", 3)  # ['.tmp-<name>', host, pid, id]
     if len(parts) != 4 or not parts[2].isdigit() or len(parts[3]) != 8:
@@ -66,7 +71,7 @@ def new_temp_dir(final: Path) -> Path:
     """A fresh, empty temporary directory beside ``final``; abandoned ones of ``final`` are swept first."""
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
-        if _abandoned(stale.name):
+        if abandoned(stale.name):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -104,3 +109,25 @@ def publish_dir(tmp: Path, final: Path, *, replace: bool) -> bool:
             return publish_dir(tmp, final, replace=True)
     fsync_dir(final.parent)
     return True
+
+
+@contextmanager
+def exclusive(path: Path, on_wait=None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
+
+    ``flock``: released by the kernel when the holder exits, even by SIGKILL, so a killed
+    run never leaves a stale lock; it works across hosts on NFSv4. ``on_wait()`` is
+    called once when another process holds the lock and this one starts waiting.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -8,6 +8,10 @@ The wrapper adds orchestration and nothing else; the stage's ``run`` is the work
   (:func:`flows.records.run_stage`), so a deleted artifact is rebuilt, never served.
 - Retries: transient failures only (a crashed child, a busy file); a :class:`StageError`,
   a ``ValueError`` or ``TypeError`` (bad input, bad config) fails at once.
+- One builder per artifact key: the wrapper holds ``<store>/_locks/<stage>-<key>.lock``
+  while the stage runs, so two runs of one key (a doubled schedule, a Retry beside a
+  running run) never write the same work directory or checkpoints at once; the second
+  waits, then reuses what the first published.
 - Progress: the wrapper passes the stage a ``progress`` callback that moves a Prefect
   progress artifact (:class:`PrefectProgress`); the stage itself never imports Prefect.
 """
@@ -24,6 +28,7 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 
 from storage.artifact import Manifest
+from storage.atomic import exclusive
 from tasks.stage import NOT_INPUTS, Stage, StageError, stage_logger
 
 
@@ -155,9 +160,18 @@ def stage_task(
     shown = signature.replace(parameters=[p for n, p in signature.parameters.items() if n not in NOT_INPUTS[1:]])
 
     def stage_run(*args, **kwargs):
-        if progress is not None:
-            kwargs["progress"] = PrefectProgress(stage.name, progress)
-        return run(*args, **kwargs)
+        bound = shown.bind(*args, **kwargs)
+        bound.apply_defaults()  # as Prefect's parameters and the stage's own begin() see them
+        inputs = dict(bound.arguments)
+        store, cfg = inputs.pop("store"), inputs.pop("cfg")
+        key = stage.key(cfg, **inputs)
+        log = stage_logger(stage.name)
+        waiting = lambda: log.info("%s: another run is building %s/%s; waiting for it", stage.name, stage.name, key)  # noqa: E731
+        # One builder per key at a time: the second run waits, then finds the first one's artifact.
+        with exclusive(store.lock_path(stage.name, key), on_wait=waiting):
+            if progress is not None:
+                kwargs["progress"] = PrefectProgress(stage.name, progress)
+            return run(*args, **kwargs)
 
     stage_run.__name__ = stage_run.__qualname__ = f"{stage.name}_run"
     stage_run.__module__ = run.__module__

@@ -114,6 +114,12 @@ class CrawlConfig(Settings):
         pattern=r"^[\x20-\x7e]+$",
         description="User-Agent header, also the name matched against robots.txt rules (printable ASCII: no line breaks).",
     )
+    max_links_per_page: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Most links taken from one page (in document order): bounds the work on a page of links.",
+    )
     max_crawl_delay_seconds: float = Field(
         30.0,
         ge=0.0,
@@ -167,20 +173,61 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _normalize_escapes(text: str) -> str:
+    """RFC 3986 6.2.2: percent-escapes in upper case, escaped unreserved characters decoded."""
+
+    def fix(m: re.Match) -> str:
+        char = chr(int(m.group(0)[1:], 16))
+        return char if char in _UNRESERVED else m.group(0).upper()
+
+    return _ESCAPE.sub(fix, text)
+
+
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4: ``/a/./b/../c`` is ``/a/c``; never climbs above the root."""
+    out: list[str] = []
+    segments = path.split("/")
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg == ".":
+            if last:
+                out.append("")
+        elif seg == "..":
+            if len(out) > 1:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(seg)
+    result = "/".join(out)
+    return result if result.startswith("/") else "/" + result
+
+
 def normalize_url(url: str) -> str | None:
-    """Canonical form of an http(s) URL, or None for anything else (mailto:, javascript:...)."""
+    """Canonical form of an http(s) URL, or None for anything else (mailto:, javascript:...).
+
+    Lower-case scheme and host, default port dropped, IPv6 hosts in brackets, fragment
+    stripped, dot segments removed, percent-escapes normalized (``%2f`` is ``%2F``, ``%41``
+    is ``A``): one page, one URL.
+    """
     url = urldefrag(url.strip())[0]
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         return None
     try:
-        host = parts.hostname.encode("idna").decode("ascii")
+        host = parts.hostname.encode("idna").decode("ascii") if ":" not in parts.hostname else f"[{parts.hostname}]"
         port = parts.port
     except (UnicodeError, ValueError):
         return None
     netloc = host if port is None or port == {"http": 80, "https": 443}[scheme] else f"{host}:{port}"
-    return urlunsplit((scheme, netloc, quote(parts.path or "/", safe=_SAFE), quote(parts.query, safe=_SAFE + "?"), ""))
+    path = remove_dot_segments(_normalize_escapes(quote(parts.path or "/", safe=_SAFE)))
+    query = _normalize_escapes(quote(parts.query, safe=_SAFE + "?"))
+    return urlunsplit((scheme, netloc, path, query, ""))
 
 
 def host_of(url: str) -> str:
@@ -201,8 +248,9 @@ def media_type(headers: list[tuple[str, str]]) -> tuple[str, str | None]:
     return value.split(";")[0].strip().lower(), (m.group(1).lower() if m else None)
 
 
-def extract_links(body: bytes, charset: str | None, base_url: str) -> list[str]:
-    """Normalised absolute http(s) links of ``<a href>``, in document order, unique."""
+def extract_links(body: bytes, charset: str | None, base_url: str, max_links: int = 10_000) -> list[str]:
+    """Normalised absolute http(s) links of ``<a href>``, in document order, unique; at most
+    ``max_links`` of them, so a page of 200,000 links costs bounded time."""
     tree = HTMLTree.parse_from_bytes(body, charset or detect_encoding(body) or "utf-8")
     if tree.document is None:
         return []
@@ -214,6 +262,8 @@ def extract_links(body: bytes, charset: str | None, base_url: str) -> list[str]:
         url = normalize_url(urljoin(base_url, a.getattr("href")))
         if url:
             links[url] = None
+            if len(links) >= max_links:
+                break
     return list(links)
 
 
@@ -298,8 +348,14 @@ class Crawler:
             [("If-Modified-Since", known.last_modified)] if known.last_modified else []
         )
 
-    def _once(self, url: str, want_body, extra_headers: list[tuple[str, str]] = ()) -> _Response:
-        """One GET, no retries. ``want_body(status, headers)`` says whether to read the body."""
+    def _once(
+        self, url: str, want_body, extra_headers: list[tuple[str, str]] = (), truncate: bool = False
+    ) -> _Response:
+        """One GET, no retries. ``want_body(status, headers)`` says whether to read the body.
+
+        A body over ``max_bytes`` is a ``too_large`` failure, or with ``truncate`` cut there
+        (robots.txt: RFC 9309 asks crawlers to parse at least 500 KiB of it, not to give up).
+        """
         parts = urlsplit(url)
         conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         kwargs = {"context": self._ssl} if parts.scheme == "https" else {}
@@ -340,6 +396,10 @@ class Crawler:
                 chunks, size = [], 0
                 while chunk := resp.read1(1 << 16):
                     size += len(chunk)
+                    if size > self.cfg.max_bytes and truncate:
+                        chunks.append(chunk[: len(chunk) - (size - self.cfg.max_bytes)])
+                        size = self.cfg.max_bytes
+                        break
                     if size > self.cfg.max_bytes:
                         raise _Failure("too_large", f"body exceeds max_bytes={self.cfg.max_bytes}", resp.status)
                     chunks.append(chunk)
@@ -364,12 +424,12 @@ class Crawler:
             watchdog.cancel()
             conn.close()
 
-    def _get(self, url: str, want_body, extra_headers: list[tuple[str, str]] = ()) -> _Response:
+    def _get(self, url: str, want_body, extra_headers: list[tuple[str, str]] = (), truncate: bool = False) -> _Response:
         """GET with retries on transient failures; a 5xx/429 that persists becomes a response."""
         for attempt in range(self.cfg.retries + 1):
             last = attempt == self.cfg.retries
             try:
-                resp = self._once(url, want_body, extra_headers)
+                resp = self._once(url, want_body, extra_headers, truncate)
             except _Failure as f:
                 if not f.retry or last:
                     raise
@@ -392,7 +452,7 @@ class Crawler:
         rp = urllib.robotparser.RobotFileParser(url)
         try:
             for _ in range(self.cfg.max_redirects + 1):
-                resp = self._get(url, lambda status, _: 200 <= status < 300)
+                resp = self._get(url, lambda status, _: 200 <= status < 300, truncate=True)
                 location = header(resp.headers, "location")
                 target = (
                     normalize_url(urljoin(url, location)) if location and resp.status in REDIRECT_STATUSES else None
@@ -508,7 +568,7 @@ class Crawler:
             status_line=f"{resp.status} {resp.reason}".strip(),
             headers=[(k, v) for k, v in resp.headers if k.lower() != "transfer-encoding"],
         )
-        fetched.links = extract_links(body, charset, current)
+        fetched.links = extract_links(body, charset, current, self.cfg.max_links_per_page)
         fetched.validator = Validator(
             current, header(resp.headers, "etag"), header(resp.headers, "last-modified"), sha, tuple(fetched.links)
         )

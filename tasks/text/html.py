@@ -59,9 +59,9 @@ class ExtractConfig(Settings):
         description="Longest extracted text kept, in characters; longer is dropped as too_long (a runaway page would stall the filter and the tokenizer).",
     )
     max_word_chars: int = Field(
-        1000,
+        10_000,
         ge=50,
-        description="Longest run of characters without white space kept; a page with a longer one (base64, a minified blob) is dropped as word_too_long, in every language.",
+        description="Longest run of characters without white space kept; a page with a longer one (a base64 or minified blob) is dropped as word_too_long, in every language. C4 drops a line with a word over 1,000 characters; here the whole page would go, and real pages quote URLs of over 1,000, so the default is higher.",
     )
     main_content: bool = Field(
         True,

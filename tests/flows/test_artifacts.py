@@ -106,6 +106,7 @@ def pretrained(tmp_path_factory):
     return {"store": store, "result": result, "flow_run_id": state.state_details.flow_run_id}
 
 
+@pytest.mark.slow
 def test_torchrun_child_lines_reach_the_task_run_log(pretrained):
     logs = flow_logs(pretrained["flow_run_id"])
     steps = {int(m.group(1)): log for log in logs if (m := re.match(rf"step (\d+)/{MAX_STEPS} \| loss ", log.message))}
@@ -115,6 +116,7 @@ def test_torchrun_child_lines_reach_the_task_run_log(pretrained):
     assert any(log.message.startswith("done: {") for log in logs)
 
 
+@pytest.mark.slow
 def test_training_progress_reaches_100(pretrained):
     artifacts = flow_artifacts(pretrained["flow_run_id"])
     progress = artifacts[progress_key("pretrain")]
@@ -122,6 +124,7 @@ def test_training_progress_reaches_100(pretrained):
     assert float(progress.data) == 100.0
 
 
+@pytest.mark.slow
 def test_loss_table_has_every_logged_step_and_the_validation_losses(pretrained):
     store = pretrained["store"]
     model = store.load(*pretrained["result"]["model"].split("/"))
@@ -134,6 +137,7 @@ def test_loss_table_has_every_logged_step_and_the_validation_losses(pretrained):
     assert rows[-1]["val_loss"] == pytest.approx(model.counters["val_loss"])
 
 
+@pytest.mark.slow
 def test_loss_curve_png_is_in_the_artifact_and_embedded_in_markdown(pretrained):
     store = pretrained["store"]
     model = store.load(*pretrained["result"]["model"].split("/"))
@@ -147,6 +151,7 @@ def test_loss_curve_png_is_in_the_artifact_and_embedded_in_markdown(pretrained):
     assert model.path("loss.png").as_uri() in md.data
 
 
+@pytest.mark.slow
 def test_stage_table_of_the_flow(pretrained):
     rows = table(flow_artifacts(pretrained["flow_run_id"])["pretrain-stages"])
     assert [(r["stage"], r["state"], r["cached"], r["artifact"]) for r in rows] == [
@@ -164,6 +169,7 @@ def test_progress_is_a_no_op_outside_prefect():
     assert not p.active
 
 
+@pytest.mark.slow  # runs a Prefect flow: a temporary Prefect server starts (about 20 s)
 def test_progress_throttles_and_never_raises(caplog):
     @task
     def work() -> tuple[str, list[float]]:
@@ -327,6 +333,7 @@ def test_export_markdown_lists_files_with_sizes_and_the_gate(tmp_path):
     assert m.dir.as_uri() in md and "passed: int8 +0.4%" in md and "| onnx_int8 | 2.0080 |" in md
 
 
+@pytest.mark.slow  # runs a Prefect flow: a temporary Prefect server starts (about 20 s)
 def test_release_and_data_artifacts_read_back_from_the_api(tmp_path):
     from flows.artifacts import publish_evaluation, publish_export
 
@@ -369,6 +376,7 @@ def test_release_and_data_artifacts_read_back_from_the_api(tmp_path):
     assert [r["stage"] for r in table(artifacts["release-like-stages"])] == ["ingest", "dedup", "pretrain"]
 
 
+@pytest.mark.slow  # runs a Prefect flow: a temporary Prefect server starts (about 20 s)
 def test_a_failing_artifact_logs_and_the_flow_goes_on(tmp_path, caplog):
     from flows.artifacts import publish_evaluation
 

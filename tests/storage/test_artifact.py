@@ -224,3 +224,11 @@ def test_the_loser_of_a_publish_race_adopts_the_winners_artifact(tmp_path, monke
         loser.write_table(_table(3))
     assert loser.manifest.created_at == winner.created_at and calls["n"] == 1
     assert [p.name for p in (tmp_path / "dedup").iterdir()] == ["k1"]
+
+
+def test_a_ref_that_climbs_out_of_the_store_is_a_stage_error(tmp_path):
+    from flows.refs import load_ref
+    from tasks.stage import StageError
+
+    with pytest.raises(StageError, match=r"\[shards\] shards/\.\./\.\./x: .*is not a plain name"):
+        load_ref(Store(tmp_path), "shards/../../x", "shards")

@@ -327,3 +327,55 @@ def test_a_trickling_server_cannot_hold_a_fetch_past_its_time_limit(tmp_path):
         assert time.monotonic() - started < 8  # the page alone would take about 20 s to arrive
     finally:
         site.close()
+
+
+def test_normalize_url_gives_one_url_per_page():
+    assert normalize_url("http://h.org/a%2fb") == normalize_url("http://h.org/a%2Fb") == "http://h.org/a%2Fb"
+    assert normalize_url("http://h.org/%41%7e") == "http://h.org/A~"  # escaped unreserved characters decoded
+    assert normalize_url("http://h.org/a/./b/../c") == "http://h.org/a/c"
+    assert normalize_url("http://h.org/../../etc") == "http://h.org/etc"
+    assert normalize_url("http://h.org/a/b/..") == "http://h.org/a/"
+    assert normalize_url("http://[::1]:8080/x") == "http://[::1]:8080/x"
+    assert normalize_url("http://[2001:DB8::1]/") == "http://[2001:db8::1]/"
+
+
+def test_a_page_of_200k_links_yields_at_most_the_cap():
+    html = b"<html><body>" + b"".join(b'<a href="/p%d">p</a>' % i for i in range(200_000)) + b"</body></html>"
+    links = extract_links(html, "utf-8", "http://h.org/", max_links=500)
+    assert len(links) == 500 and links[0] == "http://h.org/p0"
+
+
+def test_a_robots_txt_over_max_bytes_is_read_up_to_the_cap(tmp_path):
+    big = Site(robots=b"User-agent: *\nDisallow: /private/\n" + b"# padding\n" * 200_000)  # 2 MB
+    try:
+        m = ingest.run(Store(tmp_path / "store"), crawl_cfg([big.url + "/"], max_depth=1, max_bytes=1_000_000))
+        reasons = {r["url"].removeprefix(big.url): r["dropped_reason"] for r in read_table(m, "dropped").to_pylist()}
+        assert reasons.get("/private/secret.html") == "robots_disallowed"
+        assert m.counters["docs_out"] >= 1
+    finally:
+        big.close()
+
+
+def test_an_ipv6_seed_is_crawled(tmp_path):
+    class V6(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = b"" if self.path == "/robots.txt" else page()
+            Site.send(self, 404 if self.path == "/robots.txt" else 200, body)
+
+    try:
+        server = V6(("::1", 0), Handler)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://[::1]:{server.server_address[1]}/"
+        m = ingest.run(Store(tmp_path / "store"), crawl_cfg([url], max_depth=0))
+        assert [r["url"] for r in read_table(m).to_pylist()] == [url]
+    finally:
+        server.shutdown()

@@ -213,18 +213,20 @@ def test_failures_publish_nothing(tmp_path, monkeypatch):
 
 
 def test_runaway_texts_are_dropped_in_every_language(tmp_path):
-    """A megabyte page or a kilobyte 'word' (base64, a minified blob) never reaches the filter or BPE."""
+    """A megabyte page or a 10-kilobyte 'word' (base64, a minified blob) never reaches the filter or BPE;
+    a long URL or a paragraph of a script written without spaces is not such a word."""
     store = Store(tmp_path)
-    blob = "QUJD" * 600  # 2,400 characters without a space
+    blob = "QUJD" * 3000  # 12,000 characters without a space
     pages = [
-        ("http://h.org/ok", docbook_page(), "text/html", "utf-8"),
+        ("http://h.org/ok", docbook_page(PARAS + ["http://h.org/" + "%2527" * 300]), "text/html", "utf-8"),
+        ("http://h.org/ja-ok", html_of("日本語の文章です。" * 400).encode(), "text/html", "utf-8"),
         ("http://h.org/huge", html_of("Une phrase tout à fait ordinaire. " * 40_000).encode(), "text/html", "utf-8"),
         ("http://h.org/blob", docbook_page(PARAS + [blob]), "text/html", "utf-8"),
         ("http://h.org/ja", html_of("日本語の文章です。" * 100 + blob).encode(), "text/html", "utf-8"),
     ]
     m = extract.run(store, ExtractConfig(workers=1), raw_artifact(store, pages))
     kept, dropped = outcome(m)
-    assert list(kept) == ["http://h.org/ok"]
+    assert list(kept) == ["http://h.org/ok", "http://h.org/ja-ok"]
     assert dropped == {
         "http://h.org/huge": "too_long",
         "http://h.org/blob": "word_too_long",

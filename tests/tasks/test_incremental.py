@@ -131,6 +131,7 @@ def _first_sentence(path: Path) -> tuple[str, str]:
     return text[start : text.index(". ", start)], "The release manager signs the final images on Friday"
 
 
+@pytest.mark.slow  # whole data-refresh flows through Prefect
 def test_incremental_refresh_fetches_only_what_changed_and_adds_only_new_documents(site, tmp_path):
     root, url, requests = site
     cfg = config(tmp_path, url)
@@ -396,6 +397,7 @@ def test_shards_new_version_links_untouched_shards_and_replaces_changed_document
         shards.run(store, cfg, docs=_publish_rows(store, "delta", delta), tokenizer=other_tok, split=SPLIT, previous=v1)
 
 
+@pytest.mark.slow  # whole data-refresh flows through Prefect
 def test_a_changed_page_without_text_worth_keeping_is_no_new_version(site, tmp_path):
     root, url, requests = site
     cfg = config(tmp_path, url)

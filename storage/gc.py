@@ -1,0 +1,80 @@
+"""``lmforge gc``: remove from a store what no artifact and no running job needs.
+
+What goes, and why it is safe:
+- ``<stage>/.tmp-*``: temporary directories of writers that are gone (a crash, a kill).
+  A writer still at work on this host, or any writer of another host, keeps its own
+  (:mod:`storage.atomic` decides, as the writers themselves do).
+- ``_work/<stage>/<key>``: scratch space (training checkpoints, finetune subsets) of a key
+  whose artifact is published: the work is done. Unless a run holds that key's lock.
+
+What stays: every published artifact, the catalog, Prefect's records, ``.damaged-*``
+directories (moved aside for a person to look at; delete them by hand), the scratch
+space of keys not published yet (a killed training resumes from it), and the lock files
+(empty; deleting one while a run is about to take it would let two runs hold "the" lock).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.artifact import Store
+from storage.atomic import TMP_PREFIX, abandoned
+
+
+@dataclass
+class Collected:
+    """What a collection removed (or would remove, dry run), with the bytes of each."""
+
+    removed: list[tuple[Path, int]] = field(default_factory=list)
+    kept_busy: list[Path] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(n for _, n in self.removed)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _held(lock: Path) -> bool:
+    """Whether a process holds ``lock`` right now (it is not taken here)."""
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def collect(store: Store, dry_run: bool = False) -> Collected:
+    """Remove (or with ``dry_run`` only list) what the module docstring says may go."""
+    out = Collected()
+
+    def drop(path: Path) -> None:
+        out.removed.append((path, _size(path)))
+        if not dry_run:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    for stage_dir in sorted(p for p in store.root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+        for tmp in sorted(stage_dir.glob(f"{TMP_PREFIX}*")):
+            if abandoned(tmp.name):
+                drop(tmp)
+    work = store.root / "_work"
+    for stage_dir in sorted(p for p in work.iterdir() if p.is_dir()) if work.is_dir() else []:
+        for key_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+            if store.load(stage_dir.name, key_dir.name) is None:
+                continue  # not published yet: a killed run resumes from here
+            if _held(store.lock_path(stage_dir.name, key_dir.name)):
+                out.kept_busy.append(key_dir)
+                continue
+            drop(key_dir)
+    return out

@@ -169,7 +169,11 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     if env.get("PREFECT_SERVER_API_AUTH_STRING"):
         env.setdefault("PREFECT_API_AUTH_STRING", env["PREFECT_SERVER_API_AUTH_STRING"])
     # The UI is served from the API's own origin: no other site's pages may call the API.
-    env.setdefault("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", api.removesuffix("/api"))
+    # On loopback both spellings of this machine are that origin.
+    origins = [api.removesuffix("/api")]
+    if is_loopback(args.host):
+        origins += [f"http://{name}:{args.port}" for name in ("127.0.0.1", "localhost") if name != args.host]
+    env.setdefault("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", ",".join(origins))
     return env
 
 

@@ -7,8 +7,8 @@ the UI (``use_attribute_docstrings``).
 
 Design decisions:
 - pydantic models, frozen, with unknown keys refused and ``inf``/``nan`` rejected, as every
-  lmforge config (model/ imports nothing from the pipeline, so the rules are restated
-  here rather than inherited).
+  lmforge config (model/ imports nothing from tasks/, so the rules are restated here
+  rather than inherited).
 - Every cross-field rule is a validator here, so it runs when a profile or a form is
   loaded, before any stage starts, and again when a train spec is read by the torchrun
   child: ``min_lr <= lr``, ``warmup_steps <= max_steps``, ``n_embd`` divisible by

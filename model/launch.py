@@ -35,16 +35,14 @@ from model import train as entrypoint
 _ROOT = Path(__file__).resolve().parent.parent  # the directory holding the model package
 
 
+_CREDENTIAL_WORDS = ("KEY", "SECRET", "PASSWORD", "PASSWD", "TOKEN", "CREDENTIAL", "AUTH", "DATABASE_CONNECTION_URL")
+
+
 def child_environment(env: dict[str, str]) -> dict[str, str]:
-    """``env`` less credentials: training talks to no API and no database, so it gets none of
-    their secrets (Prefect's auth strings and database URL, any ``*_PASSWORD`` or ``*_TOKEN``)."""
-    secret = ("AUTH_STRING", "DATABASE_CONNECTION_URL", "PASSWORD", "TOKEN", "SECRET")
-    return {
-        k: v
-        for k, v in env.items()
-        if not (k.startswith("PREFECT_") and any(w in k for w in secret))
-        and not k.endswith(("_PASSWORD", "_TOKEN", "_SECRET"))
-    }
+    """``env`` less anything that looks like a credential (a name containing KEY, SECRET,
+    PASSWORD, TOKEN, CREDENTIAL or AUTH, or a database URL): training talks to no API and no
+    database, so it gets none of their secrets."""
+    return {k: v for k, v in env.items() if not any(w in k.upper() for w in _CREDENTIAL_WORDS)}
 
 
 def default_nproc() -> int:

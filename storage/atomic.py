@@ -11,7 +11,10 @@ Design decisions:
   writer process is gone (same host, pid not alive) are swept by later writers; a writer
   still at work, or one on another host sharing the file system, keeps its directory.
 - Files and the directory are fsynced before the rename, and the parent after it, so a
-  power cut leaves the old state or the new one.
+  power cut leaves the old state or the new one. Replacing an existing directory takes two
+  renames (old aside, new in): a crash between them leaves the new one under its
+  temporary name and no final path, which readers treat as absent (a checkpoint: the run
+  resumes from the one before; a model directory: training is rerun).
 - Two runs that would build the same path take turns: :func:`exclusive` locks a file
   beside it for as long as one of them works.
 - When the final path exists, ``replace`` decides: a checkpoint or a model directory is

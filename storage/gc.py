@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import fcntl
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from storage.artifact import Store
 from storage.atomic import TMP_PREFIX, abandoned
@@ -42,17 +44,20 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _held(lock: Path) -> bool:
-    """Whether a process holds ``lock`` right now (it is not taken here)."""
-    if not lock.exists():
-        return False
+@contextmanager
+def _unless_held(lock: Path) -> Iterator[bool]:
+    """True, holding ``lock`` for the block, when no run holds it; False when one does."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def collect(store: Store, dry_run: bool = False) -> Collected:
@@ -73,8 +78,9 @@ def collect(store: Store, dry_run: bool = False) -> Collected:
         for key_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
             if store.load(stage_dir.name, key_dir.name) is None:
                 continue  # not published yet: a killed run resumes from here
-            if _held(store.lock_path(stage_dir.name, key_dir.name)):
-                out.kept_busy.append(key_dir)
-                continue
-            drop(key_dir)
+            with _unless_held(store.lock_path(stage_dir.name, key_dir.name)) as free:  # held while deleting
+                if free:
+                    drop(key_dir)
+                else:
+                    out.kept_busy.append(key_dir)
     return out

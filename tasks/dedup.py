@@ -379,8 +379,8 @@ def _write_docs(docs: Manifest, scan: _Scan, uf: _UnionFind, w: ArtifactWriter, 
 def run(store: Store, cfg: DedupConfig, docs: Manifest, earlier: list[Manifest] | None = None) -> Manifest:
     """Drop exact and near duplicates of ``docs`` (and of ``earlier`` dedup artifacts' documents);
     every document gets a ``cluster_id``."""
+    b = STAGE.begin(store, cfg, docs=docs, earlier=earlier)  # as passed: Prefect's cache key sees the same value
     earlier = list(earlier or [])
-    b = STAGE.begin(store, cfg, docs=docs, earlier=earlier)
     if b.done:
         return b.done
     require_columns(

@@ -43,7 +43,9 @@ def run(store: Store, cfg: ExtractConfig, raw: Manifest, allow_empty: bool = Fal
         kept = PartBuffer(
             w, "part", BASE_SCHEMA, max_rows=PART_ROWS, max_bytes=PART_CHARS, size_of=lambda row: len(row["text"])
         )
-        dropped = PartBuffer(w, "dropped", DROPPED_SCHEMA, max_rows=PART_ROWS)
+        dropped = PartBuffer(  # runaway texts are kept to read, and bound a part like kept ones do
+            w, "dropped", DROPPED_SCHEMA, max_rows=PART_ROWS, max_bytes=PART_CHARS, size_of=lambda row: len(row["text"])
+        )
         for batch in iter_batches(raw, batch_size=BATCH_ROWS, columns=columns):
             rows = batch.to_pylist()
             outcomes = pool.map([(r["body"], r["content_type"], r["charset"]) for r in rows])

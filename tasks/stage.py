@@ -6,7 +6,8 @@ Each stage module declares one :class:`Stage` and starts ``run`` with
 :meth:`Stage.begin`, which derives the artifact key and returns the published artifact
 at once when that key already exists, so a stage is idempotent even without Prefect.
 
-The key (:meth:`Stage.key`) is one content hash of
+The key (:meth:`Stage.key`) is one content hash of the arguments of ``run`` as they were
+passed, defaults included (Prefect's cache policy binds them the same way):
 - the parents: the digests of the input manifests;
 - the config and the other inputs (a split, a flag), as JSON;
 - the code: :func:`tasks.code_version.code_version` of the stage module, the source files
@@ -176,7 +177,8 @@ class Stage:
         if switch:
             raise StageError(self.name, switch, "failure injected on purpose", f"clear {switch} to run normally")
         parents, config = self._parts(cfg, inputs)
-        for p in parents:
+        also_read = [m for v in inputs.values() if isinstance(v, (list, tuple)) for m in v if isinstance(m, Manifest)]
+        for p in [*parents, *also_read]:
             published = store.load(p.stage, p.key)
             if published is None:
                 raise StageError(

@@ -54,3 +54,19 @@ def test_no_import_cycles():
         if m not in state:
             visit(m, [m])
     assert not cycles, cycles
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_keys_every_argument_of_run(stage):
+    """begin() gets every argument of run() (as passed), so Prefect's cache key, which binds run's
+    parameters with their defaults, and the artifact key are the same hash of the same inputs."""
+    import ast
+    import importlib
+    import inspect
+
+    module = importlib.import_module(f"tasks.{stage}")
+    params = set(inspect.signature(module.run).parameters) - {"store", "cfg", "progress"}
+    tree = ast.parse((ROOT / "tasks" / f"{stage}.py").read_text())
+    (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "begin"]
+    assert {k.arg for k in call.keywords} == params
+    assert all(isinstance(k.value, ast.Name) and k.value.id == k.arg for k in call.keywords)  # passed as they came

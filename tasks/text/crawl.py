@@ -214,20 +214,27 @@ def normalize_url(url: str) -> str | None:
     stripped, dot segments removed, percent-escapes normalized (``%2f`` is ``%2F``, ``%41``
     is ``A``): one page, one URL.
     """
-    url = urldefrag(url.strip())[0]
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        return None
     try:
+        parts = urlsplit(urldefrag(url.strip())[0])
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            return None
         host = parts.hostname.encode("idna").decode("ascii") if ":" not in parts.hostname else f"[{parts.hostname}]"
         port = parts.port
-    except (UnicodeError, ValueError):
+    except (UnicodeError, ValueError):  # "http://[oops/", a port out of range, a host IDNA refuses
         return None
     netloc = host if port is None or port == {"http": 80, "https": 443}[scheme] else f"{host}:{port}"
     path = remove_dot_segments(_normalize_escapes(quote(parts.path or "/", safe=_SAFE)))
     query = _normalize_escapes(quote(parts.query, safe=_SAFE + "?"))
     return urlunsplit((scheme, netloc, path, query, ""))
+
+
+def resolve(base: str, href: str) -> str | None:
+    """``href`` made absolute against ``base`` and normalized; None when it is not a usable http(s) URL."""
+    try:
+        return normalize_url(urljoin(base, href))
+    except ValueError:
+        return None
 
 
 def host_of(url: str) -> str:
@@ -255,11 +262,11 @@ def extract_links(body: bytes, charset: str | None, base_url: str, max_links: in
     if tree.document is None:
         return []
     base = tree.document.query_selector("base[href]")
-    base_url = urljoin(base_url, base.getattr("href")) if base is not None else base_url
+    base_url = (resolve(base_url, base.getattr("href")) or base_url) if base is not None else base_url
     links: dict[str, None] = {}
     # .values() materialises the node list at once; iterating it node by node is quadratic.
     for a in tree.document.query_selector_all("a[href]").values():
-        url = normalize_url(urljoin(base_url, a.getattr("href")))
+        url = resolve(base_url, a.getattr("href"))
         if url:
             links[url] = None
             if len(links) >= max_links:
@@ -454,9 +461,7 @@ class Crawler:
             for _ in range(self.cfg.max_redirects + 1):
                 resp = self._get(url, lambda status, _: 200 <= status < 300, truncate=True)
                 location = header(resp.headers, "location")
-                target = (
-                    normalize_url(urljoin(url, location)) if location and resp.status in REDIRECT_STATUSES else None
-                )
+                target = resolve(url, location) if location and resp.status in REDIRECT_STATUSES else None
                 if target is None:
                     break
                 url = target
@@ -536,7 +541,7 @@ class Crawler:
                 self._count("redirects")
                 if hops > self.cfg.max_redirects:
                     raise _Failure("too_many_redirects", f"more than {self.cfg.max_redirects} redirects", resp.status)
-                target = normalize_url(urljoin(current, location))
+                target = resolve(current, location)
                 if target is None or host_of(target) not in self._gates:
                     raise _Failure("off_host_redirect", f"redirects to {location}", resp.status)
                 if target in self._known:
@@ -553,6 +558,8 @@ class Crawler:
                 ctype = "text/html"
         except _Failure as f:
             return Drop(url, f.reason, f.detail, fetched_at, f.status)
+        except Exception as e:  # one odd page (a header or URL no parser expected) must not end the crawl
+            return Drop(url, "crawl_error", f"{type(e).__name__}: {e}"[:500], fetched_at)
         sha = hashlib.sha256(body).hexdigest()
         known = self.previous.get(current)
         if known is not None and known.sha256 == sha:

@@ -89,10 +89,17 @@ def test_workers_and_training_children_get_no_server_secrets():
     }
     worker = srv.worker_env(env)
     assert worker == {k: env[k] for k in ("PREFECT_API_AUTH_STRING", "PREFECT_API_URL", "PATH")}
-    child = child_environment({**worker, "AWS_SECRET": "x", "HF_TOKEN": "y"})
+    secrets = {
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "HF_TOKEN": "y",
+        "PREFECT_API_KEY": "z",
+        "PGPASSWORD": "p",
+        "OPENAI_API_KEY": "k",
+    }
+    child = child_environment({**worker, **secrets})
     assert child == {"PREFECT_API_URL": "http://127.0.0.1:4200/api", "PATH": "/usr/bin"}
     server_env = srv.server_env(argparse_namespace("--port", "4200"))
-    assert server_env["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:4200"
+    assert server_env["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:4200,http://localhost:4200"
 
 
 def argparse_namespace(*argv: str):

@@ -339,6 +339,15 @@ def test_normalize_url_gives_one_url_per_page():
     assert normalize_url("http://[2001:DB8::1]/") == "http://[2001:db8::1]/"
 
 
+def test_malformed_links_are_skipped_not_fatal():
+    html = (
+        b'<html><head><base href="http://[bad"></head><body><a href="http://[oops/">1</a><a href="http://[zz]/">2</a>'
+        b'<a href="http://h.org:99999/">3</a><a href="/fine.html">4</a></body></html>'
+    )
+    assert extract_links(html, "utf-8", "http://h.org/") == ["http://h.org/fine.html"]
+    assert normalize_url("http://[oops/") is None
+
+
 def test_a_page_of_200k_links_yields_at_most_the_cap():
     html = b"<html><body>" + b"".join(b'<a href="/p%d">p</a>' % i for i in range(200_000)) + b"</body></html>"
     links = extract_links(html, "utf-8", "http://h.org/", max_links=500)

@@ -29,7 +29,7 @@ from prefect.cache_policies import CachePolicy
 
 from storage.artifact import Manifest
 from storage.atomic import exclusive
-from tasks.stage import NOT_INPUTS, Stage, StageError, stage_logger
+from tasks.stage import Stage, StageError, stage_logger
 
 
 def _not_bad_input(task, task_run, state) -> bool:
@@ -157,7 +157,7 @@ def stage_task(
     less ``progress``: that is what the UI shows and what the cache key reads.
     """
     signature = inspect.signature(run)
-    shown = signature.replace(parameters=[p for n, p in signature.parameters.items() if n not in NOT_INPUTS[1:]])
+    shown = signature.replace(parameters=[p for n, p in signature.parameters.items() if n != "progress"])
 
     def stage_run(*args, **kwargs):
         bound = shown.bind(*args, **kwargs)
@@ -165,8 +165,12 @@ def stage_task(
         inputs = dict(bound.arguments)
         store, cfg = inputs.pop("store"), inputs.pop("cfg")
         key = stage.key(cfg, **inputs)
-        log = stage_logger(stage.name)
-        waiting = lambda: log.info("%s: another run is building %s/%s; waiting for it", stage.name, stage.name, key)  # noqa: E731
+
+        def waiting() -> None:
+            stage_logger(stage.name).info(
+                "%s: another run is building %s/%s; waiting for it", stage.name, stage.name, key
+            )
+
         # One builder per key at a time: the second run waits, then finds the first one's artifact.
         with exclusive(store.lock_path(stage.name, key), on_wait=waiting):
             if progress is not None:

@@ -259,6 +259,7 @@ def test_artifact_keys_are_what_prefect_accepts():
     assert progress_key("finetune") == "finetune-progress"
 
 
+@pytest.mark.slow  # reads the Prefect API: a temporary Prefect server starts (about 20 s)
 def test_publishing_outside_a_run_is_a_no_op():
     def published() -> int:
         with get_client(sync_client=True) as client:

@@ -115,6 +115,25 @@ def publish_dir(tmp: Path, final: Path, *, replace: bool) -> bool:
 
 
 @contextmanager
+def _locked(path: Path, wait: bool, on_wait=None) -> Iterator[bool]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
 def exclusive(path: Path, on_wait=None) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
 
@@ -122,15 +141,12 @@ def exclusive(path: Path, on_wait=None) -> Iterator[None]:
     run never leaves a stale lock; it works across hosts on NFSv4. ``on_wait()`` is
     called once when another process holds the lock and this one starts waiting.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with _locked(path, wait=True, on_wait=on_wait):
+        yield
+
+
+@contextmanager
+def exclusive_if_free(path: Path) -> Iterator[bool]:
+    """True, holding the lock for the block, when nobody holds ``path``; False (not waiting) otherwise."""
+    with _locked(path, wait=False) as held:
+        yield held

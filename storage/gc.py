@@ -15,15 +15,12 @@ space of keys not published yet (a killed training resumes from it), and the loc
 
 from __future__ import annotations
 
-import fcntl
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from storage.artifact import Store
-from storage.atomic import TMP_PREFIX, abandoned
+from storage.atomic import TMP_PREFIX, abandoned, exclusive_if_free
 
 
 @dataclass
@@ -39,25 +36,7 @@ class Collected:
 
 
 def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-@contextmanager
-def _unless_held(lock: Path) -> Iterator[bool]:
-    """True, holding ``lock`` for the block, when no run holds it; False when one does."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def collect(store: Store, dry_run: bool = False) -> Collected:
@@ -67,7 +46,7 @@ def collect(store: Store, dry_run: bool = False) -> Collected:
     def drop(path: Path) -> None:
         out.removed.append((path, _size(path)))
         if not dry_run:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
 
     for stage_dir in sorted(p for p in store.root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
         for tmp in sorted(stage_dir.glob(f"{TMP_PREFIX}*")):
@@ -78,7 +57,7 @@ def collect(store: Store, dry_run: bool = False) -> Collected:
         for key_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
             if store.load(stage_dir.name, key_dir.name) is None:
                 continue  # not published yet: a killed run resumes from here
-            with _unless_held(store.lock_path(stage_dir.name, key_dir.name)) as free:  # held while deleting
+            with exclusive_if_free(store.lock_path(stage_dir.name, key_dir.name)) as free:  # held while deleting
                 if free:
                     drop(key_dir)
                 else:

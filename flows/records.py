@@ -12,7 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from storage.artifact import Manifest
+from storage.artifact import ArtifactError, Manifest
+from tasks.cache_records import check_ref, ensure_records_block
 
 
 @dataclass
@@ -57,23 +58,29 @@ def record_from(stage: str, manifest: Manifest, state_name: str, seconds: float)
 def run_stage(records: dict[str, StageRecord], stage: str, task, **kwargs) -> Manifest | None:
     """Submit a stage task, wait for it, record its state; failures propagate to the flow.
 
-    A cache hit counts only while its artifact is in the store and verifies: Prefect's
-    record says the artifact was published, not that it still is. Otherwise the stage
-    runs again (``refresh_cache``), rebuilding it, and the log says why.
+    The task returns a reference to its artifact (:mod:`tasks.cache_records`); the manifest
+    is loaded from the store. A cache hit counts only while its artifact is in the store
+    and verifies: Prefect's record says the artifact was published, not that it still is.
+    Otherwise the stage runs again (``refresh_cache``), rebuilding it, and the log says why.
 
     A stage may publish nothing (an incremental ingest that found no new page) and
     return None: its record then says so (no artifact, no documents out).
     """
+    store = kwargs["store"]
     t0 = time.perf_counter()
+    ensure_records_block()
     future = task.submit(**kwargs)
-    manifest = future.result()
-    problem = kwargs["store"].problem(manifest) if future.state.name == "Cached" and manifest is not None else None
+    ref = check_ref(future.result())
+    problem = _cached_problem(store, ref) if future.state.name == "Cached" else None
     if problem:
         logging.getLogger(f"lmforge.{stage}").warning(
             "%s: cached result unusable (%s); running the stage again", stage, problem
         )
         future = task.with_options(refresh_cache=True).submit(**kwargs)
-        manifest = future.result()
+        ref = check_ref(future.result())
+    manifest = None if ref is None else store.load(ref["stage"], ref["key"])
+    if ref is not None and manifest is None:
+        raise ArtifactError(f"{stage}: the task reported {ref['stage']}/{ref['key']}, which is not in {store.root}")
     seconds = time.perf_counter() - t0
     if manifest is None:
         state = future.state.name
@@ -83,3 +90,16 @@ def run_stage(records: dict[str, StageRecord], stage: str, task, **kwargs) -> Ma
     else:
         records[stage] = record_from(stage, manifest, future.state.name, seconds)
     return manifest
+
+
+def _cached_problem(store, ref: dict[str, str] | None) -> str | None:
+    """Why a cached reference cannot be used (its artifact gone, damaged, or unreadable), or None."""
+    if ref is None:
+        return None
+    try:
+        manifest = store.load(ref["stage"], ref["key"])
+    except (ArtifactError, ValueError, OSError) as e:  # a manifest that does not parse or names another key
+        return str(e)
+    if manifest is None:
+        return f"artifact {ref['stage']}/{ref['key']} is not in the store {store.root}"
+    return store.problem(manifest)

@@ -12,6 +12,9 @@ The wrapper adds orchestration and nothing else; the stage's ``run`` is the work
   while the stage runs, so two runs of one key (a doubled schedule, a Retry beside a
   running run) never write the same work directory or checkpoints at once; the second
   waits, then reuses what the first published.
+- Records: the task returns a reference to its artifact (``{"stage", "key"}``), stored by
+  Prefect as plain JSON that :mod:`tasks.cache_records` checks before Prefect reads it;
+  nothing in the store is ever unpickled. The flow loads the manifest from the store.
 - Progress: the wrapper passes the stage a ``progress`` callback that moves a Prefect
   progress artifact (:class:`PrefectProgress`); the stage itself never imports Prefect.
 """
@@ -29,6 +32,7 @@ from prefect.cache_policies import CachePolicy
 
 from storage.artifact import Manifest
 from storage.atomic import exclusive
+from tasks.cache_records import RECORD_SERIALIZER, RECORDS_BLOCK, manifest_ref
 from tasks.stage import Stage, StageError, stage_logger
 
 
@@ -175,7 +179,7 @@ def stage_task(
         with exclusive(store.lock_path(stage.name, key), on_wait=waiting):
             if progress is not None:
                 kwargs["progress"] = PrefectProgress(stage.name, progress)
-            return run(*args, **kwargs)
+            return manifest_ref(run(*args, **kwargs))
 
     stage_run.__name__ = stage_run.__qualname__ = f"{stage.name}_run"
     stage_run.__module__ = run.__module__
@@ -186,6 +190,8 @@ def stage_task(
         name=stage.name,
         cache_policy=ArtifactKey(stage=stage),
         persist_result=True,
+        result_storage=RECORDS_BLOCK,
+        result_serializer=RECORD_SERIALIZER,
         cache_result_in_memory=False,
         retries=retries,
         retry_delay_seconds=retry_delay_seconds,

@@ -44,36 +44,19 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 
 def test_a_stage_task_takes_its_keys_lock(tmp_path, caplog):
     """The Prefect task of a stage holds <store>/_locks/<stage>-<key>.lock while the stage runs."""
-    import pyarrow as pa
-
     from storage.artifact import Store
     from tasks import extract
     from tasks.text.html import ExtractConfig
+    from tests.stages import one_page_ingest
 
     store = Store(tmp_path / "store")
-    with store.writer("ingest", "raw") as w:
-        body = (
-            "<html><body><p>" + "A sentence about package management on Debian. " * 10 + "</p></body></html>"
-        ).encode()
-        w.write_table(
-            pa.table(
-                {
-                    "doc_id": ["d"],
-                    "url": ["http://h.org/a"],
-                    "source": ["crawl"],
-                    "fetched_at": ["t"],
-                    "content_type": ["text/html"],
-                    "charset": ["utf-8"],
-                    "body": [body],
-                }
-            )
-        )
+    raw = one_page_ingest(store)
     cfg = ExtractConfig(workers=1)
-    key = extract.STAGE.key(cfg, raw=w.manifest, allow_empty=False)
+    key = extract.STAGE.key(cfg, raw=raw, allow_empty=False)
     holder = hold(store.lock_path("extract", key), 1.5)
     started = time.monotonic()
     with caplog.at_level("INFO", logger="lmforge"):
-        m = extract.task.fn(store=store, cfg=cfg, raw=w.manifest)
+        ref = extract.task.fn(store=store, cfg=cfg, raw=raw)
     holder.wait()
-    assert m.key == key and time.monotonic() - started >= 1.0
+    assert ref == {"stage": "extract", "key": key} and time.monotonic() - started >= 1.0
     assert any("another run is building" in r.getMessage() for r in caplog.records)

@@ -221,12 +221,15 @@ def _ingest(
     dropped = PartBuffer(w, "dropped", DROPPED_SCHEMA, max_rows=PART_ROWS)
     validators: dict[str, Validator] = {}
     body_bytes = 0
+    first_drop: Drop | None = None  # quoted when nothing is kept: the reason in words, not only a count
     for item in items:
         funnel.seen("")
         if isinstance(item, Page) and cfg.kind != "crawl":  # the crawler compares bodies itself
             item = _compare_body(item, known, validators)
         if isinstance(item, (Drop, Unchanged)):
             funnel.dropped(item.reason)
+            if first_drop is None and isinstance(item, Drop):
+                first_drop = item
             dropped.add(
                 {
                     "doc_id": make_doc_id(item.url),
@@ -267,10 +270,11 @@ def _ingest(
         raise _NothingNew()
     if funnel.docs_out == 0:
         reasons = ", ".join(f"{r}: {n}" for r, n in funnel.dropped_docs.most_common(5)) or "nothing found"
+        example = f"; first: {first_drop.url}: {first_drop.detail[:300]}" if first_drop is not None else ""
         raise StageError(
             STAGE.name,
             what,
-            f"no page kept out of {funnel.docs_in} ({reasons})",
+            f"no page kept out of {funnel.docs_in} ({reasons}){example}",
             "check the seeds or paths, robots.txt and the network",
         )
     kept.flush()

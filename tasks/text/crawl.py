@@ -13,6 +13,15 @@ Design decisions:
   parsed, a 4xx (404 included) allows everything, a 5xx disallows everything, and an
   unreachable host drops its pages with the fetch error. A larger ``Crawl-delay`` wins, up
   to ``max_crawl_delay_seconds``: a host that asks for more is skipped (``crawl_delay_too_long``).
+- Address guard (on by default): every connection (seed, link, redirect, robots.txt) is
+  made to an address checked first, and only public addresses pass, unless the host is
+  named in ``allow_private_hosts`` or the address is in ``allow_private_networks``. A
+  crawl cannot be pointed at the metadata service, the intranet or the Prefect API on
+  loopback, and DNS rebinding cannot swap the address after the check (the checked
+  address is the one connected to). A refused host's pages drop as ``private_address``.
+- Deadlines: each response has one wall-clock limit (headers and body, enforced while
+  reading), and the crawl as a whole ``max_crawl_seconds``: URLs not started by then drop
+  as ``crawl_deadline`` and the breadth-first search stops.
 - Politeness: request starts to one host are spaced by the delay across all threads.
 - Retries: timeouts, connection errors, 5xx and 429, with exponential backoff; a
   ``Retry-After`` is honoured when it is at most ``max_retry_after_seconds``.
@@ -43,6 +52,7 @@ import datetime as _dt
 import email.utils
 import hashlib
 import http.client
+import ipaddress
 import logging
 import re
 import socket
@@ -57,7 +67,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote, urldefrag, urljoin, urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, IPvAnyNetwork, field_validator
 from resiliparse.parse.encoding import detect_encoding
 from resiliparse.parse.html import HTMLTree
 from warcio.statusandheaders import StatusAndHeaders
@@ -126,6 +136,43 @@ class CrawlConfig(Settings):
         le=3600.0,
         description="Longest robots.txt Crawl-delay honoured; a host asking for more is skipped (crawl_delay_too_long).",
     )
+
+    allow_private_hosts: list[str] = Field(
+        [],
+        max_length=1000,
+        description=(
+            "Host names (as written in URLs, e.g. 127.0.0.1 or intranet.example) that may resolve to loopback, private"
+            " or link-local addresses. Every other request must connect to a public address (private_address drop)."
+        ),
+    )
+    allow_private_networks: list[IPvAnyNetwork] = Field(
+        [],
+        max_length=1000,
+        description="Address ranges (CIDR, e.g. 10.0.0.0/8) that any crawled host may connect to besides public ones.",
+    )
+    max_crawl_seconds: float = Field(
+        43_200.0,
+        gt=0.0,
+        le=30 * 86_400.0,
+        description="Wall-clock limit of the whole crawl; URLs not started by then are dropped (crawl_deadline).",
+    )
+
+    @field_validator("allow_private_hosts")
+    @classmethod
+    def _host_names(cls, hosts: list[str]) -> list[str]:
+        names = []
+        for h in hosts:
+            name = h.strip().lower().removeprefix("[").removesuffix("]")
+            bad = not name or any(c in name for c in "/ @?#") or not name.isascii()
+            if not bad and ":" in name:  # an IPv6 address, or a host with a port (which would never match)
+                try:
+                    ipaddress.IPv6Address(name)
+                except ValueError:
+                    bad = True
+            if bad:
+                raise ValueError(f"{h!r} is not a host name (write the host alone: no scheme, port or path)")
+            names.append(name)
+        return names
 
     @field_validator("seeds")
     @classmethod
@@ -287,6 +334,20 @@ def _retry_after(headers: list[tuple[str, str]]) -> float | None:
     return max(0.0, (when - _dt.datetime.now(_dt.timezone.utc)).total_seconds()) if when.tzinfo else None
 
 
+def address_problem(address: str, networks: list = ()) -> str | None:
+    """Why a crawl must not connect to ``address`` (loopback, private, link-local...), or
+    None for a public address or one inside ``networks``. IPv4-mapped IPv6 is judged as IPv4."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in net for net in networks):
+        return None
+    for kind in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
+        if getattr(ip, f"is_{kind}"):
+            return f"a {kind.replace('_', '-')} address"
+    return None if ip.is_global else "not a public address"
+
+
 class _HostGate:
     """Spaces request starts to one host by ``delay`` seconds, across threads."""
 
@@ -332,6 +393,8 @@ class Crawler:
         self._robots: dict[str, urllib.robotparser.RobotFileParser | _Failure] = {}
         self._known: frozenset[str] = frozenset()  # URLs queued before the current level
         self._ssl = ssl.create_default_context()
+        self._private_ok = frozenset(cfg.allow_private_hosts)
+        self._deadline = float("inf")  # set when the crawl starts
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._stats_lock:
@@ -367,6 +430,7 @@ class Crawler:
         conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         kwargs = {"context": self._ssl} if parts.scheme == "https" else {}
         conn = conn_cls(parts.hostname, parts.port, timeout=self.cfg.timeout_seconds, **kwargs)
+        conn._create_connection = self._connect  # every connection (HTTPS too) goes through the address guard
         gate = self._gates.get(host_of(url))
         if gate is not None:
             gate.wait()
@@ -431,6 +495,34 @@ class Crawler:
             watchdog.cancel()
             conn.close()
 
+    def _connect(self, address: tuple[str, int], timeout: float | None, source_address=None) -> socket.socket:
+        """``socket.create_connection`` with the address guard: every address the host resolves to
+        is checked before it is connected to, and only a checked address is connected, so a DNS
+        answer that changes between a check and the connect (rebinding) cannot slip through."""
+        host, port = address
+        named = host.lower() in self._private_ok
+        refused, error = [], None
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            why = None if named else address_problem(sockaddr[0], self.cfg.allow_private_networks)
+            if why:
+                refused.append(f"{sockaddr[0]} ({why})")
+                continue
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        if error is not None:
+            raise error
+        raise _Failure(
+            "private_address",
+            f"{host} resolves to {', '.join(refused) or 'no address'}; name it in allow_private_hosts"
+            " (or its range in allow_private_networks) to crawl it",
+        )
+
     def _get(self, url: str, want_body, extra_headers: list[tuple[str, str]] = (), truncate: bool = False) -> _Response:
         """GET with retries on transient failures; a 5xx/429 that persists becomes a response."""
         for attempt in range(self.cfg.retries + 1):
@@ -448,6 +540,10 @@ class Crawler:
                 if after is not None and after > self.cfg.max_retry_after_seconds:
                     return resp
                 wait = after if after is not None else self.cfg.backoff_seconds * 2**attempt
+            if time.monotonic() + wait > self._deadline:
+                raise _Failure(
+                    "crawl_deadline", f"no time left for a retry within max_crawl_seconds={self.cfg.max_crawl_seconds}"
+                )
             self._count("retries")
             time.sleep(wait)
         raise AssertionError("unreachable")
@@ -524,6 +620,10 @@ class Crawler:
     def _visit(self, url: str) -> _Fetched | Unchanged | Drop:
         """Fetch one frontier URL, following redirects; runs on a pool thread."""
         fetched_at = now_iso()
+        if time.monotonic() > self._deadline:
+            return Drop(
+                url, "crawl_deadline", f"not started within max_crawl_seconds={self.cfg.max_crawl_seconds}", fetched_at
+            )
         try:
             self._check_robots(url)
             current, hops = url, 0
@@ -584,6 +684,7 @@ class Crawler:
     def crawl(self, warc_path: Path) -> Iterator[Page | Unchanged | Drop]:
         """Yield every attempted URL's outcome in breadth-first order; archive kept pages."""
         cfg = self.cfg
+        self._deadline = time.monotonic() + cfg.max_crawl_seconds
         seeds = list(dict.fromkeys(u for u in map(normalize_url, cfg.seeds) if u))
         for host in dict.fromkeys(map(host_of, seeds)):
             self._gates[host] = _HostGate(cfg.delay_seconds)
@@ -599,7 +700,7 @@ class Crawler:
                         warc_path.name, {"software": "lmforge ingest (crawl)", "format": "WARC File Format 1.0"}
                     )
                 )
-                while frontier and attempted < cfg.max_pages:
+                while frontier and attempted < cfg.max_pages and time.monotonic() < self._deadline:
                     level = frontier[: cfg.max_pages - attempted]
                     attempted += len(level)
                     self._known = frozenset(seen)
@@ -639,6 +740,12 @@ class Crawler:
                                     seen.add(link)
                                     next_level.append(link)
                     frontier, depth = next_level, depth + 1
+                if frontier and time.monotonic() >= self._deadline:
+                    log.warning(
+                        "crawl stopped at max_crawl_seconds=%s; %d URLs not attempted",
+                        cfg.max_crawl_seconds,
+                        len(frontier),
+                    )
         finally:
             # An abandoned crawl (an error downstream) must not wait for the whole level.
             pool.shutdown(wait=True, cancel_futures=True)

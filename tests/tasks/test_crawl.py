@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import ipaddress
 import socket
 import threading
 import time
@@ -156,6 +157,7 @@ def crawl_cfg(seeds: list[str], **kw) -> ingest.IngestConfig:
         backoff_seconds=0.01,
         max_bytes=100_000,
         max_redirects=3,
+        allow_private_hosts=["127.0.0.1"],
     )
     settings.update(kw)
     return ingest.IngestConfig(kind="crawl", crawl=settings)
@@ -384,7 +386,140 @@ def test_an_ipv6_seed_is_crawled(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://[::1]:{server.server_address[1]}/"
-        m = ingest.run(Store(tmp_path / "store"), crawl_cfg([url], max_depth=0))
+        m = ingest.run(Store(tmp_path / "store"), crawl_cfg([url], max_depth=0, allow_private_hosts=["[::1]"]))
         assert [r["url"] for r in read_table(m).to_pylist()] == [url]
     finally:
         server.shutdown()
+
+
+# --- the address guard and the crawl deadline -------------------------------------------
+
+
+def dropped_reasons(store: Store, cfg: ingest.IngestConfig) -> dict[str, str]:
+    """The crawl's drops by URL, for a crawl that keeps nothing (ingest then refuses to publish)."""
+    with pytest.raises(ingest.StageError) as failed:
+        ingest.run(store, cfg)
+    return failed.value
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "2130706433", "0x7f000001", "[::ffff:127.0.0.1]"])
+def test_a_loopback_seed_is_refused_unless_named(site, tmp_path, host):
+    url = f"http://{host}:{site.port}/a.html"
+    with pytest.raises(ingest.StageError, match="private_address: 1") as failed:
+        ingest.run(Store(tmp_path / "store"), crawl_cfg([url], max_depth=0, allow_private_hosts=[]))
+    assert "allow_private_hosts" in str(failed.value)
+    assert not site.hits  # not even robots.txt was requested
+
+
+def test_naming_one_host_does_not_allow_its_other_spellings(site, tmp_path):
+    """127.0.0.1 is allowed by name; localhost and 2130706433 reach the same address and are refused."""
+    urls = [f"http://localhost:{site.port}/a.html", f"http://2130706433:{site.port}/a.html", site.url + "/a.html"]
+    m = ingest.run(Store(tmp_path / "store"), crawl_cfg(urls, max_depth=0))
+    assert [r["url"] for r in read_table(m).to_pylist()] == [site.url + "/a.html"]
+    dropped = {r["url"]: r["dropped_reason"] for r in read_table(m, "dropped").to_pylist()}
+    assert dropped == {urls[0]: "private_address", urls[1]: "private_address"}
+    assert site.hits["/a.html"] == 1
+
+
+def test_an_allowed_network_admits_any_host_in_it(site, tmp_path):
+    url = f"http://localhost:{site.port}/a.html"
+    m = ingest.run(
+        Store(tmp_path / "store"),
+        crawl_cfg([url], max_depth=0, allow_private_hosts=[], allow_private_networks=["127.0.0.0/8", "::1/128"]),
+    )
+    assert m.counters["docs_out"] == 1
+
+
+class RobotsElsewhere(Site):
+    """A public-looking site whose robots.txt redirects to an internal service."""
+
+    def __init__(self, target: str):
+        self.target = target
+        super().__init__()
+
+    def serve(self, h, hit: int) -> None:
+        if h.path == "/robots.txt":
+            return self.send(h, 302, headers={"Location": self.target})
+        return super().serve(h, hit)
+
+
+def test_a_robots_redirect_cannot_reach_an_internal_host(site, tmp_path):
+    """The seed's host is allowed; its robots.txt points at 'localhost' (another name, not allowed)."""
+    inside = f"http://localhost:{site.port}/robots.txt"
+    outer = RobotsElsewhere(inside)
+    try:
+        with pytest.raises(ingest.StageError, match="private_address: 1"):
+            ingest.run(Store(tmp_path / "store"), crawl_cfg([outer.url + "/a.html"], max_depth=0, retries=0))
+        assert not site.hits  # the internal service saw no request
+        assert outer.hits["/robots.txt"] == 1 and "/a.html" not in outer.hits
+    finally:
+        outer.close()
+
+
+def test_the_checked_address_is_the_one_connected_to(site, tmp_path, monkeypatch):
+    """DNS rebinding: the name answers a public address once, loopback afterwards. A guard that
+    looked the name up, checked, then let http.client look it up again would reach the loopback
+    site; this one resolves once per connection and connects to the address it checked."""
+    real = socket.getaddrinfo
+    answers = iter(["93.184.216.34"])  # public: passes the check; unreachable from here, or not serving this port
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "rebind.example":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers, "127.0.0.1"), port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = f"http://rebind.example:{site.port}/a.html"
+    with pytest.raises(ingest.StageError):
+        ingest.run(
+            Store(tmp_path / "store"),
+            crawl_cfg([url], max_depth=0, retries=0, timeout_seconds=1.0, allow_private_hosts=[]),
+        )
+    assert not site.hits
+
+
+def test_private_address_checks():
+    from tasks.text.crawl import address_problem
+
+    for address in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "::1", "fe80::1",
+                    "fd00::1", "::ffff:10.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1"]:  # fmt: skip
+        assert address_problem(address), address
+    assert address_problem("93.184.216.34") is None and address_problem("2606:4700::1111") is None
+    assert address_problem("10.1.2.3", [ipaddress.ip_network("10.0.0.0/8")]) is None
+
+
+@pytest.mark.parametrize("bad", ["http://intranet", "intranet/x", "a b", "user@host", "127.0.0.1:8731", ""])
+def test_allowed_hosts_are_bare_host_names(bad):
+    with pytest.raises(ValueError, match="allow_private_hosts"):
+        CrawlConfig(allow_private_hosts=[bad])
+    assert CrawlConfig(allow_private_hosts=["[::1]", "Intranet.Example"]).allow_private_hosts == [
+        "::1",
+        "intranet.example",
+    ]
+
+
+class Sleepy(Site):
+    """Every page takes a second; robots.txt is quick."""
+
+    def serve(self, h, hit: int) -> None:
+        if h.path != "/robots.txt":
+            time.sleep(1.0)
+        return super().serve(h, hit)
+
+
+def test_a_crawl_stops_at_its_deadline_and_says_why(tmp_path):
+    site = Sleepy()
+    try:
+        started = time.monotonic()
+        m = ingest.run(
+            Store(tmp_path / "store"),
+            crawl_cfg([site.url + "/"], max_depth=3, workers=1, max_crawl_seconds=2.5, timeout_seconds=5),
+        )
+        took = time.monotonic() - started
+        dropped = collections.Counter(r["dropped_reason"] for r in read_table(m, "dropped").to_pylist())
+        assert dropped["crawl_deadline"] >= 5  # the rest of depth 1 was never started
+        assert 1 <= m.counters["docs_out"] <= 4
+        assert took < 9  # the whole site, one page a second, one worker, would take over 20 s
+        assert "b.html" not in str(site.hits)  # depth 2 was never reached
+    finally:
+        site.close()

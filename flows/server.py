@@ -34,6 +34,7 @@ import base64
 import ipaddress
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -174,6 +175,9 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     if is_loopback(args.host):
         origins += [f"http://{name}:{args.port}" for name in ("127.0.0.1", "localhost") if name != args.host]
     env.setdefault("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", ",".join(origins))
+    # A page on another origin cannot forge a state-changing request: Prefect's UI and
+    # client fetch a per-client token first (so does api_call).
+    env.setdefault("PREFECT_SERVER_CSRF_PROTECTION_ENABLED", "true")
     return env
 
 
@@ -240,12 +244,40 @@ def open_retrying(
 
 
 def api_call(env: dict[str, str], path: str, body: dict | None = None, timeout: float = 10.0):
-    """GET (or POST ``body``) ``<PREFECT_API_URL><path>`` with the client's basic-auth credentials; JSON back."""
+    """GET (or POST ``body``) ``<PREFECT_API_URL><path>`` with the client's basic-auth credentials; JSON back.
+
+    A POST carries a CSRF token (:func:`csrf_headers`) when the server asks for one.
+    """
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data, headers={"Content-Type": "application/json"})
-    if env.get("PREFECT_API_AUTH_STRING"):
-        req.add_header("Authorization", "Basic " + base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode())
+    for name, value in {**auth_headers(env), **(csrf_headers(env) if data is not None else {})}.items():
+        req.add_header(name, value)
     return json.loads(open_retrying(req, timeout)[1] or b"null")
+
+
+def auth_headers(env: dict[str, str]) -> dict[str, str]:
+    """The basic-auth header for ``PREFECT_API_AUTH_STRING``, or none."""
+    auth = env.get("PREFECT_API_AUTH_STRING")
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+
+
+CSRF_CLIENT = f"lmforge-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def csrf_headers(env: dict[str, str], client: str = CSRF_CLIENT) -> dict[str, str]:
+    """``Prefect-Csrf-Token`` / ``Prefect-Csrf-Client`` for one state-changing request, as
+    Prefect's own client sends them: a fresh token from ``GET /csrf-token?client=...``
+    (tokens expire; these calls are few). None needed when the server has CSRF off (422)."""
+    req = urllib.request.Request(f"{env['PREFECT_API_URL']}/csrf-token?client={client}")
+    for name, value in auth_headers(env).items():
+        req.add_header(name, value)
+    try:
+        token = json.loads(open_retrying(req, 10.0)[1])["token"]
+    except urllib.error.HTTPError as e:
+        if e.code == 422:  # "CSRF protection is disabled"
+            return {}
+        raise
+    return {"Prefect-Csrf-Token": token, "Prefect-Csrf-Client": client}
 
 
 def check_port_free(host: str, port: int) -> None:

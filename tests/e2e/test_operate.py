@@ -42,7 +42,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from flows.server import open_retrying, processes_with_env
+from flows.server import csrf_headers, open_retrying, processes_with_env
 from tests.e2e.site import build_site, serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,14 +73,20 @@ class Operated:
     fail_switch: Path
     output: list[str] = field(default_factory=list)
 
-    def api(self, path: str, body: dict | None = None, method: str | None = None, auth: str | None = AUTH):
-        """(HTTP status, JSON body) of one API call."""
+    def api(
+        self, path: str, body: dict | None = None, method: str | None = None, auth: str | None = AUTH, csrf: bool = True
+    ):
+        """(HTTP status, JSON body) of one API call; a state-changing one with a CSRF token, as the UI sends it."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             f"{self.ui}/api{path}", data=data, method=method, headers={"Content-Type": "application/json"}
         )
         if auth:
             req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        if auth and csrf and (method or ("POST" if data is not None else "GET")) != "GET":
+            env = {"PREFECT_API_URL": f"{self.ui}/api", "PREFECT_API_AUTH_STRING": auth}
+            for name, value in csrf_headers(env).items():
+                req.add_header(name, value)
         try:
             status, raw = open_retrying(req, timeout=30)  # a 503 (SQLite busy) is retried, as Prefect's client does
             return status, json.loads(raw) if raw else None
@@ -261,9 +267,12 @@ def test_every_parameter_has_a_description_and_the_profile_default(operated):
         assert default["store"] == operated.config["store"] and default["name"] == "smoke"
 
 
-def test_basic_auth_guards_the_api_but_not_the_health_check(operated):
+def test_basic_auth_and_csrf_guard_the_api_but_not_the_health_check(operated):
     assert operated.api("/deployments/filter", {}, auth=None)[0] == 401
     assert operated.api("/deployments/filter", {}, auth="lmforge:wrong")[0] == 401
+    # CSRF protection is on: a state-changing request without the per-client token is refused.
+    assert operated.api("/deployments/filter", {}, csrf=False)[0] == 403
+    assert operated.api("/deployments/filter", {})[0] == 200
     assert operated.api("/health", auth=None) == (200, True)
 
 

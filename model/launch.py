@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from model import train as entrypoint
+from model.lifetime import die_with_parent
 
 _ROOT = Path(__file__).resolve().parent.parent  # the directory holding the model package
 
@@ -87,6 +88,7 @@ def launch(
         child_env.setdefault("OMP_NUM_THREADS", "1")
     cmd = torchrun_command(spec_path, nproc)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    launcher = os.getpid()
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -96,6 +98,7 @@ def launch(
         errors="replace",
         bufsize=1,
         start_new_session=True,  # its own process group, so cancelling us stops every worker
+        preexec_fn=lambda: die_with_parent(launcher),  # and a SIGKILL of us stops it too (model/lifetime.py)
     )
     try:
         for line in proc.stdout:

@@ -42,6 +42,7 @@ from model.checkpoint import load_model, save_model
 from model.config import GPTConfig, LoRAConfig, TrainConfig
 from model.data import TokenWindows, token_dtype
 from model.gpt import GPT
+from model.lifetime import die_with_parent
 from model.lora import apply_lora, lora_state_dict, merge_lora
 from model.trainer import Trainer
 from storage.atomic import new_temp_dir, publish_dir
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--spec", required=True, help="path of the train spec JSON (format: module docstring)")
     args = parser.parse_args(argv)
+    die_with_parent()  # torchrun's worker: gone when torchrun is (SIGKILL of the run included)
     spec = TrainSpec.load(args.spec)
     info = distributed.init_distributed()
     try:

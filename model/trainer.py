@@ -20,6 +20,7 @@ Design decisions:
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,6 +35,7 @@ from model.config import TrainConfig
 from model.data import TokenWindows
 from model.flops import estimate_mfu, flops_per_token, matmul_params, peak_flops
 from model.optim import configure_optimizer, get_lr
+from storage.faults import pause_point
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -210,6 +212,7 @@ class Trainer:
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self._save()
                 saved_at = self.step
+                pause_point(os.environ.get("LMFORGE_STAGE", "train"))  # a kill -9 test stops here (storage/faults.py)
                 mark_time, mark_step = time.time(), self.step
         if self.step > first_step and loss_step != self.step:  # stopped by the wall budget between log steps
             train_loss = self._mean_over_ranks(loss)

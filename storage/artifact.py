@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import fsync_file, new_temp_dir, publish_dir
+from storage.faults import pause_point
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = "1"
@@ -294,6 +295,7 @@ class ArtifactWriter:
             raise
 
     def _publish(self) -> None:
+        pause_point(self.stage)  # every file written, nothing published: where a kill -9 is tested
         entries = []
         for p in sorted(q for q in self.dir.rglob("*") if q.is_file()):
             rel = str(p.relative_to(self.dir))

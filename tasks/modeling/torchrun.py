@@ -75,7 +75,7 @@ def train_in_child(stage: str, work: Path, spec: dict, nproc: int | None, progre
             progress(int(m.group(1)) / max(int(m.group(2)), 1))
 
     try:
-        launch(spec_path, n, on_line=on_line)
+        launch(spec_path, n, on_line=on_line, env={"LMFORGE_STAGE": stage})
     except ValueError as e:  # raised before torchrun starts: nothing ran, and a retry would fail the same way
         reason = describe(e) if isinstance(e, ValidationError) else str(e)
         raise StageError(

@@ -38,6 +38,15 @@ def _config(tmp: Path, seed_url: str, **changes) -> Path:
     return path
 
 
+HOLD = """import sys, time
+from pathlib import Path
+from storage.atomic import exclusive
+with exclusive(Path(sys.argv[1]) / "pipeline-smoke.lock"):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
 def _run(config: Path, out: Path) -> dict:
     rc = lmforge(["run", "--config", str(config), "--output-dir", str(out)])
     summary = json.loads((out / "summary.json").read_text())
@@ -46,7 +55,7 @@ def _run(config: Path, out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end(tmp_path, monkeypatch):
+def test_pipeline_end_to_end(tmp_path, monkeypatch, caplog):
     planted = build_site(tmp_path / "site")
     server, url = serve(tmp_path / "site")
     try:
@@ -79,8 +88,19 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch):
         assert gen.returncode == 0, gen.stderr
         assert gen.stdout.strip()
 
-        # 2. An unchanged rerun is served from cache, stage by stage.
-        second = _run(config, tmp_path / "run2")
+        # 2. An unchanged rerun is served from cache, stage by stage; it first waits for another
+        #    run of the same profile (here a process holding the profile's pipeline lock) to end.
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(Path(yaml.safe_load(config.read_text())["store"]) / "_locks"), "3"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert holder.stdout.readline().strip() == "held"
+        with caplog.at_level("INFO", logger="lmforge.pipeline"):
+            second = _run(config, tmp_path / "run2")
+        assert holder.wait() == 0
+        assert any("another pipeline run of profile 'smoke'" in r.getMessage() for r in caplog.records)
         assert all(s["cached"] for s in second["stages"].values()), {
             n: s["status"] for n, s in second["stages"].items()
         }

@@ -1,0 +1,37 @@
+"""A place to stop a run on purpose, so tests and drills can kill it *inside* a stage.
+
+``LMFORGE_PAUSE_IN=<stage>`` with ``LMFORGE_PAUSE_MARKER=<path>``: when that stage reaches
+its pause point, the process writes ``<path>`` (``<stage> <pid>``) and sleeps, waiting to
+be killed (``kill -9``) by whoever watches for the file. The points are where a kill
+does the most harm: an artifact writer with every file written but nothing published
+(:class:`storage.artifact.ArtifactWriter`), and a training child right after a checkpoint
+(:mod:`model.trainer`). A run paused for longer than ``LMFORGE_PAUSE_SECONDS`` (default
+600) fails instead of hanging.
+
+Without ``LMFORGE_PAUSE_IN`` this costs one environment lookup. It is the kill-anywhere
+test's hook (``tests/e2e/test_kill9.py``) and a way to rehearse recovery by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+PAUSE_ENV = "LMFORGE_PAUSE_IN"
+MARKER_ENV = "LMFORGE_PAUSE_MARKER"
+SECONDS_ENV = "LMFORGE_PAUSE_SECONDS"
+
+
+def pause_point(stage: str) -> None:
+    """Pause here (see the module docstring) when ``LMFORGE_PAUSE_IN`` names ``stage``."""
+    if os.environ.get(PAUSE_ENV) != stage:
+        return
+    marker = os.environ.get(MARKER_ENV)
+    if marker:
+        tmp = Path(f"{marker}.{os.getpid()}.tmp")
+        tmp.write_text(f"{stage} {os.getpid()}\n")
+        os.replace(tmp, marker)  # the watcher never reads a half-written marker
+    limit = float(os.environ.get(SECONDS_ENV, "600"))
+    time.sleep(limit)
+    raise RuntimeError(f"{stage}: paused by {PAUSE_ENV} for {limit:.0f} s and nobody killed the run")

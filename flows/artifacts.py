@@ -117,7 +117,16 @@ def export_markdown(manifest: Manifest) -> str:
         lines += ["", f"Release gate: {meta['gate']}"]
     if meta.get("parity_max_abs_diff") is not None:
         lines.append(f"Largest |ONNX fp32 - torch| logit difference: {meta['parity_max_abs_diff']:.3g}")
-    if meta.get("val_loss"):
+    precisions = meta.get("precisions") or {}
+    if precisions:
+        base = precisions.get("fp32", {}).get("val_loss")
+        lines += ["", "| precision | size | validation loss | bits/byte | loss vs fp32 |", "|---|---:|---:|---:|---:|"]
+        for name, p in precisions.items():
+            change = f"{(p['val_loss'] - base) / base:+.2%}" if base and p.get("val_loss") is not None else "n/a"
+            lines.append(
+                f"| {name} | {_size(p['bytes'])} | {_num(p.get('val_loss'))} | {_num(p.get('bits_per_byte'))} | {change} |"
+            )
+    elif meta.get("val_loss"):
         lines += [
             "",
             "| model | validation loss |",

@@ -29,7 +29,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir or f"runs/{config.name}").resolve()
 
     from flows.pipeline import pipeline
-    from flows.summary import format_eval, format_funnel, format_stages, write_summary
+    from flows.summary import format_eval, format_funnel, format_precisions, format_stages, write_summary
     from storage.artifact import Store
 
     t0 = time.perf_counter()
@@ -77,7 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if tokens:
         print("BPE tokens after shards: " + ", ".join(f"{split} {n:,}" for split, n in tokens.items()))
     print("\n== evaluation (held-out documents) ==\n" + format_eval(report))
-    print(f"\n== export ==\nINT8 ONNX model: {model_dir}  (artifact {export_m.dir})")
+    print(f"\n== export ==\nONNX models and the Hugging Face directory (hf/): {model_dir}  (artifact {export_m.dir})")
+    print(format_precisions(export_m.meta))
     print("\n== generations from the INT8 ONNX model ==")
     for s in samples:
         print(f"> {s['prompt']}\n{s['completion']}\n")
@@ -89,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from model.onnx_generate import OnnxGenerator
 
     try:
-        gen = OnnxGenerator(Path(args.model))
+        gen = OnnxGenerator(Path(args.model), precision=args.precision)
     except (FileNotFoundError, ValueError) as e:
         print(f"lmforge generate: {e}", file=sys.stderr)
         return 2
@@ -130,13 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True, help="YAML profile, e.g. configs/demo.yaml")
     r.add_argument("--output-dir", help="where summary.json and the exported model go (default runs/<name>)")
     r.set_defaults(fn=cmd_run)
-    g = sub.add_parser("generate", help="generate text with an exported INT8 ONNX model (no torch needed)")
+    g = sub.add_parser("generate", help="generate text with an exported ONNX model (no torch needed)")
     g.add_argument("--model", required=True, help="exported model directory (e.g. runs/demo/model)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     g.add_argument("--top-p", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--precision", default="int8", help="which exported graph: int8 (default), int4 or fp32")
     g.set_defaults(fn=cmd_generate)
     c = sub.add_parser("gc", help="remove what no artifact or running job needs from a store (and say how much)")
     c.add_argument("--store", required=True, help="the store directory, e.g. .lmforge/demo")

@@ -87,6 +87,18 @@ def format_eval(report: dict[str, Any]) -> str:
     return _table(["model", "language", "tokens", "loss", "ppl", "bits/byte"], rows)
 
 
+def format_precisions(export_meta: dict[str, Any]) -> str:
+    """Size and held-out loss of each exported graph (fp32, INT8, INT4), side by side."""
+    precisions = export_meta.get("precisions") or {}
+    base = (precisions.get("fp32") or {}).get("val_loss")
+    rows = []
+    for name, p in precisions.items():
+        loss = p.get("val_loss")
+        change = f"{(loss - base) / base:+.2%}" if base and loss is not None else ""
+        rows.append([name, f"{p['bytes'] / 2**20:.2f} MiB", loss, p.get("bits_per_byte"), change])
+    return _table(["precision", "size", "val loss", "bits/byte", "vs fp32"], rows)
+
+
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "summary.json"

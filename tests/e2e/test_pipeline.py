@@ -7,15 +7,19 @@ part (every stage for real: crawl over HTTP, torchrun training, ONNX export).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from flows.cli import main as lmforge
+from storage.artifact import Store
 from storage.catalog import Catalog
 from tests.e2e.site import build_site, serve
 from tests.stages import STAGES
@@ -43,8 +47,47 @@ from pathlib import Path
 from storage.atomic import exclusive
 with exclusive(Path(sys.argv[1]) / "pipeline-smoke.lock"):
     print("held", flush=True)
-    time.sleep(float(sys.argv[2]))
+    deadline = time.monotonic() + 120
+    while not Path(sys.argv[2]).exists() and time.monotonic() < deadline:  # until the test lets go
+        time.sleep(0.05)
 """
+
+
+WAITING = "another pipeline run of profile 'smoke'"
+
+
+def _release_when_waiting(caplog, release: Path) -> threading.Thread:
+    """Let the lock holder go once the run has said it is waiting for it (or after 120 s)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(WAITING in r.getMessage() for r in list(caplog.records)):
+            time.sleep(0.05)
+        release.touch()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _check_hf_export(model_dir: Path, store: Store, summary: dict) -> None:
+    import peft
+    import torch
+    import transformers
+
+    from model.checkpoint import load_model
+
+    tuned = load_model(store.load(*summary["stages"]["finetune"]["artifact"].split("/")).dir).eval()
+    x = torch.randint(0, tuned.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir / "hf", local_files_only=True).eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir / "hf-base", local_files_only=True)
+    adapted = peft.PeftModel.from_pretrained(base, model_dir / "hf-adapter").eval()
+    with torch.no_grad():
+        ours = tuned(x)[0]
+        assert (hf(x).logits - ours).abs().max().item() < 1e-4
+        assert (adapted(x).logits - ours).abs().max().item() < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir / "hf", local_files_only=True)
+    assert tok.eos_token == "<|endoftext|>" and tok.decode(tok.encode("Le serveur")) == "Le serveur"
 
 
 def _run(config: Path, out: Path) -> dict:
@@ -87,20 +130,41 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, caplog):
         )
         assert gen.returncode == 0, gen.stderr
         assert gen.stdout.strip()
+        # The same model in Hugging Face's format: transformers computes lmforge's logits, and
+        # peft's base + adapter computes the finetuned model's.
+        assert first["export"]["hf"] == ["hf", "hf-base", "hf-adapter"]
+        sizes = {k: v["bytes"] for k, v in first["export"]["precisions"].items()}
+        assert sizes["int4"] < sizes["int8"] < sizes["fp32"], sizes
+        _check_hf_export(model_dir, Store(yaml.safe_load(config.read_text())["store"]), first)
 
         # 2. An unchanged rerun is served from cache, stage by stage; it first waits for another
         #    run of the same profile (here a process holding the profile's pipeline lock) to end.
+        release = tmp_path / "release-lock"
         holder = subprocess.Popen(
-            [sys.executable, "-c", HOLD, str(Path(yaml.safe_load(config.read_text())["store"]) / "_locks"), "3"],
+            [
+                sys.executable,
+                "-c",
+                HOLD,
+                str(Path(yaml.safe_load(config.read_text())["store"]) / "_locks"),
+                str(release),
+            ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
         )
         assert holder.stdout.readline().strip() == "held"
-        with caplog.at_level("INFO", logger="lmforge.pipeline"):
-            second = _run(config, tmp_path / "run2")
+        # Prefect's logging setup (run 1) stops lmforge's loggers from propagating: listen on the logger itself.
+        pipeline_log = logging.getLogger("lmforge.pipeline")
+        pipeline_log.addHandler(caplog.handler)
+        try:
+            with caplog.at_level("INFO", logger="lmforge.pipeline"):
+                watcher = _release_when_waiting(caplog, release)
+                second = _run(config, tmp_path / "run2")
+            watcher.join()
+        finally:
+            pipeline_log.removeHandler(caplog.handler)
         assert holder.wait() == 0
-        assert any("another pipeline run of profile 'smoke'" in r.getMessage() for r in caplog.records)
+        assert any(WAITING in r.getMessage() for r in caplog.records)
         assert all(s["cached"] for s in second["stages"].values()), {
             n: s["status"] for n, s in second["stages"].items()
         }

@@ -334,6 +334,21 @@ def test_export_markdown_lists_files_with_sizes_and_the_gate(tmp_path):
     assert m.dir.as_uri() in md and "passed: int8 +0.4%" in md and "| onnx_int8 | 2.0080 |" in md
 
 
+def test_export_markdown_sets_the_precisions_side_by_side(tmp_path):
+    store = Store(tmp_path / "store")
+    with store.writer("export", "k3") as w:
+        (w.dir / "model.onnx").write_bytes(b"x")
+        w.meta["precisions"] = {
+            "fp32": {"bytes": 4 << 20, "val_loss": 2.0, "bits_per_byte": 1.2},
+            "int8": {"bytes": 1 << 20, "val_loss": 2.01, "bits_per_byte": 1.206},
+            "int4": {"bytes": 600 << 10, "val_loss": 2.06, "bits_per_byte": 1.236},
+        }
+    md = export_markdown(w.manifest)
+    assert "| fp32 | 4.0 MiB | 2.0000 | 1.2000 | +0.00% |" in md
+    assert "| int8 | 1.0 MiB | 2.0100 | 1.2060 | +0.50% |" in md
+    assert "| int4 | 600.0 KiB | 2.0600 | 1.2360 | +3.00% |" in md
+
+
 @pytest.mark.slow  # runs a Prefect flow: a temporary Prefect server starts (about 20 s)
 def test_release_and_data_artifacts_read_back_from_the_api(tmp_path):
     from flows.artifacts import publish_evaluation, publish_export

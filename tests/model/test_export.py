@@ -14,48 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model.config import GPTConfig
 from model.evaluate import EvalDoc
 from model.export import INT8_FILE, expected_matmul_integer, export_model, graph_signature, parity, release_gate
 from model.generate import generate
-from model.gpt import GPT
 from model.onnx_generate import OnnxGenerator, OnnxLM
+from tests.model.tiny import EOT, TEXT, build_tokenizer, train_tiny
 
 REPO = Path(__file__).resolve().parents[2]
-TEXT = "the cat sat on the mat. a dog ran to the park. "
-EOT = "<|endoftext|>"
-
-
-def build_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=290, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator([TEXT * 20], trainer)
-    return tok
-
-
-def train_tiny(tok: Tokenizer, eot_id: int) -> GPT:
-    """A few dozen AdamW steps on the repeated sentence; documents start after EOT as in the shards."""
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=2, n_head=2, n_embd=32)
-    model = GPT(cfg)
-    stream = np.array(([eot_id] + tok.encode(TEXT * 12).ids) * 4, dtype=np.int64)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    rng = np.random.default_rng(0)
-    for _ in range(60):
-        starts = rng.integers(0, len(stream) - cfg.block_size - 1, 8)
-        x = torch.from_numpy(np.stack([stream[s : s + cfg.block_size] for s in starts]))
-        y = torch.from_numpy(np.stack([stream[s + 1 : s + 1 + cfg.block_size] for s in starts]))
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +47,12 @@ def test_graph_keeps_batch_seq_and_past_symbolic(exported):
     assert sig["logits"][:2] == ["batch", "seq"]
     assert all(isinstance(sig["present_key"][a], str) for a in (1, 3))
     meta = json.loads((result.dir / "export.json").read_text())
-    assert meta["gpt_config"]["n_layer"] == 2 and meta["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-    assert set(meta["bytes"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json"}
+    assert meta["gpt_config"]["n_layer"] == 2 and meta["files"] == {
+        "fp32": "model.onnx",
+        "int8": "model.int8.onnx",
+        "int4": "model.int4.onnx",
+    }
+    assert set(meta["bytes"]) == {"model.onnx", "model.int8.onnx", "model.int4.onnx", "tokenizer.json"}
 
 
 def test_onnx_fp32_matches_torch_on_prefill_and_decode_shapes(exported):
@@ -114,6 +84,21 @@ def test_int8_is_close_and_its_val_loss_within_a_few_percent(exported):
     assert (lm.logits(x).argmax(-1) == ref.argmax(-1)).mean() >= 0.8
 
 
+def test_int4_quantizes_every_linear_and_stays_within_its_gate(exported):
+    _, result, eot_id, tok = exported
+    counts = result.meta["int4_op_counts"]
+    assert counts["MatMulNBits"] == expected_matmul_integer(2) and counts["GatherBlockQuantized"] == 1
+    assert counts["MatMul"] == 2 * 2
+    p = result.meta["precisions"]
+    assert p["int4"]["bytes"] < p["int8"]["bytes"] < p["fp32"]["bytes"]
+    check = result.verdict.checks["int4_val_loss"]
+    assert check["passed"] and check["int4_loss"] == p["int4"]["val_loss"] and check["relative_increase"] < 0.05
+    ids = OnnxGenerator(result.dir, precision="int4", threads=1).generate_ids(
+        [eot_id] + tok.encode("the cat").ids, 6, temperature=0
+    )
+    assert 1 <= len(ids) <= 6
+
+
 def test_onnx_greedy_generation_equals_torch_token_for_token(exported):
     model, result, eot_id, tok = exported
     prompt = [eot_id] + tok.encode("the cat").ids
@@ -139,6 +124,9 @@ def test_gate_fails_with_a_message_naming_the_check(exported):
     worse = release_gate(1e-6, 2.00, 2.10)
     assert not worse.passed and "INT8 val loss 2.1000 is +5.00%" in worse.message
     assert release_gate(1e-6, 2.00, 2.03).passed
+    int4 = release_gate(1e-6, 2.00, 2.01, int4_loss=2.2, max_int4_loss_increase=0.05)
+    assert not int4.passed and "INT4 val loss 2.2000 is +10.00%" in int4.message and "INT8" not in int4.message
+    assert release_gate(1e-6, 2.00, 2.01, int4_loss=2.05).passed
 
 
 def test_onnx_generate_runs_without_torch(exported):

@@ -2,7 +2,9 @@
 
 Design decisions:
 - The graph is ``forward_cached``: inputs ``input_ids (batch, seq)``, ``past_key`` and
-  ``past_value (L, batch, H, past, hd)``; outputs ``logits (batch, seq, V)``,
+  ``past_value (L, batch, H, past, hd)``, ``past_mask (batch, past)`` (1 = a real cached
+  token, 0 = left padding: rows of one batch may hold different histories, which is what
+  continuous batching needs); outputs ``logits (batch, seq, V)``,
   ``present_key``/``present_value (L, batch, H, past + seq, hd)``. One graph serves
   prefill (past = 0) and decoding (seq = 1); RoPE angles are computed in-graph from past.
 - torch 2.13's dynamo exporter with ``torch.export.Dim`` for batch, seq and past. SDPA
@@ -43,7 +45,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from model.evaluate import EvalDoc, evaluate_documents, evaluate_logits_fn
 from model.onnx_generate import EXPORT_FILE, TOKENIZER_FILE, OnnxLM
 
-INPUT_NAMES = ["input_ids", "past_key", "past_value"]
+INPUT_NAMES = ["input_ids", "past_key", "past_value", "past_mask"]
 OUTPUT_NAMES = ["logits", "present_key", "present_value"]
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -54,6 +56,7 @@ _SYMBOLIC = {
     "input_ids": (0, 1),
     "past_key": (1, 3),
     "past_value": (1, 3),
+    "past_mask": (0, 1),
     "logits": (0, 1),
     "present_key": (1, 3),
     "present_value": (1, 3),
@@ -68,8 +71,8 @@ class _CachedStep(torch.nn.Module):
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, input_ids, past_key, past_value):
-        return self.gpt.forward_cached(input_ids, past_key, past_value)
+    def forward(self, input_ids, past_key, past_value, past_mask):
+        return self.gpt.forward_cached(input_ids, past_key, past_value, past_mask)
 
 
 def _cpu_fp32_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -118,17 +121,23 @@ def export_onnx(
     cache = {1: batch, 3: past}
     ids = torch.zeros((2, 2), dtype=torch.long)
     past_k, past_v = (torch.zeros(cfg.n_layer, 2, cfg.n_head, 2, cfg.head_dim) for _ in range(2))
+    past_mask = torch.ones((2, 2), dtype=torch.long)
     external = sum(p.numel() * 4 for p in gpt.parameters()) > _EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), _quiet("torch.onnx"):
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         torch.onnx.export(
             _CachedStep(gpt).eval(),
-            (ids, past_k, past_v),
+            (ids, past_k, past_v, past_mask),
             str(out),
             input_names=INPUT_NAMES,
             output_names=OUTPUT_NAMES,
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "past_key": cache, "past_value": cache},
+            dynamic_shapes={
+                "input_ids": {0: batch, 1: seq},
+                "past_key": cache,
+                "past_value": cache,
+                "past_mask": {0: batch, 1: past},
+            },
             opset_version=opset,
             external_data=external,
             dynamo=True,

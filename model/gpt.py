@@ -10,6 +10,11 @@ Design decisions:
   Without a cache (training) ``is_causal=True`` keeps the fast fused kernels.
 - RoPE angles are computed from positions in-graph, so exported models need no tables
   as inputs and any past length up to ``block_size`` works.
+- Rows of one batch may hold different amounts of history (continuous batching):
+  ``past_mask (B, P)`` marks which cached positions are real (1) or left padding (0). A
+  row's new tokens take positions after its real past, and attend to its real past and
+  to themselves causally. Left padding is the only layout: a row's real history is the
+  right end of the cache, so the new tokens' keys land right after it.
 """
 
 from __future__ import annotations
@@ -38,9 +43,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (T, head_dim/2) for integer positions (computed, not looked up)."""
+    """cos/sin of shape (*positions.shape, head_dim/2) for integer positions (computed, not looked up)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq
     return freqs.cos(), freqs.sin()
 
 
@@ -157,18 +162,32 @@ class GPT(nn.Module):
             )
         return logits, loss
 
-    def forward_cached(self, idx: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor):
+    def forward_cached(
+        self, idx: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, past_mask: torch.Tensor | None = None
+    ):
         """One step of incremental decoding.
 
-        idx (B, T); past_k/past_v (L, B, H, P, hd) with P >= 0. Returns logits (B, T, V) and
-        the present caches (L, B, H, P+T, hd). Positions continue from P.
+        idx (B, T); past_k/past_v (L, B, H, P, hd) with P >= 0; ``past_mask`` (B, P), 1 where
+        the cache holds a real token and 0 for left padding (None: all real). Returns logits
+        (B, T, V) and the present caches (L, B, H, P+T, hd). A row's positions continue from
+        its number of real past tokens.
         """
         B, T = idx.shape
         P = past_k.shape[3]
-        pos = torch.arange(T, device=idx.device) + P
+        steps = torch.arange(T, device=idx.device)
+        keys = torch.arange(P + T, device=idx.device)
+        # Bottom-right causal: new token i sits at cache index P+i and sees keys 0..P+i.
+        causal = keys[None, :] <= (steps + P)[:, None]  # (T, P+T)
+        if past_mask is None:
+            pos, mask = steps + P, causal
+        else:
+            real = past_mask.to(torch.bool)
+            pos = real.sum(dim=1, keepdim=True) + steps[None, :]  # (B, T)
+            keep = torch.cat([real, torch.ones(B, T, dtype=torch.bool, device=idx.device)], dim=1)
+            mask = (causal[None, :, :] & keep[:, None, :])[:, None]  # (B, 1, T, P+T)
         cos, sin = rope_angles(pos, self.config.head_dim, self.config.rope_theta)
-        # Bottom-right causal mask: query at position P+i sees keys 0..P+i.
-        mask = pos[:, None] >= torch.arange(P + T, device=idx.device)[None, :]
+        if past_mask is not None:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd/2): per row, broadcast over heads
         x = self.tok_emb(idx)
         ks, vs = [], []
         for i, blk in enumerate(self.blocks):

@@ -41,7 +41,7 @@ class OnnxLM:
         self.path = Path(path)
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
-        missing = {"input_ids", "past_key", "past_value"} - set(inputs)
+        missing = {"input_ids", "past_key", "past_value", "past_mask"} - set(inputs)
         if missing:
             raise ValueError(f"{self.path}: not an lmforge export, inputs {sorted(missing)} are missing")
         n_layer, _, n_head, _, head_dim = inputs["past_key"].shape
@@ -53,11 +53,19 @@ class OnnxLM:
         return z, z.copy()
 
     def __call__(
-        self, ids: np.ndarray, past_k: np.ndarray, past_v: np.ndarray
+        self, ids: np.ndarray, past_k: np.ndarray, past_v: np.ndarray, past_mask: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One graph call; ``past_mask`` (B, P) marks real cached tokens (1) and left padding (0), default all real."""
+        if past_mask is None:
+            past_mask = np.ones((past_k.shape[1], past_k.shape[3]), dtype=np.int64)
         logits, k, v = self.session.run(
             ["logits", "present_key", "present_value"],
-            {"input_ids": np.ascontiguousarray(ids, dtype=np.int64), "past_key": past_k, "past_value": past_v},
+            {
+                "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+                "past_key": past_k,
+                "past_value": past_v,
+                "past_mask": np.ascontiguousarray(past_mask, dtype=np.int64),
+            },
         )
         return logits, k, v
 

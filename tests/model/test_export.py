@@ -15,28 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from model.evaluate import EvalDoc
-from model.export import INT8_FILE, expected_matmul_integer, export_model, graph_signature, parity, release_gate
+from model.export import INT8_FILE, expected_matmul_integer, graph_signature, parity, release_gate
 from model.generate import generate
 from model.onnx_generate import OnnxGenerator, OnnxLM
-from tests.model.tiny import EOT, TEXT, build_tokenizer, train_tiny
+from tests.model.tiny import TEXT, export_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.set_num_threads(1)
-    tok = build_tokenizer()
-    eot_id = tok.token_to_id(EOT)
-    model = train_tiny(tok, eot_id)
-    d = tmp_path_factory.mktemp("export")
-    tok_file = d / "source-tokenizer.json"
-    tok.save(str(tok_file))
-    texts = [TEXT * 2, "a dog ran to the park. the cat sat", TEXT * 3 + "the cat"]
-    docs = [EvalDoc(np.array(tok.encode(t).ids + [eot_id]), len(t.encode()), g) for t, g in zip(texts, "xyx")]
-    result = export_model(model, d / "model", eot_id=eot_id, val_docs=docs, tokenizer_file=tok_file, threads=1)
-    return model, result, eot_id, tok
+    return export_tiny(tmp_path_factory.mktemp("export"))
 
 
 def test_graph_keeps_batch_seq_and_past_symbolic(exported):
@@ -44,6 +33,7 @@ def test_graph_keeps_batch_seq_and_past_symbolic(exported):
     sig = graph_signature(result.dir / "model.onnx")
     assert sig["input_ids"] == ["batch", "seq"]
     assert sig["past_key"] == [2, "batch", 2, "past", 16] == sig["past_value"]
+    assert sig["past_mask"] == ["batch", "past"]  # rows of one batch may hold different histories
     assert sig["logits"][:2] == ["batch", "seq"]
     assert all(isinstance(sig["present_key"][a], str) for a in (1, 3))
     meta = json.loads((result.dir / "export.json").read_text())

@@ -45,3 +45,23 @@ def train_tiny(tok: Tokenizer, eot_id: int, **shape) -> GPT:
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def export_tiny(directory):
+    """Train the tiny GPT and export it (ONNX fp32/INT8/INT4 + tokenizer) into ``directory/model``.
+
+    Returns (model, export result, eot id, tokenizer); the gate scores three held-out texts.
+    """
+    from model.evaluate import EvalDoc
+    from model.export import export_model
+
+    torch.set_num_threads(1)
+    tok = build_tokenizer()
+    eot_id = tok.token_to_id(EOT)
+    model = train_tiny(tok, eot_id)
+    tok_file = directory / "source-tokenizer.json"
+    tok.save(str(tok_file))
+    texts = [TEXT * 2, "a dog ran to the park. the cat sat", TEXT * 3 + "the cat"]
+    docs = [EvalDoc(np.array(tok.encode(t).ids + [eot_id]), len(t.encode()), g) for t, g in zip(texts, "xyx")]
+    result = export_model(model, directory / "model", eot_id=eot_id, val_docs=docs, tokenizer_file=tok_file, threads=1)
+    return model, result, eot_id, tok

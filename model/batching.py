@@ -1,0 +1,211 @@
+"""Continuous batching: many generations share each forward pass; they join and leave between steps.
+
+numpy only (no torch): it drives any ``step(ids, past_k, past_v, past_mask) -> (logits,
+present_k, present_v)`` function with the exported graph's contract, an
+:class:`model.onnx_generate.OnnxLM` in production, the torch GPT's ``forward_cached`` in
+tests.
+
+Design decisions (vLLM's and TGI's scheduling, in the small):
+- One decode step runs every active sequence at once: one new token each, one graph call.
+  Their KV caches live in one batch array ``(L, B, H, P, hd)``, **left-padded** to the
+  longest history, with ``past_mask`` marking the padding. The graph's present cache is
+  the next step's past as is: no per-step copying.
+- A new request is prefilled alone (its whole prompt in one call, no padding), then joins
+  the batch between steps: its cache row is left-padded to the batch's length (or the
+  batch to its length). A finished or cancelled sequence leaves between steps (its row is
+  dropped). Columns of padding that every row has are trimmed, so the batch's length
+  follows its longest member, not its history.
+- Prefills come first in each :meth:`ContinuousBatcher.step` (at most ``max_prefills``),
+  then one decode step for everyone else: waiting requests start soon, and running ones
+  never stall for more than a few prefills.
+- Tokens are chosen per sequence by :func:`model.decoding.sample_token` with the
+  sequence's own settings and ``np.random.default_rng(seed)``, and the rules for the
+  window and stopping are :func:`model.decoding.decode`'s: a request alone, batched with
+  others or not, gets the same tokens (tested at temperature 0 and with a seed).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from model.decoding import check_sampling, fit_prompt, sample_token
+
+Step = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate: the prompt's token ids and the sampling settings."""
+
+    prompt_ids: Sequence[int]
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class Generation:
+    """One request's progress: the tokens so far, and why it ended (``stop``, ``length``, ``cancelled``)."""
+
+    id: int
+    request: GenerationRequest
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    _feed: list[int] = field(default_factory=list, repr=False)
+    _fed: int = 0
+    _rng: np.random.Generator | None = field(default=None, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class ContinuousBatcher:
+    """Runs many generations through one ``step`` function, batching their decode steps.
+
+    Not thread-safe: one thread calls :meth:`submit`, :meth:`cancel` and :meth:`step`
+    (a server's engine loop). Each :meth:`step` returns ``(generation, new_token)`` pairs:
+    a token of ``None`` means the generation ended in this step without a new token.
+    """
+
+    def __init__(
+        self,
+        step: Step,
+        cache_dims: tuple[int, int, int],
+        block_size: int,
+        eot_id: int | None,
+        max_batch: int = 16,
+        max_prefills: int = 2,
+    ):
+        self.step_fn, self.block_size, self.eot_id = step, block_size, eot_id
+        self.n_layer, self.n_head, self.head_dim = cache_dims
+        self.max_batch, self.max_prefills = max_batch, max_prefills
+        self.waiting: deque[Generation] = deque()
+        self.running: list[Generation] = []  # row i of the batch cache is running[i]
+        self._k = self._v = self._mask = None
+        self._ids = itertools.count()
+
+    # --- the queue ------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        gen = Generation(next(self._ids), request)
+        gen._feed = fit_prompt(request.prompt_ids, self.block_size, request.max_new_tokens)
+        gen.prompt_tokens = len(gen._feed)
+        gen._rng = np.random.default_rng(request.seed)
+        if request.max_new_tokens == 0:
+            gen.finish_reason = "length"
+        else:
+            self.waiting.append(gen)
+        return gen
+
+    def cancel(self, gen: Generation) -> None:
+        """End ``gen`` now (a client that went away); its batch row is freed at the next step."""
+        if not gen.done:
+            gen.finish_reason = "cancelled"
+
+    @property
+    def active(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # --- one scheduler iteration ----------------------------------------------------------
+
+    def step(self) -> list[tuple[Generation, int | None]]:
+        """Prefill up to ``max_prefills`` waiting requests, then one decode step for the batch."""
+        events: list[tuple[Generation, int | None]] = [(g, None) for g in self.running if g.done]  # cancelled
+        events += [(g, None) for g in self.waiting if g.done]
+        self.waiting = deque(g for g in self.waiting if not g.done)
+        self._drop_finished()
+        started = 0
+        while self.waiting and started < self.max_prefills and len(self.running) < self.max_batch:
+            events.append(self._prefill(self.waiting.popleft()))
+            started += 1
+        if self.running:
+            events += self._decode()
+        self._drop_finished()
+        return events
+
+    def _prefill(self, gen: Generation) -> tuple[Generation, int | None]:
+        ids = np.asarray([gen._feed], dtype=np.int64)
+        empty = np.zeros((self.n_layer, 1, self.n_head, 0, self.head_dim), dtype=np.float32)
+        logits, k, v = self.step_fn(ids, empty, empty.copy(), np.zeros((1, 0), dtype=np.int64))
+        gen._fed += len(gen._feed)
+        token = self._choose(gen, logits[0, -1])
+        if not gen.done:
+            self._join(gen, k, v)
+        return gen, token
+
+    def _decode(self) -> list[tuple[Generation, int | None]]:
+        ids = np.asarray([[g._feed[-1]] for g in self.running], dtype=np.int64)
+        logits, self._k, self._v = self.step_fn(ids, self._k, self._v, self._mask)
+        self._mask = np.concatenate([self._mask, np.ones((len(self.running), 1), dtype=np.int64)], axis=1)
+        events = []
+        for row, gen in enumerate(self.running):
+            if gen.done:
+                continue
+            gen._fed += 1
+            events.append((gen, self._choose(gen, logits[row, -1])))
+        return events
+
+    def _choose(self, gen: Generation, logits: np.ndarray) -> int | None:
+        """The next token of ``gen`` (None when it stops here), by :func:`model.decoding.decode`'s rules."""
+        r = gen.request
+        token = sample_token(logits, r.temperature, r.top_k, r.top_p, gen._rng)
+        if token == self.eot_id or token in r.stop_ids:
+            gen.finish_reason = "stop"
+            return None
+        gen.tokens.append(token)
+        gen._feed = [token]
+        if len(gen.tokens) >= r.max_new_tokens or gen._fed + 1 > self.block_size:
+            gen.finish_reason = "length"
+        return token
+
+    # --- the batch cache ------------------------------------------------------------------
+
+    def _join(self, gen: Generation, k: np.ndarray, v: np.ndarray) -> None:
+        """Add a prefilled row, left-padding it or the batch so their lengths agree."""
+        mask = np.ones((1, k.shape[3]), dtype=np.int64)
+        if self._k is None:
+            self._k, self._v, self._mask = k, v, mask
+        else:
+            length = max(self._k.shape[3], k.shape[3])
+            self._k, self._v, self._mask = (
+                np.concatenate([_left_pad(a, length), _left_pad(b, length)], axis=axis)
+                for a, b, axis in ((self._k, k, 1), (self._v, v, 1), (self._mask, mask, 0))
+            )
+        self.running.append(gen)
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, g in enumerate(self.running) if not g.done]
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self._k = self._v = self._mask = None
+            return
+        self._k, self._v, self._mask = self._k[:, keep], self._v[:, keep], self._mask[keep]
+        pad = int(np.argmax(self._mask.any(axis=0)))  # columns of padding every row has
+        if pad:
+            self._k, self._v, self._mask = self._k[:, :, :, pad:], self._v[:, :, :, pad:], self._mask[:, pad:]
+
+
+def _left_pad(a: np.ndarray, length: int) -> np.ndarray:
+    """``a`` with zeros before its sequence axis (3 for caches, 1 for masks) up to ``length``."""
+    axis = 3 if a.ndim == 5 else 1
+    missing = length - a.shape[axis]
+    if missing <= 0:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (missing, 0)
+    return np.pad(a, widths)

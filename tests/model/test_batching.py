@@ -1,0 +1,143 @@
+"""Continuous batching gives every request exactly the tokens it would get alone."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.batching import ContinuousBatcher, GenerationRequest
+from model.export import export_onnx
+from model.generate import generate
+from model.onnx_generate import OnnxLM
+from tests.model.tiny import EOT, build_tokenizer, train_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    tok = build_tokenizer()
+    eot = tok.token_to_id(EOT)
+    return train_tiny(tok, eot), tok, eot
+
+
+def torch_step(model):
+    @torch.no_grad()
+    def step(ids, past_k, past_v, past_mask):
+        out = model.forward_cached(*(torch.from_numpy(a) for a in (ids, past_k, past_v, past_mask)))
+        return tuple(t.numpy() for t in out)
+
+    return step
+
+
+def batcher(model, eot, **kw) -> ContinuousBatcher:
+    c = model.config
+    return ContinuousBatcher(torch_step(model), (c.n_layer, c.n_head, c.head_dim), c.block_size, eot, **kw)
+
+
+PROMPTS = ["the cat", "a dog ran to the", "the mat. a", "park", "the cat sat on the mat. a dog"]
+
+
+def requests(tok, eot, **kw) -> list[GenerationRequest]:
+    return [GenerationRequest([eot] + tok.encode(p).ids, max_new_tokens=6 + 3 * i, **kw) for i, p in enumerate(PROMPTS)]
+
+
+def run(b: ContinuousBatcher, reqs, join_every: int = 2) -> tuple[list, list[int]]:
+    """Submit one request every ``join_every`` steps; run to the end; the generations and batch sizes seen."""
+    pending, gens, sizes = list(reqs), [], []
+    steps = 0
+    while pending or b.active:
+        if pending and steps % join_every == 0:
+            gens.append(b.submit(pending.pop(0)))
+        b.step()
+        sizes.append(len(b.running))
+        steps += 1
+        assert steps < 500
+    return gens, sizes
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=20, top_p=0.9, seed=3)])
+def test_batched_tokens_equal_single_request_tokens(tiny, sampling):
+    model, tok, eot = tiny
+    reqs = requests(tok, eot, **sampling)
+    gens, sizes = run(batcher(model, eot), reqs)
+    assert max(sizes) >= 3  # requests really shared decode steps
+    for req, gen in zip(reqs, gens):
+        alone = generate(
+            model,
+            req.prompt_ids,
+            req.max_new_tokens,
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            eot_id=eot,
+            seed=req.seed,
+        )
+        assert gen.tokens == alone and gen.finish_reason in ("length", "stop")
+
+
+def test_a_cancelled_request_leaves_and_the_others_are_unchanged(tiny):
+    model, tok, eot = tiny
+    reqs = requests(tok, eot, temperature=0.0)
+    b = batcher(model, eot)
+    gens = [b.submit(r) for r in reqs]
+    b.step()
+    b.step()
+    b.step()
+    assert len(b.running) == 5
+    b.cancel(gens[1])
+    events = b.step()
+    assert (gens[1], None) in events and gens[1] not in b.running and len(b.running) == 4
+    while b.active:
+        b.step()
+    assert gens[1].finish_reason == "cancelled"
+    for req, gen in zip(reqs, gens):
+        if gen is not gens[1]:
+            assert gen.tokens == generate(model, req.prompt_ids, req.max_new_tokens, temperature=0.0, eot_id=eot)
+
+
+def test_the_batch_cache_shrinks_when_its_longest_member_leaves(tiny):
+    model, tok, eot = tiny
+    b = batcher(model, eot, max_prefills=4)
+    long = b.submit(GenerationRequest([eot] + tok.encode("the cat sat on the mat. a dog ran").ids, 3, 0.0))
+    short = b.submit(GenerationRequest([eot] + tok.encode("the").ids, 8, 0.0))
+    b.step()  # both prefilled, then one decode step together
+    assert b._k.shape[3] == long.prompt_tokens + 1  # padded to the longest history
+    assert b._mask.sum(axis=1).tolist() == [long.prompt_tokens + 1, short.prompt_tokens + 1]
+    while not long.done:
+        b.step()
+    assert b.running == [short] and b._k.shape[3] == short.prompt_tokens + len(short.tokens) - 1
+    assert b._mask.all()
+
+
+def test_max_batch_holds_the_rest_in_the_queue(tiny):
+    model, tok, eot = tiny
+    b = batcher(model, eot, max_batch=2, max_prefills=4)
+    for r in requests(tok, eot, temperature=0.0):
+        b.submit(r)
+    b.step()
+    assert len(b.running) == 2 and len(b.waiting) == 3
+
+
+def test_bad_settings_are_refused_before_any_work():
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationRequest([0], 4, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationRequest([0], 4, temperature=-1.0)
+
+
+def test_the_exported_graph_takes_left_padded_batches(tiny, tmp_path):
+    """ONNX with past_mask computes what torch computes, row by row, for rows of different histories."""
+    model, tok, eot = tiny
+    lm = OnnxLM(export_onnx(model, tmp_path), threads=1)
+    c = model.config
+    b = ContinuousBatcher(lm, (c.n_layer, c.n_head, c.head_dim), c.block_size, eot)
+    reqs = requests(tok, eot, temperature=0.0)
+    gens, sizes = run(b, reqs)
+    assert max(sizes) >= 3
+    for req, gen in zip(reqs, gens):
+        assert gen.tokens == generate(model, req.prompt_ids, req.max_new_tokens, temperature=0.0, eot_id=eot)
+    ids = np.asarray([[3], [5]])
+    past_k = np.random.default_rng(0).normal(size=(c.n_layer, 2, c.n_head, 4, c.head_dim)).astype(np.float32)
+    mask = np.asarray([[0, 0, 1, 1], [1, 1, 1, 1]])
+    want = torch_step(model)(ids, past_k, past_k, mask)
+    got = lm(ids, past_k, past_k, mask)
+    assert all(np.abs(g - w).max() < 1e-4 for g, w in zip(got, want))

@@ -124,6 +124,51 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``lmforge serve``: the OpenAI-compatible server (model/serving/) on an exported model directory."""
+    import os
+
+    from flows.server import is_loopback
+
+    api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    if not is_loopback(args.host) and not api_key:
+        print(
+            f"lmforge serve: refusing to listen on {args.host} without an API key: anyone who reaches the port could "
+            "use the model; pass --api-key (or set LMFORGE_API_KEY), or keep the default --host 127.0.0.1",
+            file=sys.stderr,
+        )
+        return 2
+    import uvicorn
+
+    from model.serving.api import create_app
+    from model.serving.engine import Engine
+
+    try:
+        engine = Engine(
+            args.model,
+            precision=args.precision,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            threads=args.threads,
+            batching=not args.no_batching,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"lmforge serve: {e}", file=sys.stderr)
+        return 2
+    where = Path(args.model).resolve()
+    name = args.served_model_name or (
+        where.parent.name if where.name == "model" else where.name
+    )  # runs/demo/model: demo
+    app = create_app(engine, name, api_key=api_key, timeout=args.timeout)
+    engine.start()
+    print(f"lmforge serve: {name} ({args.precision}) on http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        engine.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description="Web text to a deployable small language model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--store", required=True, help="the store directory, e.g. .lmforge/demo")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     c.set_defaults(fn=cmd_gc)
+    v = sub.add_parser("serve", help="serve an exported model with an OpenAI-compatible API (continuous batching)")
+    v.add_argument("--model", required=True, help="exported model directory (e.g. runs/demo/model)")
+    v.add_argument("--host", default="127.0.0.1", help="another address needs --api-key")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", help="require Authorization: Bearer <key> (or set LMFORGE_API_KEY)")
+    v.add_argument("--precision", default="int8", help="int8 (default), int4 or fp32")
+    v.add_argument("--max-batch", type=int, default=16, help="sequences per decode step at most")
+    v.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
+    v.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take")
+    v.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    v.add_argument("--no-batching", action="store_true", help="one sequence per step (the benchmark's baseline)")
+    v.add_argument(
+        "--served-model-name", help="the model id clients send (default: the directory's name; runs/demo/model: demo)"
+    )
+    v.set_defaults(fn=cmd_serve)
     from flows.server import add_parser as add_server_parser
 
     add_server_parser(sub)

@@ -1,0 +1,245 @@
+"""The serving engine: one thread runs the continuous batcher; requests come and go through queues.
+
+No torch, no web framework: :mod:`model.serving.api` puts an HTTP face on it.
+
+Design decisions:
+- One engine thread owns the :class:`model.batching.ContinuousBatcher` and the model, so
+  the batcher needs no locks. Request handlers (asyncio, in the web server's thread)
+  hand it work through a thread-safe inbox and get tokens back through an
+  ``asyncio.Queue`` per request, fed with ``loop.call_soon_threadsafe``.
+- Admission control: at most ``max_queue`` requests wait or run; one more is refused at
+  once (:class:`Overloaded`, the API's 429 with ``Retry-After``) instead of queueing
+  without bound.
+- A request ends by itself (length, end of text, a stop string), by its deadline
+  (``timeout``: the reason says so), or by its client leaving: :meth:`Engine.cancel` frees
+  its batch row at the next step.
+- Stop strings are matched on the decoded text; the text is cut before the match, as the
+  OpenAI API does.
+- Metrics (:mod:`model.serving.metrics`) count what a Prometheus scrape needs: requests
+  by status, queue depth, batch sizes, time to first token, latency, tokens generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from model.batching import ContinuousBatcher, Generation, GenerationRequest
+from model.onnx_generate import EXPORT_FILE, TOKENIZER_FILE, OnnxLM
+from model.serving.metrics import Metrics
+
+log = logging.getLogger("lmforge.serve")
+
+
+class Overloaded(RuntimeError):
+    """The engine holds ``max_queue`` requests already; retry after a moment."""
+
+
+@dataclass
+class Completion:
+    """One request as the engine tracks it; ``events`` receives ``("token", text)`` / ``("end", reason)``."""
+
+    request: GenerationRequest
+    stop: list[str]
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    submitted: float = field(default_factory=time.monotonic)
+    generation: Generation | None = None
+    text: str = ""
+    sent: int = 0  # characters of ``text`` already sent
+    first_token_at: float | None = None
+
+
+class Engine:
+    """Loads an exported model directory and serves generations from it on one thread."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        precision: str = "int8",
+        max_batch: int = 16,
+        max_queue: int = 64,
+        threads: int | None = None,
+        batching: bool = True,
+    ):
+        self.dir = Path(model_dir)
+        meta_path = self.dir / EXPORT_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: {self.dir} is not an exported lmforge model")
+        self.meta = json.loads(meta_path.read_text())
+        if precision not in self.meta["files"]:
+            raise ValueError(f"precision must be one of {sorted(self.meta['files'])}, got {precision!r}")
+        self.precision = precision
+        self.lm = OnnxLM(self.dir / self.meta["files"][precision], threads)
+        self.tokenizer = Tokenizer.from_file(str(self.dir / TOKENIZER_FILE))
+        self.eot_id = int(self.meta["eot_id"])
+        self.block_size = int(self.meta["gpt_config"]["block_size"])
+        self.max_queue = max_queue
+        self.batcher = ContinuousBatcher(
+            self.lm, self.lm.cache_dims, self.block_size, self.eot_id, max_batch=max_batch if batching else 1
+        )
+        self.metrics = Metrics()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._live: dict[int, Completion] = {}
+        self._admitted = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+
+    # --- called from request handlers (any thread) -------------------------------------
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def encode(self, prompt: str) -> list[int]:
+        """A prompt's ids as generation feeds them: after the end-of-text id that starts every document."""
+        return [self.eot_id] + self.tokenizer.encode(prompt).ids
+
+    def submit(self, request: GenerationRequest, stop: list[str], timeout: float) -> Completion:
+        """Queue a generation; raises :class:`Overloaded` when ``max_queue`` are waiting or running."""
+        with self._lock:
+            if self._admitted >= self.max_queue:
+                self.metrics.requests.labels(status="429").inc()
+                raise Overloaded(f"{self._admitted} requests are queued or running (max_queue {self.max_queue})")
+            self._admitted += 1
+        loop = asyncio.get_running_loop()
+        done = Completion(request, stop, time.monotonic() + timeout, loop, asyncio.Queue())
+        self._inbox.put(("submit", done))
+        self._wake.set()
+        return done
+
+    def cancel(self, completion: Completion) -> None:
+        """The client left: free the request's batch row at the next step."""
+        self._inbox.put(("cancel", completion))
+        self._wake.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._admitted
+
+    # --- the engine thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._iterate()
+            except Exception:  # a bug must not leave every client waiting on a dead thread
+                log.exception("engine step failed; ending the requests in flight")
+                for done in list(self._live.values()):
+                    if not done.generation.done:
+                        self.batcher.cancel(done.generation)
+                    self._finish(done, "error")
+                self.batcher = ContinuousBatcher(
+                    self.lm, self.lm.cache_dims, self.block_size, self.eot_id, self.batcher.max_batch
+                )
+
+    def _iterate(self) -> None:
+        self._take_inbox()
+        self._expire()
+        if not self.batcher.active:
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            return
+        events = self.batcher.step()
+        self.metrics.batch_size.observe(len(self.batcher.running) or 1)
+        for gen, token in events:
+            done = self._live.get(gen.id)
+            if done is not None:
+                self._on_token(done, gen, token)
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                kind, done = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                done.generation = self.batcher.submit(done.request)
+                self._live[done.generation.id] = done
+                if done.generation.done:  # max_tokens 0
+                    self._finish(done, done.generation.finish_reason)
+            elif done.generation is not None and not done.generation.done:
+                self.batcher.cancel(done.generation)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for done in list(self._live.values()):
+            if now > done.deadline and not done.generation.done:
+                self.batcher.cancel(done.generation)
+                self._finish(done, "timeout")
+
+    def _on_token(self, done: Completion, gen: Generation, token: int | None) -> None:
+        if token is not None:
+            if done.first_token_at is None:
+                done.first_token_at = time.monotonic()
+                self.metrics.time_to_first_token.observe(done.first_token_at - done.submitted)
+            self.metrics.tokens.inc()
+            done.text = self.tokenizer.decode(gen.tokens)
+            cut = _first_stop(done.text, done.stop)
+            if cut is not None:
+                done.text = done.text[:cut]
+                self._send_text(done)
+                self.batcher.cancel(gen)
+                self._finish(done, "stop")
+                return
+            self._send_text(done, hold=max((len(s) for s in done.stop), default=1) - 1)
+        if gen.done and gen.id in self._live:
+            self._send_text(done)
+            self._finish(done, gen.finish_reason)
+
+    def _send_text(self, done: Completion, hold: int = 0) -> None:
+        """Send the text not sent yet, keeping back ``hold`` characters that could start a stop string.
+
+        A character that decodes as U+FFFD may be half of a multi-byte character: it waits for more.
+        """
+        end = len(done.text) - hold
+        while end > done.sent and done.text[end - 1] == "\ufffd" and hold:
+            end -= 1
+        if end > done.sent:
+            done.loop.call_soon_threadsafe(done.events.put_nowait, ("token", done.text[done.sent : end]))
+            done.sent = end
+
+    def _finish(self, done: Completion, reason: str) -> None:
+        self._live.pop(done.generation.id, None)
+        with self._lock:
+            self._admitted -= 1
+        latency = time.monotonic() - done.submitted
+        self.metrics.latency.observe(latency)
+        status = {"timeout": "504", "cancelled": "499", "error": "500"}.get(reason, "200")
+        self.metrics.requests.labels(status=status).inc()
+        done.loop.call_soon_threadsafe(done.events.put_nowait, ("end", reason))
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def usage(done: Completion) -> dict[str, int]:
+    gen = done.generation
+    completion = len(gen.tokens) if gen is not None else 0
+    prompt = gen.prompt_tokens if gen is not None else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def np_seed(seed: int | None) -> int:
+    """A request's seed, or a fresh one (the OpenAI API samples differently each call without one)."""
+    return int(seed) if seed is not None else int(np.random.default_rng().integers(0, 2**31 - 1))

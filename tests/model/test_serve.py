@@ -1,0 +1,242 @@
+"""`lmforge serve`: a real uvicorn server on an exported model, driven by the openai client and by raw HTTP."""
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import uvicorn
+
+from model.onnx_generate import OnnxGenerator
+from model.serving.api import create_app
+from model.serving.engine import Engine, Overloaded
+from tests.model.tiny import export_tiny
+
+KEY = "test-key"
+NAME = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    """A uvicorn server in a thread, as `lmforge serve` runs it."""
+
+    def __init__(self, engine: Engine, **kw):
+        self.engine = engine
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(engine, NAME, api_key=KEY, **kw)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.stop()
+
+    def post(self, body, key: str | None = KEY, raw: bytes | None = None, path: str = "/v1/completions"):
+        data = raw if raw is not None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read()), {k.lower(): v for k, v in resp.headers.items()}
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null"), {k.lower(): v for k, v in e.headers.items()}
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return export_tiny(tmp_path_factory.mktemp("serve"))[1].dir
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    running = Running(Engine(model_dir, threads=1, max_batch=8).start())
+    yield running
+    running.close()
+
+
+def alone(model_dir, prompt: str, max_tokens: int) -> str:
+    return OnnxGenerator(model_dir, threads=1).generate(prompt, max_tokens, temperature=0.0)
+
+
+def test_the_openai_client_completes_streams_and_lists_models(served, model_dir):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [NAME]
+    out = client.completions.create(model=NAME, prompt="the cat", max_tokens=8, temperature=0)
+    assert out.choices[0].text == alone(model_dir, "the cat", 8)
+    assert out.choices[0].finish_reason in ("length", "stop")
+    assert out.usage.prompt_tokens == 3 and out.usage.completion_tokens <= 8
+    pieces = list(client.completions.create(model=NAME, prompt="the cat", max_tokens=8, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == out.choices[0].text
+    assert pieces[-1].choices[0].finish_reason == out.choices[0].finish_reason
+    both = client.completions.create(model=NAME, prompt=["the cat", "a dog"], max_tokens=5, temperature=0)
+    assert [c.text for c in both.choices] == [alone(model_dir, "the cat", 5), alone(model_dir, "a dog", 5)]
+
+
+def test_a_stop_string_cuts_the_text_before_it(served, model_dir):
+    full = alone(model_dir, "the cat", 12)
+    stop = full[4:7]
+    status, out, _ = served.post({"prompt": "the cat", "max_tokens": 12, "temperature": 0, "stop": [stop]})
+    assert status == 200 and out["choices"][0] == {
+        "text": full[: full.index(stop)],
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+
+
+def test_concurrent_requests_share_steps_and_get_their_single_request_tokens(served, model_dir):
+    prompts = ["the cat", "a dog ran", "the mat", "park. the", "sat on", "the dog", "a cat", "ran to the park"]
+    want = [alone(model_dir, p, 20) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(lambda p: served.post({"prompt": p, "max_tokens": 20, "temperature": 0}), prompts))
+    assert [g[1]["choices"][0]["text"] for g in got] == want
+    metrics = served.metrics()
+    one = float(
+        next(line for line in metrics.splitlines() if line.startswith('lmforge_batch_size_bucket{le="1.0"}')).split()[
+            -1
+        ]
+    )
+    steps = float(
+        next(line for line in metrics.splitlines() if line.startswith("lmforge_batch_size_count")).split()[-1]
+    )
+    assert steps > one  # some decode steps ran more than one sequence
+    assert 'lmforge_requests_total{status="200"}' in metrics and "lmforge_time_to_first_token_seconds_count" in metrics
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"prompt": "x", "temperature": [1]}, 400, "temperature"),
+        ({"prompt": "x", "temperature": 3}, 400, "temperature"),
+        ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"prompt": 5}, 400, "prompt"),
+        ({"max_tokens": 4}, 400, "prompt"),
+        ({"prompt": []}, 400, "prompt"),
+        ({"prompt": "x", "stop": ["a"] * 5}, 400, "stop"),
+        ({"prompt": "x", "n": 2}, 400, "n"),
+        ({"prompt": "the cat " * 40}, 400, "prompt"),
+        ({"prompt": "the cat", "max_tokens": 500}, 400, "max_tokens"),
+        ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_a_status_naming_the_field(served, body, status, param):
+    got, out, _ = served.post(body)
+    assert got == status and out["error"]["param"] == param and out["error"]["message"]
+
+
+def test_nothing_a_client_sends_crashes_the_server(served):
+    assert served.post(None, raw=b"{not json")[0] == 400
+    assert served.post(None, raw=b"[1, 2]")[0] == 400
+    assert served.post(None, raw=b'{"prompt": "\\ud800 lone surrogate"}')[0] in (200, 400)
+    assert served.post(None, raw=b"\xff\xfe\x00garbage")[0] == 400
+    assert served.post(None, raw=b'{"prompt": "' + b"a" * (2 << 20) + b'"}')[0] == 413
+    for text in ["😀 emoji", "\u202eRTL override", "zero\u200bwidth", "\x00nul", "é" * 10]:
+        status, out, _ = served.post({"prompt": text, "max_tokens": 3, "temperature": 0})
+        assert status == 200 and out["usage"]["completion_tokens"] <= 3
+    with urllib.request.urlopen(served.url + "/health", timeout=10) as resp:
+        assert json.loads(resp.read())["status"] == "ok"
+
+
+def test_a_missing_or_wrong_key_is_401(served):
+    assert served.post({"prompt": "x"}, key=None)[0] == 401
+    assert served.post({"prompt": "x"}, key="wrong")[0] == 401
+    req = urllib.request.Request(served.url + "/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 401
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(served):
+    import httpx
+
+    with httpx.stream(
+        "POST",
+        served.url + "/v1/completions",
+        json={"prompt": "the cat", "max_tokens": 25, "temperature": 1.0, "stream": True},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+    ) as resp:
+        assert resp.status_code == 200
+        next(resp.iter_lines())  # one event, then hang up
+    deadline = time.monotonic() + 10
+    while served.engine.queue_depth and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.engine.queue_depth == 0
+    assert 'lmforge_requests_total{status="499"}' in served.metrics()  # counted as a client that left
+
+
+def test_a_full_queue_is_429_with_retry_after(model_dir):
+    engine = Engine(model_dir, threads=1, max_queue=1)  # not started: the first request holds the only slot
+    running = Running(engine)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(running.post, {"prompt": "the cat", "max_tokens": 4, "temperature": 0})
+            deadline = time.monotonic() + 10
+            while engine.queue_depth == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            status, out, headers = running.post({"prompt": "a dog", "max_tokens": 4})
+            assert status == 429 and headers["retry-after"] == "1" and out["error"]["type"] == "rate_limit_error"
+            engine.start()  # the engine picks the first request up and finishes it
+            assert first.result(timeout=30)[0] == 200
+    finally:
+        running.close()
+
+
+def test_a_request_past_its_deadline_ends_with_504(model_dir):
+    running = Running(Engine(model_dir, threads=1).start(), timeout=1e-9)
+    try:
+        status, out, _ = running.post({"prompt": "the cat", "max_tokens": 20, "temperature": 0})
+        assert status == 504 and "deadline" in out["error"]["message"]
+        assert running.engine.queue_depth == 0
+    finally:
+        running.close()
+
+
+def test_admission_is_counted_not_guessed(model_dir):
+    import asyncio
+
+    from model.batching import GenerationRequest
+
+    engine = Engine(model_dir, threads=1, max_queue=2)
+
+    async def fill():
+        engine.submit(GenerationRequest([0, 1], 2), [], 10)
+        engine.submit(GenerationRequest([0, 1], 2), [], 10)
+        with pytest.raises(Overloaded):
+            engine.submit(GenerationRequest([0, 1], 2), [], 10)
+
+    asyncio.run(fill())
+    assert engine.queue_depth == 2
+
+
+def test_serve_refuses_another_address_without_a_key(model_dir, capsys, monkeypatch):
+    from flows.cli import main
+
+    monkeypatch.delenv("LMFORGE_API_KEY", raising=False)
+    assert main(["serve", "--model", str(model_dir), "--host", "0.0.0.0"]) == 2
+    assert "without an API key" in capsys.readouterr().err
+    assert main(["serve", "--model", str(model_dir.parent / "missing")]) == 2
+    assert "not an exported lmforge model" in capsys.readouterr().err

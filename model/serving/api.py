@@ -229,9 +229,16 @@ async def _stream(engine: Engine, started, rid: str, created: int, model_id: str
             for fut in finished:
                 index = pending.pop(fut)
                 kind, value = fut.result()
+                events = started[index].events
+                while kind == "token" and not events.empty():  # a slow reader gets what piled up in one chunk
+                    more_kind, more = events.get_nowait()
+                    if more_kind != "token":
+                        events.put_nowait((more_kind, more))  # the end comes back next round, after the text
+                        break
+                    value += more
                 if kind == "token":
                     yield chunk([{"text": value, "index": index, "logprobs": None, "finish_reason": None}])
-                    pending[asyncio.ensure_future(started[index].events.get())] = index
+                    pending[asyncio.ensure_future(events.get())] = index
                 elif value in ("timeout", "error"):
                     message = "the request passed its deadline" if value == "timeout" else "the engine failed"
                     failure = {"message": message, "type": value, "param": None, "code": None}

@@ -1,0 +1,268 @@
+"""Serving throughput and latency: `lmforge serve` with and without batching, and a hand-written transformers server.
+
+The model is the demo's finetuned model, taken from a store (``--store``, default
+``.lmforge/demo``: run ``make demo`` first) and exported here with the current code
+(ONNX + INT8 for lmforge, the Hugging Face directory for the baseline). Prompts are the
+first ``--prompt-tokens`` tokens of held-out documents of the store's latest dataset.
+
+Three servers, one at a time, each driven by 1, 4, 16 and 64 concurrent clients (every
+client sends ``--requests-per-client`` requests one after the other, ``--new-tokens`` new
+tokens each, temperature 0, ``ignore``-free: a request may stop early at end of text):
+
+- ``lmforge serve`` (INT8, continuous batching, max batch 64),
+- ``lmforge serve --no-batching`` (the same server, one sequence per step),
+- what a user would write by hand: FastAPI + ``transformers`` ``generate`` per request on
+  the HF directory (``bench/hf_server.py``).
+
+Reported per run: generated tokens per second (all clients), time to first token (p50,
+streamed; the hand-written server does not stream, so its first token is its last) and
+request latency p50 / p99, and errors. Writes ``bench/results/serve.json`` and ``.md``.
+
+    .venv/bin/python bench/serve.py                      # about 5 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CLIENTS = (1, 4, 16, 64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(store_dir: Path, out: Path, n_prompts: int, prompt_tokens: int) -> tuple[Path, Path, list[str]]:
+    """Export the store's finetuned model (ONNX for lmforge, HF for the baseline) and pick prompts."""
+    import torch
+
+    from model.checkpoint import load_model
+    from model.export import export_model
+    from model.hf import save_hf
+    from storage.artifact import Store
+    from tasks.modeling.subsets import eval_docs, select
+    from tasks.tokenizer import load_tokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    store = Store(store_dir)
+    published = [
+        store.load("finetune", p.name) for p in (store.root / "finetune").glob("*/") if not p.name.startswith(".")
+    ]
+    published = [m for m in published if m is not None]
+    if not published:
+        raise SystemExit(f"no finetuned model in {store_dir}: run `make demo` first (or pass --store)")
+    tuned = max(published, key=lambda m: m.created_at)
+    parent = {ref.split("/")[0]: store.load(*ref.split("/")) for ref in tuned.parents}
+    shards, tok_m = parent["shards"], parent["tokenizer"]
+    tok = load_tokenizer(tok_m)
+    eot = int(shards.meta["eot_id"])
+    docs = eval_docs(select(store, "bench", shards, None, "val"), shards.meta["dtype"], n_prompts)
+    prompts = [tok.decode([int(t) for t in d.tokens[1 : 1 + prompt_tokens]]) for d in docs][:n_prompts]
+    model = load_model(tuned.dir).eval()
+    onnx_dir = out / "model"
+    export_model(
+        model, onnx_dir, eot_id=eot, val_docs=docs[:4], tokenizer_file=tok_m.path("tokenizer.json"), int4=False
+    )
+    hf_dir = save_hf(model, out / "hf", tok_m.path("tokenizer.json"), eot)
+    return onnx_dir, hf_dir, prompts
+
+
+def start(cmd: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"{cmd[:4]} did not answer /health")
+
+
+def one_request(url: str, prompt: str, new_tokens: int, stream: bool) -> dict:
+    import httpx
+
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    try:
+        if stream:
+            with httpx.stream("POST", url, json=body, timeout=600) as resp:
+                resp.raise_for_status()
+                for line in resp.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"] and chunk["choices"][0]["text"] and first is None:
+                        first = time.perf_counter() - t0
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+        else:
+            resp = httpx.post(url, json=body, timeout=600)
+            resp.raise_for_status()
+            tokens = resp.json()["usage"]["completion_tokens"]
+    except httpx.HTTPError as e:
+        return {"error": str(e)}
+    latency = time.perf_counter() - t0
+    return {"latency": latency, "ttft": first if first is not None else latency, "tokens": tokens}
+
+
+def drive(url: str, prompts: list[str], clients: int, per_client: int, new_tokens: int, stream: bool) -> dict:
+    def client(i: int) -> list[dict]:
+        return [
+            one_request(url, prompts[(i * per_client + j) % len(prompts)], new_tokens, stream)
+            for j in range(per_client)
+        ]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, range(clients)) for r in rs]
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    lat = sorted(r["latency"] for r in ok)
+
+    def pct(values: list[float], q: float) -> float | None:
+        return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else None
+
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "tokens": sum(r["tokens"] for r in ok),
+        "wall_s": round(wall, 2),
+        "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
+        "ttft_p50_s": round(statistics.median(r["ttft"] for r in ok), 3) if ok else None,
+        "latency_p50_s": pct(lat, 0.5),
+        "latency_p99_s": pct(lat, 0.99),
+    }
+
+
+def engine_alone(onnx_dir: Path, batch_sizes=(1, 16, 64), new_tokens: int = 64) -> list[dict]:
+    """Tokens per second of the continuous batcher itself (no HTTP, no clients): what batching buys the model."""
+    import numpy as np
+
+    from model.batching import ContinuousBatcher, GenerationRequest
+    from model.onnx_generate import OnnxLM
+
+    lm = OnnxLM(onnx_dir / "model.int8.onnx")
+    meta = json.loads((onnx_dir / "export.json").read_text())
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in batch_sizes:
+        b = ContinuousBatcher(lm, lm.cache_dims, meta["gpt_config"]["block_size"], None, batch, batch)
+        for _ in range(batch):
+            b.submit(GenerationRequest([meta["eot_id"], *rng.integers(1, 1000, 24).tolist()], new_tokens, 0.0))
+        t0, tokens = time.perf_counter(), 0
+        while b.active:
+            tokens += sum(1 for _, t in b.step() if t is not None)
+        rows.append({"batch": batch, "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--store", default=str(ROOT / ".lmforge" / "demo"))
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=24)
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-serve-") as tmp:
+        onnx_dir, hf_dir, prompts = prepare(Path(args.store), Path(tmp), 64, args.prompt_tokens)
+        alone = engine_alone(onnx_dir, new_tokens=args.new_tokens)
+        print(json.dumps({"engine_alone": alone}), flush=True)
+        lmforge = [sys.executable, "-m", "flows.cli", "serve", "--model", str(onnx_dir)]
+        servers = {
+            "lmforge serve (continuous batching)": (lmforge + ["--max-batch", "64", "--max-queue", "256"], True),
+            "lmforge serve --no-batching": (lmforge + ["--no-batching", "--max-queue", "256"], True),
+            "FastAPI + transformers generate (by hand)": (
+                [sys.executable, str(ROOT / "bench" / "hf_server.py"), "--model", str(hf_dir)],
+                False,
+            ),
+        }
+        rows = []
+        for name, (cmd, stream) in servers.items():
+            port = free_port()
+            proc = start(cmd + ["--port", str(port)], port)
+            try:
+                url = f"http://127.0.0.1:{port}/v1/completions"
+                one_request(url, prompts[0], 8, stream)  # warm-up
+                for clients in args.clients:
+                    row = {
+                        "server": name,
+                        **drive(url, prompts, clients, args.requests_per_client, args.new_tokens, stream),
+                    }
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+    result = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+        },
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "rows": rows,
+        "engine_alone": alone,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(result, indent=2))
+    m = result["machine"]
+    lines = [
+        f"# Serving the demo model ({result['date']}, {m['cores']} cores, {m['cpu']}, Python {m['python']})",
+        "",
+        f"{args.new_tokens} new tokens per request at temperature 0, {args.requests_per_client} requests per client,"
+        f" prompts of {args.prompt_tokens} tokens from held-out documents. Written by `bench/serve.py`.",
+        "",
+        "| server | clients | tokens/s | TTFT p50 (s) | latency p50 (s) | latency p99 (s) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['server']} | {r['clients']} | {r['tokens_per_s']} | {r['ttft_p50_s']} | {r['latency_p50_s']}"
+            f" | {r['latency_p99_s']} | {r['errors']} |"
+        )
+    lines += [
+        "",
+        "The batcher alone (no HTTP, no clients competing for the cores), INT8, same prompts' length:",
+        "",
+        "| sequences per step | tokens/s |",
+        "|---:|---:|",
+        *(f"| {r['batch']} | {r['tokens_per_s']} |" for r in alone),
+    ]
+    (out / "serve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

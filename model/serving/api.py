@@ -201,17 +201,13 @@ async def _collect(engine: Engine, request: Request, started, rid: str, created:
         for done in started:
             engine.cancel(done)
         raise
-    total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for done in started:
-        for k, v in usage(done).items():
-            total[k] += v
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model_id,
         "choices": choices,
-        "usage": total,
+        "usage": usage(started),
     }
 
 
@@ -246,11 +242,7 @@ async def _stream(engine: Engine, started, rid: str, created: int, model_id: str
                 else:
                     yield chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": value}])
         if include_usage:
-            total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-            for done in started:
-                for k, v in usage(done).items():
-                    total[k] += v
-            yield chunk([], usage=total)
+            yield chunk([], usage=usage(started))
         yield "data: [DONE]\n\n"
     finally:  # the client left mid-stream (or we are done): nothing keeps generating for nobody
         for fut in pending:

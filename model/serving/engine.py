@@ -22,7 +22,6 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import threading
@@ -31,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from model.batching import ContinuousBatcher, Generation, GenerationRequest
-from model.onnx_generate import EXPORT_FILE, TOKENIZER_FILE, OnnxLM
+from model.onnx_generate import OnnxGenerator
 from model.serving.metrics import Metrics
 
 log = logging.getLogger("lmforge.serve")
@@ -72,22 +70,14 @@ class Engine:
         threads: int | None = None,
         batching: bool = True,
     ):
-        self.dir = Path(model_dir)
-        meta_path = self.dir / EXPORT_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} not found: {self.dir} is not an exported lmforge model")
-        self.meta = json.loads(meta_path.read_text())
-        if precision not in self.meta["files"]:
-            raise ValueError(f"precision must be one of {sorted(self.meta['files'])}, got {precision!r}")
-        self.precision = precision
-        self.lm = OnnxLM(self.dir / self.meta["files"][precision], threads)
-        self.tokenizer = Tokenizer.from_file(str(self.dir / TOKENIZER_FILE))
-        self.eot_id = int(self.meta["eot_id"])
-        self.block_size = int(self.meta["gpt_config"]["block_size"])
+        # The model directory is read as `lmforge generate` reads it: one place checks its files.
+        loaded = OnnxGenerator(model_dir, precision, threads)
+        self.dir, self.meta, self.precision = loaded.dir, loaded.meta, precision
+        self.lm, self.tokenizer = loaded.lm, loaded.tokenizer
+        self.eot_id, self.block_size = loaded.eot_id, loaded.block_size
         self.max_queue = max_queue
-        self.batcher = ContinuousBatcher(
-            self.lm, self.lm.cache_dims, self.block_size, self.eot_id, max_batch=max_batch if batching else 1
-        )
+        self.max_batch = max_batch if batching else 1
+        self.batcher = self._new_batcher()
         self.metrics = Metrics()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[int, Completion] = {}
@@ -96,6 +86,9 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+
+    def _new_batcher(self) -> ContinuousBatcher:
+        return ContinuousBatcher(self.lm, self.lm.cache_dims, self.block_size, self.eot_id, max_batch=self.max_batch)
 
     # --- called from request handlers (any thread) -------------------------------------
 
@@ -147,9 +140,7 @@ class Engine:
                     if not done.generation.done:
                         self.batcher.cancel(done.generation)
                     self._finish(done, "error")
-                self.batcher = ContinuousBatcher(
-                    self.lm, self.lm.cache_dims, self.block_size, self.eot_id, self.batcher.max_batch
-                )
+                self.batcher = self._new_batcher()
 
     def _iterate(self) -> None:
         self._take_inbox()
@@ -233,10 +224,10 @@ def _first_stop(text: str, stops: list[str]) -> int | None:
     return min(found) if found else None
 
 
-def usage(done: Completion) -> dict[str, int]:
-    gen = done.generation
-    completion = len(gen.tokens) if gen is not None else 0
-    prompt = gen.prompt_tokens if gen is not None else 0
+def usage(completions: list[Completion]) -> dict[str, int]:
+    """OpenAI's ``usage`` over a request's completions: prompt, generated and total tokens."""
+    gens = [c.generation for c in completions if c.generation is not None]
+    prompt, completion = sum(g.prompt_tokens for g in gens), sum(len(g.tokens) for g in gens)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

@@ -4,11 +4,13 @@ It lives at ``<store>/catalog.duckdb`` and is derived data: everything in it com
 published manifests and ``index-*.parquet`` files, so deleting it and rerunning the
 shards stage (a cache hit) rebuilds it. Design decisions:
 
-- Three tables. ``artifacts`` (one row per artifact: lineage, config, counters, meta),
+- Four tables. ``artifacts`` (one row per artifact: lineage, config, counters, meta),
   ``documents`` (one row per document of a shards artifact, the ``dataset``: metadata
   plus where its tokens are), and ``token_shards`` (one row per ``.bin`` file, with its
   absolute path and dtype). ``documents ⨝ token_shards`` turns a SQL filter into token
   spans, which is how a finetune set or an eval slice is cut without copying data.
+  ``promotions`` mirrors the deploy ledgers (:mod:`storage.promotions`): one row per
+  decision, with the model and dataset it was about, joinable to ``artifacts`` for lineage.
 - Every write is idempotent: ``register_artifact`` upserts, ``index_documents`` deletes
   and reloads a dataset's rows in one transaction.
 - DuckDB lets one process at a time open the file for writing. A :class:`Catalog` is
@@ -80,6 +82,10 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS token_shards (
         dataset VARCHAR NOT NULL, shard VARCHAR NOT NULL, split VARCHAR NOT NULL, path VARCHAR NOT NULL,
         dtype VARCHAR NOT NULL, n_docs BIGINT, n_tokens BIGINT, PRIMARY KEY (dataset, shard))""",
+    """CREATE TABLE IF NOT EXISTS promotions (
+        target VARCHAR NOT NULL, seq INTEGER NOT NULL, action VARCHAR NOT NULL, export VARCHAR NOT NULL,
+        previous VARCHAR, serving VARCHAR, reason VARCHAR, metrics JSON, model VARCHAR, dataset VARCHAR,
+        lineage JSON, decided_at TIMESTAMPTZ, run VARCHAR, PRIMARY KEY (target, seq))""",
 ]
 
 
@@ -173,6 +179,34 @@ class Catalog:
         ).fetchall()
         keys = ["ref", "stage", "key", "depth", "code_version", "created_at"]
         return [dict(zip(keys, r)) for r in rows]
+
+    # --- promotions ------------------------------------------------------------------
+
+    def index_promotions(self, target: str, decisions: Sequence[dict[str, Any]]) -> int:
+        """Replace ``target``'s rows with its ledger's decisions (dicts of :class:`storage.promotions.Decision`)."""
+        rows = [
+            [
+                target,
+                d["seq"],
+                d["action"],
+                d["export"],
+                d["previous"],
+                d["serving"],
+                d["reason"],
+                json.dumps(d["metrics"], default=str),
+                d["lineage"].get("model"),
+                d["lineage"].get("dataset"),
+                json.dumps(d["lineage"], default=str),
+                d["decided_at"] or None,
+                d["run"],
+            ]
+            for d in decisions
+        ]
+        with self._transaction():
+            self.con.execute("DELETE FROM promotions WHERE target = ?", [target])
+            if rows:
+                self.con.executemany("INSERT INTO promotions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return len(rows)
 
     # --- documents -------------------------------------------------------------------
 

@@ -26,7 +26,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from model.batching import GenerationRequest
-from model.serving.engine import Engine, Overloaded, np_seed, usage
+from model.serving.engine import Engine, Overloaded, Retired, np_seed, usage
+from model.serving.switch import ServedModel
 
 MAX_PROMPTS = 16
 MAX_STOPS = 4
@@ -70,12 +71,14 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 
 def create_app(
-    engine: Engine,
+    model: Engine | ServedModel,
     model_id: str,
     api_key: str | None = None,
     max_body_bytes: int = 1 << 20,
     timeout: float = 60.0,
 ) -> FastAPI:
+    """The app over one engine, or over a :class:`ServedModel` whose engine a follower may switch."""
+    served = model if isinstance(model, ServedModel) else ServedModel(model)
     app = FastAPI(title="lmforge serve", docs_url=None, redoc_url=None, openapi_url=None)
 
     def authorized(request: Request) -> bool:
@@ -86,10 +89,12 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_id, "queue": engine.queue_depth}
+        engine = served.engine
+        return {"status": "ok", "model": model_id, "version": served.version, "queue": engine.queue_depth}
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        engine = served.engine
         return PlainTextResponse(
             engine.metrics.render(engine.queue_depth).decode(), media_type="text/plain; version=0.0.4"
         )
@@ -123,32 +128,23 @@ def create_app(
             return error(400, f"{param}: {first['msg']}", param=str(first["loc"][0]) if first["loc"] else None)
         if req.model not in (None, model_id):
             return error(404, f"model {req.model!r} is not served here (it serves {model_id!r})", "model")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        plans = []
-        for text in prompts:
+        for _attempt in range(3):  # a model switch between taking the engine and submitting: take the new one
+            engine = served.engine
+            plans = _plan(engine, req)
+            if isinstance(plans, JSONResponse):
+                return plans
+            started = []
             try:
-                ids = engine.encode(text)
-            except Exception:  # lone surrogates and other strings the tokenizer cannot take
-                return error(400, "prompt is not valid Unicode text", "prompt")
-            if len(ids) > engine.block_size:
-                return error(400, f"prompt is {len(ids)} tokens; the context holds {engine.block_size}", "prompt")
-            room = engine.block_size - len(ids) + 1
-            if req.max_tokens > room:
-                return error(
-                    400,
-                    f"max_tokens {req.max_tokens} does not fit: the prompt leaves room for {room} of "
-                    f"{engine.block_size} context tokens",
-                    "max_tokens",
-                )
-            plans.append(GenerationRequest(ids, req.max_tokens, req.temperature, 0, req.top_p, np_seed(req.seed)))
-        started = []
-        try:
-            for plan in plans:
-                started.append(engine.submit(plan, req.stop, timeout))
-        except Overloaded as e:
-            for done in started:
-                engine.cancel(done)
-            return error(429, f"server busy: {e}", kind="rate_limit_error", headers={"Retry-After": "1"})
+                for plan in plans:
+                    started.append(engine.submit(plan, req.stop, timeout))
+                break
+            except (Overloaded, Retired) as e:
+                for done in started:
+                    engine.cancel(done)
+                if isinstance(e, Overloaded):
+                    return error(429, f"server busy: {e}", kind="rate_limit_error", headers={"Retry-After": "1"})
+        else:
+            return error(503, "the model is being switched; retry", kind="server_error", headers={"Retry-After": "1"})
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -160,6 +156,29 @@ def create_app(
         return await _collect(engine, request, started, rid, created, model_id)
 
     return app
+
+
+def _plan(engine: Engine, req: CompletionRequest) -> list[GenerationRequest] | JSONResponse:
+    """One generation per prompt, encoded by ``engine``'s tokenizer; a 400 naming the field if one cannot be."""
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    plans = []
+    for text in prompts:
+        try:
+            ids = engine.encode(text)
+        except Exception:  # lone surrogates and other strings the tokenizer cannot take
+            return error(400, "prompt is not valid Unicode text", "prompt")
+        if len(ids) > engine.block_size:
+            return error(400, f"prompt is {len(ids)} tokens; the context holds {engine.block_size}", "prompt")
+        room = engine.block_size - len(ids) + 1
+        if req.max_tokens > room:
+            return error(
+                400,
+                f"max_tokens {req.max_tokens} does not fit: the prompt leaves room for {room} of "
+                f"{engine.block_size} context tokens",
+                "max_tokens",
+            )
+        plans.append(GenerationRequest(ids, req.max_tokens, req.temperature, 0, req.top_p, np_seed(req.seed)))
+    return plans
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:

@@ -42,6 +42,10 @@ class Overloaded(RuntimeError):
     """The engine holds ``max_queue`` requests already; retry after a moment."""
 
 
+class Retired(RuntimeError):
+    """The engine was replaced by another model's and takes no new request (take the current one)."""
+
+
 @dataclass
 class Completion:
     """One request as the engine tracks it; ``events`` receives ``("token", text)`` / ``("end", reason)``."""
@@ -69,6 +73,7 @@ class Engine:
         max_queue: int = 64,
         threads: int | None = None,
         batching: bool = True,
+        metrics: Metrics | None = None,
     ):
         # The model directory is read as `lmforge generate` reads it: one place checks its files.
         loaded = OnnxGenerator(model_dir, precision, threads)
@@ -78,7 +83,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_batch = max_batch if batching else 1
         self.batcher = self._new_batcher()
-        self.metrics = Metrics()
+        self.metrics = metrics or Metrics()  # shared by the engines a switching server goes through
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[int, Completion] = {}
         self._admitted = 0
@@ -102,6 +107,21 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
+    def retire(self, grace: float) -> None:
+        """Stop once every request admitted so far has ended (at most ``grace`` seconds); blocks.
+
+        From the moment nothing is in flight, :meth:`submit` raises :class:`Retired`, so a
+        request handler that took this engine just before a switch tries the new one.
+        """
+        deadline = time.monotonic() + grace
+        while True:
+            with self._lock:
+                if self._admitted == 0 or time.monotonic() > deadline:
+                    self._stopping = True
+                    break
+            time.sleep(0.05)
+        self.stop()
+
     def encode(self, prompt: str) -> list[int]:
         """A prompt's ids as generation feeds them: after the end-of-text id that starts every document."""
         return [self.eot_id] + self.tokenizer.encode(prompt).ids
@@ -109,6 +129,8 @@ class Engine:
     def submit(self, request: GenerationRequest, stop: list[str], timeout: float) -> Completion:
         """Queue a generation; raises :class:`Overloaded` when ``max_queue`` are waiting or running."""
         with self._lock:
+            if self._stopping:
+                raise Retired(f"the engine of {self.dir} was replaced")
             if self._admitted >= self.max_queue:
                 self.metrics.requests.labels(status="429").inc()
                 raise Overloaded(f"{self._admitted} requests are queued or running (max_queue {self.max_queue})")

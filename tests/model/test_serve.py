@@ -1,5 +1,6 @@
 """`lmforge serve`: a real uvicorn server on an exported model, driven by the openai client and by raw HTTP."""
 
+import http.client
 import json
 import socket
 import threading
@@ -14,6 +15,7 @@ import uvicorn
 from model.onnx_generate import OnnxGenerator
 from model.serving.api import create_app
 from model.serving.engine import Engine, Overloaded
+from model.serving.switch import Follower, ServedModel
 from tests.model.tiny import export_tiny
 
 KEY = "test-key"
@@ -29,7 +31,7 @@ def free_port() -> int:
 class Running:
     """A uvicorn server in a thread, as `lmforge serve` runs it."""
 
-    def __init__(self, engine: Engine, **kw):
+    def __init__(self, engine: Engine | ServedModel, **kw):
         self.engine = engine
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,6 +59,20 @@ class Running:
                 return resp.status, json.loads(resp.read()), {k.lower(): v for k, v in resp.headers.items()}
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"null"), {k.lower(): v for k, v in e.headers.items()}
+
+    def post_oversized(self, size: int) -> int:
+        """The status of a POST whose body is ``size`` bytes. The server answers 413 without reading
+        it and closes; the client may still be sending (a broken pipe), and reads the answer then."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        body = b'{"prompt": "' + b"a" * size + b'"}'
+        try:
+            conn.request("POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {KEY}"})
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            return conn.getresponse().status
+        finally:
+            conn.close()
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as resp:
@@ -152,7 +168,7 @@ def test_nothing_a_client_sends_crashes_the_server(served):
     assert served.post(None, raw=b"[1, 2]")[0] == 400
     assert served.post(None, raw=b'{"prompt": "\\ud800 lone surrogate"}')[0] in (200, 400)
     assert served.post(None, raw=b"\xff\xfe\x00garbage")[0] == 400
-    assert served.post(None, raw=b'{"prompt": "' + b"a" * (2 << 20) + b'"}')[0] == 413
+    assert served.post_oversized(2 << 20) == 413
     for text in ["😀 emoji", "\u202eRTL override", "zero\u200bwidth", "\x00nul", "é" * 10]:
         status, out, _ = served.post({"prompt": text, "max_tokens": 3, "temperature": 0})
         assert status == 200 and out["usage"]["completion_tokens"] <= 3
@@ -240,3 +256,60 @@ def test_serve_refuses_another_address_without_a_key(model_dir, capsys, monkeypa
     assert "without an API key" in capsys.readouterr().err
     assert main(["serve", "--model", str(model_dir.parent / "missing")]) == 2
     assert "not an exported lmforge model" in capsys.readouterr().err
+
+
+def _stream_text(url: str, body: dict) -> str:
+    req = urllib.request.Request(
+        url + "/v1/completions",
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
+    texts: dict[int, str] = {}
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        for line in resp:
+            line = line.decode().strip()
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    return [texts[i] for i in sorted(texts)]
+
+
+def test_a_model_switch_finishes_requests_in_flight_on_the_old_model(model_dir, tmp_path_factory):
+    other = export_tiny(tmp_path_factory.mktemp("serve-other"), n_embd=48)[1].dir
+    prompts = ["the cat", "a dog", "the mat", "ran to"] * 4
+    # The old engine without batching: sixteen prompts of 25 tokens keep it busy through the switch.
+    served_model = ServedModel(Engine(model_dir, threads=1, batching=False).start(), version="a", drain_grace=60)
+    current = {"found": ("a", model_dir)}
+
+    def load(directory):
+        return Engine(directory, threads=1, max_batch=8)
+
+    follower = Follower(served_model, lambda: current["found"], load, interval=3600)  # polled by hand here
+    running = Running(served_model)
+    try:
+        old = served_model.engine
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(_stream_text, running.url, {"prompt": prompts, "max_tokens": 25, "temperature": 0})
+            deadline = time.monotonic() + 30
+            while old.queue_depth == 0:
+                assert time.monotonic() < deadline and not in_flight.done()
+                time.sleep(0.005)
+            current["found"] = ("b", other)
+            assert follower.check()
+            assert old.queue_depth > 0, "the request finished before the switch: the test would prove nothing"
+            status, out, _ = running.post({"prompt": "the cat", "max_tokens": 10, "temperature": 0})
+            assert status == 200 and out["choices"][0]["text"] == alone(other, "the cat", 10)
+            assert in_flight.result(timeout=60) == [alone(model_dir, p, 25) for p in prompts]
+        with urllib.request.urlopen(running.url + "/health", timeout=10) as resp:
+            assert json.loads(resp.read())["version"] == "b"
+        deadline = time.monotonic() + 10
+        while old._thread.is_alive():  # drained, then stopped
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # A version that does not load leaves the current model serving.
+        current["found"] = ("c", tmp_path_factory.mktemp("empty"))
+        assert not follower.check() and served_model.version == "b"
+        assert running.post({"prompt": "a dog", "max_tokens": 3, "temperature": 0})[0] == 200
+        assert served_model.switches == 1
+    finally:
+        running.close()

@@ -47,8 +47,9 @@ def train_tiny(tok: Tokenizer, eot_id: int, **shape) -> GPT:
     return model.eval()
 
 
-def export_tiny(directory):
-    """Train the tiny GPT and export it (ONNX fp32/INT8/INT4 + tokenizer) into ``directory/model``.
+def export_tiny(directory, **shape):
+    """Train the tiny GPT (``shape`` overrides its config) and export it (ONNX fp32/INT8/INT4 +
+    tokenizer) into ``directory/model``.
 
     Returns (model, export result, eot id, tokenizer); the gate scores three held-out texts.
     """
@@ -58,7 +59,7 @@ def export_tiny(directory):
     torch.set_num_threads(1)
     tok = build_tokenizer()
     eot_id = tok.token_to_id(EOT)
-    model = train_tiny(tok, eot_id)
+    model = train_tiny(tok, eot_id, **shape)
     tok_file = directory / "source-tokenizer.json"
     tok.save(str(tok_file))
     texts = [TEXT * 2, "a dog ran to the park. the cat sat", TEXT * 3 + "the cat"]

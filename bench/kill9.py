@@ -1,4 +1,4 @@
-"""Kill -9 inside each of the 11 stages, rerun, compare with an uninterrupted run.
+"""Kill -9 inside each stage of the pipeline, rerun, compare with an uninterrupted run.
 
 The same harness and checks as ``tests/e2e/test_kill9.py`` (the smoke profile against a
 generated site; see ``tests/e2e/killer.py``), run on its own to write the reliability table

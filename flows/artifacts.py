@@ -10,8 +10,8 @@ Design decisions:
   failure (no API, a bad file) logs a warning and the run goes on.
 - Keys are fixed names (lowercase letters, digits, dashes, as Prefect requires), so the
   Artifacts page keeps one history per thing: ``data-funnel``, ``<flow>-stages``,
-  ``<stage>-loss``, ``<stage>-loss-curve``, ``evaluation-report``, ``exported-model``
-  and ``exported-model-files``.
+  ``<stage>-loss``, ``<stage>-loss-curve``, ``evaluation-report``, ``exported-model``,
+  ``exported-model-files``, ``lm-eval-report``, ``release-vs-promoted`` and ``deploy-<target>``.
 - The loss curve is embedded in markdown as a base64 ``data:`` URI (Prefect's image
   artifact takes only a URL, and a run's PNG lives on local disk), next to a link to the
   file itself.
@@ -136,6 +136,36 @@ def export_markdown(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
+def comparison_markdown(manifest: Manifest) -> str:
+    """The compare stage's ``compare.md``: the candidate beside the promoted model."""
+    return f"{manifest.path('compare.md').read_text()}\nArtifact `{manifest.ref}`."
+
+
+def decision_markdown(decision: dict[str, Any], comparison: Manifest | None) -> str:
+    """What a deploy run decided, and why, above the comparison it decided on."""
+    verdict = {
+        "promote": "**Promoted**",
+        "refuse": "**Not promoted**",
+        "rollback": "**Rolled back**",
+        "unchanged": "**Unchanged**",
+    }[decision["action"]]
+    lines = [
+        f"# Deploy to `{decision['target']}`",
+        "",
+        f"{verdict}: `{decision['export']}`. {decision['reason']}.",
+        "",
+        f"Serving now: `{decision.get('serving') or 'nothing'}` (before: `{decision.get('previous') or 'nothing'}`).",
+    ]
+    if decision.get("seq"):
+        lines.append(f"Ledger entry {decision['seq']}, decided at {decision['decided_at']} by {decision['run']}.")
+    lineage = decision.get("lineage") or {}
+    if lineage:
+        lines += ["", "| lineage | artifact |", "|---|---|", *(f"| {k} | `{v}` |" for k, v in lineage.items())]
+    if comparison is not None:
+        lines += ["", comparison_markdown(comparison)]
+    return "\n".join(lines)
+
+
 def _num(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"
 
@@ -255,5 +285,41 @@ def publish_export(manifest: Manifest) -> None:
             export_markdown(manifest),
             key="exported-model-files",
             description="Files of the exported model with their sizes, and the release gate.",
+        ),
+    )
+
+
+def publish_harness(manifest: Manifest) -> None:
+    """lm-evaluation-harness scores beside lmforge's bits per byte (``lm-eval-report``)."""
+    _publish(
+        "lm-eval-report",
+        lambda: create_markdown_artifact(
+            f"{manifest.path('report.md').read_text()}\nArtifact `{manifest.ref}`.",
+            key="lm-eval-report",
+            description="lm-evaluation-harness on the Hugging Face export: bits per byte and cloze accuracy per language.",
+        ),
+    )
+
+
+def publish_comparison(manifest: Manifest) -> None:
+    """The release candidate beside the promoted model (``release-vs-promoted``)."""
+
+    def make():
+        bpb = manifest.meta.get("bits_per_byte", {})
+        desc = "Held-out bits per byte: " + ", ".join(f"{k} {v:.4f}" for k, v in bpb.items())
+        create_markdown_artifact(comparison_markdown(manifest), key="release-vs-promoted", description=desc)
+
+    _publish("release-vs-promoted", make)
+
+
+def publish_decision(decision: dict[str, Any], comparison: Manifest | None) -> None:
+    """What a deploy run decided and why (``deploy-<target>``)."""
+    key = artifact_key("deploy", decision["target"])
+    _publish(
+        key,
+        lambda: create_markdown_artifact(
+            decision_markdown(decision, comparison),
+            key=key,
+            description=f"{decision['action']}: {decision['export']} ({decision['reason']})",
         ),
     )

@@ -17,19 +17,35 @@ from pathlib import Path
 from flows.environment import prepare_environment, store_of
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    prepare_environment(store_of(args.config))
+def _profile(path: str):
+    """The validated profile at ``path`` (Prefect's environment set up for its store), or None after
+    printing why it cannot be used."""
+    prepare_environment(store_of(path))
     from flows.config import ConfigError, load_config
 
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as e:
         print(f"lmforge: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _profile(args.config)
+    if config is None:
         return 2
     out_dir = Path(args.output_dir or f"runs/{config.name}").resolve()
 
     from flows.pipeline import pipeline
-    from flows.summary import format_eval, format_funnel, format_precisions, format_stages, write_summary
+    from flows.summary import (
+        format_decision,
+        format_eval,
+        format_funnel,
+        format_harness,
+        format_precisions,
+        format_stages,
+        write_summary,
+    )
     from storage.artifact import Store
 
     t0 = time.perf_counter()
@@ -47,6 +63,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     report_m = store.load(*result["report"].split("/"))
     export_m = store.load(*result["export"].split("/"))
     report = json.loads(report_m.path("report.json").read_text())
+    harness = None
+    if result.get("harness"):
+        harness = json.loads(store.load(*result["harness"].split("/")).path("report.json").read_text())
     model_dir = out_dir / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -68,6 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "evaluation": {k: v for k, v in report.items() if k != "generations"},
         "export": {"artifact": export_m.ref, "dir": str(export_m.dir), "copied_to": str(model_dir), **export_m.meta},
         "generations_int8": samples,
+        "harness": harness,
+        "deploy": result.get("deploy"),
     }
     path = write_summary(out_dir, summary)
 
@@ -79,10 +100,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\n== evaluation (held-out documents) ==\n" + format_eval(report))
     print(f"\n== export ==\nONNX models and the Hugging Face directory (hf/): {model_dir}  (artifact {export_m.dir})")
     print(format_precisions(export_m.meta))
+    if harness:
+        print(f"\n== lm-evaluation-harness (chance on the cloze: {1 / config.harness.cloze_choices:.2f}) ==")
+        print(format_harness(harness))
+    if result.get("deploy"):
+        print("\n== deploy ==\n" + format_decision(result["deploy"]))
     print("\n== generations from the INT8 ONNX model ==")
     for s in samples:
         print(f"> {s['prompt']}\n{s['completion']}\n")
     print(f"summary: {path}\n{out_dir}")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """``lmforge deploy``: run the deploy flow (promote if better, or --rollback), or show the ledger."""
+    config = _profile(args.config)
+    if config is None:
+        return 2
+    from flows.summary import format_decision, format_ledger
+    from storage import promotions
+    from storage.artifact import Store
+
+    store, target = Store(config.store), config.deploy_target
+    if args.history:
+        decisions = [d.to_dict() for d in promotions.ledger(store, target)]
+        print(format_ledger(decisions) if decisions else f"nothing was ever deployed to {target!r} in {store.root}")
+        return 0
+    from flows.deploy import deploy
+
+    try:
+        result = deploy(config, release=args.release, rollback=args.rollback)
+    except promotions.PromotionError as e:
+        print(f"lmforge deploy: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the flow already logged the traceback; say it plainly
+        print(f"\nlmforge deploy: the deploy failed: {e}", file=sys.stderr)
+        return 1
+    print("\n== deploy ==\n" + format_decision(result["decision"]))
     return 0
 
 
@@ -125,7 +179,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """``lmforge serve``: the OpenAI-compatible server (model/serving/) on an exported model directory."""
+    """``lmforge serve``: the OpenAI-compatible server (model/serving/) on an exported model directory,
+    or with ``--promoted`` on whatever the deploy target has promoted, switching when that changes."""
     import os
 
     from flows.server import is_loopback
@@ -138,35 +193,89 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if bool(args.model) == bool(args.promoted):
+        print("lmforge serve: give --model DIR, or --promoted with --store STORE", file=sys.stderr)
+        return 2
     import uvicorn
 
     from model.serving.api import create_app
     from model.serving.engine import Engine
+    from model.serving.metrics import Metrics
+    from model.serving.switch import Follower, ServedModel
 
-    try:
-        engine = Engine(
-            args.model,
+    metrics = Metrics()
+
+    def load(model_dir: Path) -> Engine:
+        return Engine(
+            model_dir,
             precision=args.precision,
             max_batch=args.max_batch,
             max_queue=args.max_queue,
             threads=args.threads,
             batching=not args.no_batching,
+            metrics=metrics,
         )
+
+    follower = None
+    try:
+        if args.promoted:
+            resolve, name = _promoted_resolver(args)
+            found = resolve()
+            if found is None:
+                raise FileNotFoundError(f"nothing is promoted for target {name!r}: run `lmforge deploy` first")
+            served = ServedModel(load(Path(found[1])), version=found[0], drain_grace=args.timeout + 5)
+            follower = Follower(served, resolve, load, interval=args.poll_seconds)
+        else:
+            served = ServedModel(load(Path(args.model)))
+            where = Path(args.model).resolve()
+            name = where.parent.name if where.name == "model" else where.name  # runs/demo/model: demo
     except (FileNotFoundError, ValueError) as e:
         print(f"lmforge serve: {e}", file=sys.stderr)
         return 2
-    where = Path(args.model).resolve()
-    name = args.served_model_name or (
-        where.parent.name if where.name == "model" else where.name
-    )  # runs/demo/model: demo
-    app = create_app(engine, name, api_key=api_key, timeout=args.timeout)
-    engine.start()
-    print(f"lmforge serve: {name} ({args.precision}) on http://{args.host}:{args.port}/v1", flush=True)
+    name = args.served_model_name or name
+    app = create_app(served, name, api_key=api_key, timeout=args.timeout)
+    served.engine.start()
+    if follower is not None:
+        follower.start()
+    following = f", following {served.version} as promoted" if follower else ""
+    print(f"lmforge serve: {name} ({args.precision}{following}) on http://{args.host}:{args.port}/v1", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:
-        engine.stop()
+        if follower is not None:
+            follower.stop()
+        served.stop()
     return 0
+
+
+def _promoted_resolver(args: argparse.Namespace):
+    """``resolve() -> (export ref, directory) | None`` for ``--promoted``, and the target's name."""
+    from storage import promotions
+    from storage.artifact import Store
+
+    if not args.store:
+        raise ValueError("--promoted needs --store (the store the deploy flow promotes in)")
+    store = Store(args.store)
+    if not store.root.is_dir():
+        raise FileNotFoundError(f"no store at {store.root}")
+    target = args.target
+    if target is None:
+        targets = sorted(p.name for p in (store.root / promotions.DEPLOY_DIR).glob("*") if p.is_dir())
+        if len(targets) != 1:
+            raise ValueError(
+                f"the store has deploy targets {targets or 'none'}: name one with --target"
+                if targets
+                else f"nothing was ever deployed in {store.root}: run `lmforge deploy` first"
+            )
+        target = targets[0]
+    promotions.check_target(target)
+
+    def resolve():
+        pointer = promotions.current(store, target)
+        # The export's directory under this store's root as this host sees it (the store may be mounted elsewhere).
+        return (pointer["export"], store.artifact_dir(*pointer["export"].split("/", 1))) if pointer else None
+
+    return resolve, target
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,12 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--precision", default="int8", help="which exported graph: int8 (default), int4 or fp32")
     g.set_defaults(fn=cmd_generate)
+    d = sub.add_parser("deploy", help="promote a release if it is not worse than the promoted model, or roll back")
+    d.add_argument("--config", required=True, help="YAML profile (its store and deploy target)")
+    d.add_argument("--release", help="export artifact ref to deploy (default: build the release from the profile)")
+    d.add_argument("--rollback", action="store_true", help="restore the model promoted before the current one")
+    d.add_argument("--history", action="store_true", help="print the target's deploy ledger and exit")
+    d.set_defaults(fn=cmd_deploy)
     c = sub.add_parser("gc", help="remove what no artifact or running job needs from a store (and say how much)")
     c.add_argument("--store", required=True, help="the store directory, e.g. .lmforge/demo")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     c.set_defaults(fn=cmd_gc)
     v = sub.add_parser("serve", help="serve an exported model with an OpenAI-compatible API (continuous batching)")
-    v.add_argument("--model", required=True, help="exported model directory (e.g. runs/demo/model)")
+    v.add_argument("--model", help="exported model directory (e.g. runs/demo/model)")
+    v.add_argument("--promoted", action="store_true", help="serve the deploy target's promoted model, following it")
+    v.add_argument("--store", help="with --promoted: the store, e.g. .lmforge/demo")
+    v.add_argument("--target", help="with --promoted: the deploy target (default: the store's only one)")
+    v.add_argument("--poll-seconds", type=float, default=2.0, help="with --promoted: how often to look for a change")
     v.add_argument("--host", default="127.0.0.1", help="another address needs --api-key")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", help="require Authorization: Bearer <key> (or set LMFORGE_API_KEY)")

@@ -24,12 +24,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from storage.documents import SplitConfig
 from tasks.augment import AugmentConfig
+from tasks.compare import DeployConfig
 from tasks.dedup import DedupConfig
 from tasks.evaluate import EvaluateConfig
 from tasks.export import ExportConfig
 from tasks.extract import ExtractConfig
 from tasks.filter import FilterConfig
 from tasks.finetune import FinetuneConfig
+from tasks.harness import HarnessConfig
 from tasks.ingest import IngestConfig
 from tasks.pretrain import PretrainConfig
 from tasks.shards import ShardsConfig
@@ -67,6 +69,13 @@ class PipelineConfig(StageConfig):
         default_factory=EvaluateConfig, description="Held-out evaluation and sample generations."
     )
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX + INT8 export and the release gate.")
+    harness: HarnessConfig = Field(
+        default_factory=HarnessConfig,
+        description="lm-evaluation-harness tasks run on the Hugging Face export by the release (none by default).",
+    )
+    deploy: DeployConfig = Field(
+        default_factory=DeployConfig, description="Promotion: the serving target and how a candidate must compare."
+    )
 
     @field_validator("store")
     @classmethod
@@ -83,6 +92,11 @@ class PipelineConfig(StageConfig):
                 f"pretrain.model.block_size ({self.pretrain.model.block_size})"
             )
         return self
+
+    @property
+    def deploy_target(self) -> str:
+        """The serving target deploys promote to: ``deploy.target``, else the profile's name."""
+        return self.deploy.target or self.name
 
 
 class ConfigError(ValueError):

@@ -22,18 +22,16 @@ import datetime as _dt
 from dataclasses import dataclass, field
 
 from prefect import flow, get_run_logger, runtime, task
-from prefect.events import emit_event
 
 from flows.artifacts import publish_run
 from flows.config import DEFAULT_CONFIG, PipelineConfig
+from flows.events import DATASET_PUBLISHED, announce
 from flows.records import StageRecord, record_from, run_stage
 from flows.refs import ancestors, load_ref, parent_of
 from storage.artifact import Manifest, Store
 from storage.catalog import Catalog, register_dataset
 from tasks import augment, dedup, extract, ingest, shards, tokenizer
 from tasks import filter as filter_
-
-PUBLISHED_EVENT = "lmforge.dataset.published"
 
 
 def registered_datasets(store: Store) -> list[str]:
@@ -198,15 +196,7 @@ def _published(data: Manifest, records: dict[str, StageRecord], new: bool, incre
         }
     new_docs = int(data.counters.get("docs_out", 0))
     # The deployment label lets an automation react to the nightly refresh only (deployments/prefect.yaml).
-    resource = {
-        "prefect.resource.id": f"lmforge.dataset.{data.ref}",
-        "lmforge.deployment": runtime.deployment.name or "",
-    }
-    emit_event(
-        event=PUBLISHED_EVENT,
-        resource=resource,
-        payload={"dataset": data.ref, "new_docs": new_docs, "incremental": incremental},
-    )
+    announce(DATASET_PUBLISHED, data.ref, dataset=data.ref, new_docs=new_docs, incremental=incremental)
     get_run_logger().info(
         "data-refresh: published %s (%d new documents%s)",
         data.ref,

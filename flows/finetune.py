@@ -6,6 +6,7 @@ from prefect import flow
 
 from flows.artifacts import publish_run, publish_training
 from flows.config import DEFAULT_CONFIG, PipelineConfig
+from flows.events import MODEL_FINETUNED, announce
 from flows.pretrain import pretrain
 from flows.records import StageRecord, run_stage
 from flows.refs import indexed_dataset, load_ref
@@ -44,4 +45,5 @@ def finetune(
     )
     publish_training(tuned)
     publish_run("finetune", records)
+    announce(MODEL_FINETUNED, tuned.ref, model=tuned.ref, base_model=base.ref)
     return {"dataset": data.ref, "base_model": base.ref, "model": tuned.ref, "records": records}

@@ -1,6 +1,6 @@
 """Flow: the whole pipeline, crawl to INT8 ONNX, as one run of nested subflows.
 
-    data-refresh -> pretrain -> finetune -> release
+    data-refresh -> pretrain -> finetune -> release -> deploy
 
 Each subflow can also run alone (from the UI or a deployment); here each hands the
 artifact it produced to the next, so nothing upstream is re-resolved.
@@ -25,6 +25,7 @@ from prefect import flow
 from flows.artifacts import publish_run
 from flows.config import DEFAULT_CONFIG, PipelineConfig
 from flows.data_refresh import data_refresh
+from flows.deploy import deploy
 from flows.finetune import finetune
 from flows.pretrain import pretrain
 from flows.release import release
@@ -34,7 +35,8 @@ from storage.atomic import exclusive
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict:
-    """Run every stage; returns the refs of every artifact and every stage's record.
+    """Run every stage and deploy the release if it is better; returns the refs of every artifact, every
+    stage's record and the deploy decision.
 
     Args:
         config: Every stage's settings, crawl to export; the form starts from the profile the
@@ -52,6 +54,9 @@ def pipeline(config: PipelineConfig = DEFAULT_CONFIG) -> dict:
         trained = pretrain(config, dataset=data["dataset"])
         tuned = finetune(config, base_model=trained["model"])
         released = release(config, model=tuned["model"])
+        deployed = deploy(config, release=released["export"])
     records = {**data["records"], **trained["records"], **tuned["records"], **released["records"]}
+    for stage, record in deployed["records"].items():  # the release's own comparison is the one to show
+        records.setdefault(stage, record)
     publish_run("pipeline", records, funnel=True)
-    return {**released, "records": records}
+    return {**released, "deploy": deployed["decision"], "records": records}

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from prefect import flow
+import json
+
+from prefect import flow, get_run_logger
 
 from flows.artifacts import publish_run, publish_training
 from flows.config import DEFAULT_CONFIG, PipelineConfig
 from flows.data_refresh import data_refresh
+from flows.events import MODEL_PRETRAINED, announce
 from flows.records import StageRecord, run_stage
 from flows.refs import load_ref, parent_of
-from storage.artifact import Store
+from storage import promotions
+from storage.artifact import Manifest, Store
 from tasks import pretrain as pretrain_stage
 
 
@@ -32,9 +36,42 @@ def pretrain(
         dataset, records = upstream["dataset"], dict(upstream["records"])
     data = load_ref(store, dataset, "shards")
     tok = parent_of(store, data, "tokenizer")
+    init = promoted_weights(store, config, data, tok) if config.pretrain.continue_from_promoted else None
     model = run_stage(
-        records, "pretrain", pretrain_stage.task, store=store, cfg=config.pretrain, shards=data, tokenizer=tok
+        records,
+        "pretrain",
+        pretrain_stage.task,
+        store=store,
+        cfg=config.pretrain,
+        shards=data,
+        tokenizer=tok,
+        init=init,
     )
     publish_training(model)
     publish_run("pretrain", records)
+    announce(MODEL_PRETRAINED, model.ref, model=model.ref, dataset=dataset)
     return {"dataset": dataset, "model": model.ref, "records": records}
+
+
+def promoted_weights(store: Store, config: PipelineConfig, data: Manifest, tok: Manifest) -> Manifest | None:
+    """The promoted model's trained weights (its finetune artifact) when pretraining may continue from
+    them: same tokenizer, same shape. Otherwise None, and the log says why training starts from scratch."""
+    log = get_run_logger()
+    target = config.deploy_target
+    ref = promotions.promoted(store, target)
+    export = store.load(*ref.split("/", 1)) if ref else None
+    if export is None:
+        log.info("pretrain: from scratch: no promoted model for target %r in the store", target)
+        return None
+    if tok.ref not in export.parents:
+        log.info("pretrain: from scratch: the promoted %s has another tokenizer than %s (%s)", ref, data.ref, tok.ref)
+        return None
+    model = parent_of(store, export, "finetune")
+    why = pretrain_stage.shape_mismatch(
+        config.pretrain, int(data.meta["vocab_size"]), json.loads(model.path("config.json").read_text())
+    )
+    if why:
+        log.info("pretrain: from scratch: the promoted %s has another shape: %s", ref, why)
+        return None
+    log.info("pretrain: continuing from the weights of the promoted %s (%s)", ref, model.ref)
+    return model

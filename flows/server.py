@@ -52,6 +52,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
 POOLS = ("cpu", "gpu")
 SERVER_ID_ENV = "LMFORGE_SERVER_ID"
+AUTOMATIONS = {  # command-line switch -> the variable that turns its automation on in prefect.yaml
+    "train_on_refresh": "LMFORGE_TRAIN_ON_REFRESH",
+    "finetune_on_pretrain": "LMFORGE_FINETUNE_ON_PRETRAIN",
+    "release_on_finetune": "LMFORGE_RELEASE_ON_FINETUNE",
+    "deploy_on_release": "LMFORGE_DEPLOY_ON_RELEASE",
+}
 
 
 class ServerError(RuntimeError):
@@ -158,7 +164,7 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
             "LMFORGE_CONFIG": str(config),
             "LMFORGE_ROOT": str(ROOT),
             "LMFORGE_TIMEZONE": args.timezone,
-            "LMFORGE_TRAIN_ON_REFRESH": "true" if args.train_on_refresh else "false",
+            **{env: "true" if (args.chain or getattr(args, flag)) else "false" for flag, env in AUTOMATIONS.items()},
         }
     )
     # Beside the artifacts, as `lmforge run` does: one storage root to share with other hosts,
@@ -458,6 +464,16 @@ def add_parser(sub) -> None:
         "--train-on-refresh",
         action="store_true",
         help="turn on the automation that pretrains when a nightly refresh publishes new data",
+    )
+    s.add_argument("--finetune-on-pretrain", action="store_true", help="turn on the automation pretrain -> finetune")
+    s.add_argument("--release-on-finetune", action="store_true", help="turn on the automation finetune -> release")
+    s.add_argument(
+        "--deploy-on-release", action="store_true", help="turn on the automation release -> deploy-if-better"
+    )
+    s.add_argument(
+        "--chain",
+        action="store_true",
+        help="turn on all four: nightly refresh -> pretrain -> finetune -> release -> deploy-if-better",
     )
     s.add_argument("--startup-timeout", type=float, default=120.0, help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_server)

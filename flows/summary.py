@@ -99,6 +99,52 @@ def format_precisions(export_meta: dict[str, Any]) -> str:
     return _table(["precision", "size", "val loss", "bits/byte", "vs fp32"], rows)
 
 
+def format_harness(report: dict[str, Any]) -> str:
+    """lm-evaluation-harness per language: its bits per byte beside lmforge's, and the cloze."""
+    rows = []
+    for lang, r in report["languages"].items():
+        cloze = r.get("cloze") or {}
+        diff = r.get("difference")
+        rows.append(
+            [
+                lang,
+                r.get("lm_eval_bits_per_byte"),
+                r["bits_per_byte_text"],
+                f"{diff:+.2%}" if diff is not None else "",
+                cloze.get("acc"),
+                cloze.get("acc_norm"),
+                cloze.get("items"),
+            ]
+        )
+    header = ["language", "lm-eval bits/byte", "lmforge (text)", "diff", "cloze acc", "acc_norm", "items"]
+    return _table(header, rows)
+
+
+def format_decision(decision: dict[str, Any]) -> str:
+    """One deploy decision in a line or two: what, to which target, and why."""
+    verb = {"promote": "promoted", "refuse": "NOT promoted", "rollback": "rolled back to", "unchanged": "unchanged:"}
+    return (
+        f"{decision['target']}: {verb[decision['action']]} {decision['export']} ({decision['reason']})\n"
+        f"serving now: {decision.get('serving') or 'nothing'}"
+    )
+
+
+def format_ledger(decisions: list[dict[str, Any]]) -> str:
+    """A target's deploy ledger as a table, oldest first."""
+    rows = [
+        [
+            d["seq"],
+            d["decided_at"],
+            d["action"],
+            d["export"],
+            (d.get("metrics") or {}).get("candidate_bits_per_byte"),
+            d["reason"],
+        ]
+        for d in decisions
+    ]
+    return _table(["#", "decided at", "action", "export", "bits/byte", "why"], rows)
+
+
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "summary.json"

@@ -6,11 +6,17 @@ final weights (safetensors), their config, the tokenizer, the training summary, 
 metrics log and its loss curve (``loss.png``); checkpoints to resume from live in the
 store's work directory.
 
+With ``init`` (a trained model artifact of the same shape and tokenizer: the deploy flow's
+promoted model, when ``continue_from_promoted`` is on) training starts from its weights
+instead of from scratch; the flow decides whether it may (:mod:`flows.pretrain`).
+
 The config is the model's own: ``model`` is a :class:`model.config.GPTConfig` and
 ``train`` a :class:`model.config.TrainConfig`, the classes the trainer runs with.
 """
 
 from __future__ import annotations
+
+import json
 
 from pydantic import Field, model_validator
 
@@ -30,6 +36,10 @@ class PretrainConfig(StageConfig):
         default_factory=GPTConfig, description="Shape of the GPT (its vocabulary is the tokenizer's)."
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="Budget, batch and optimizer.")
+    continue_from_promoted: bool = Field(
+        False,
+        description="Start from the weights of the model promoted for the deploy target when it has this dataset's tokenizer and this model shape; from scratch otherwise (the log says why).",
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> "PretrainConfig":
@@ -44,11 +54,25 @@ class PretrainConfig(StageConfig):
         return self
 
 
+def shape_mismatch(cfg: PretrainConfig, vocab_size: int, model_config: dict) -> str | None:
+    """Why a trained model's ``config.json`` cannot be continued under ``cfg`` (None when it can)."""
+    wanted = {**cfg.model.to_dict(), "vocab_size": vocab_size}
+    differ = sorted(k for k in wanted if k != "dropout" and model_config.get(k) != wanted[k])
+    if differ:
+        return ", ".join(f"{k} {model_config.get(k)} (config: {wanted[k]})" for k in differ)
+    return None
+
+
 def run(
-    store: Store, cfg: PretrainConfig, shards: Manifest, tokenizer: Manifest, progress: Progress = no_progress
+    store: Store,
+    cfg: PretrainConfig,
+    shards: Manifest,
+    tokenizer: Manifest,
+    init: Manifest | None = None,
+    progress: Progress = no_progress,
 ) -> Manifest:
-    """Train from scratch on the train split; validation loss on the val split."""
-    b = STAGE.begin(store, cfg, shards=shards, tokenizer=tokenizer)
+    """Train on the train split, from scratch or from ``init``'s weights; validation loss on the val split."""
+    b = STAGE.begin(store, cfg, shards=shards, tokenizer=tokenizer, init=init)
     if b.done:
         return b.done
     dtype = shards.meta["dtype"]
@@ -61,6 +85,14 @@ def run(
         "train": cfg.train.to_dict(),
         "data": {"train": data_files(train, dtype), "val": data_files(val, dtype)},
     }
+    if init is not None:
+        if tokenizer.ref not in init.parents:
+            raise StageError(STAGE.name, init.ref, f"was not trained with this dataset's tokenizer {tokenizer.ref}")
+        why = shape_mismatch(cfg, int(shards.meta["vocab_size"]), json.loads(init.path("config.json").read_text()))
+        if why:
+            raise StageError(STAGE.name, init.ref, f"its shape differs from pretrain.model: {why}")
+        spec["init_from"] = str(init.dir)
+        del spec["model"]
     final = train_in_child(STAGE.name, store.work_dir(STAGE.name, b.key), spec, cfg.train.nproc, progress)
     return publish_model(
         store,

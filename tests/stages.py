@@ -1,4 +1,4 @@
-"""The eleven stages, in pipeline order, and a one-page ingest artifact: what several tests walk over."""
+"""The twelve stages, in pipeline order, and a one-page ingest artifact: what several tests walk over."""
 
 STAGES = [
     "ingest",
@@ -12,8 +12,10 @@ STAGES = [
     "finetune",
     "evaluate",
     "export",
+    "compare",
 ]
 DATA_STAGES, MODEL_STAGES = STAGES[:7], STAGES[7:]
+OPTIONAL_STAGES = ["harness"]  # run by the release only when configured (harness.tasks)
 
 
 def one_page_ingest(store):

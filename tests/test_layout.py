@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from tasks.code_version import PACKAGES, ROOT, imported_modules, module_file
-from tests.stages import STAGES
+from tests.stages import OPTIONAL_STAGES, STAGES
 
 ENGINES = sorted(p.stem for p in (ROOT / "tasks" / "text").glob("*.py") if p.stem != "__init__")
 SHARED = ["__init__", "stage", "code_version", "prefect_task", "cache_records"]
@@ -24,7 +24,7 @@ def test_an_engine_imports_no_prefect_no_torch_no_store(engine):
 
 def test_tasks_top_level_is_the_stages_and_what_they_share():
     modules = sorted(p.stem for p in (ROOT / "tasks").glob("*.py"))
-    assert modules == sorted(STAGES + SHARED)
+    assert modules == sorted(STAGES + OPTIONAL_STAGES + SHARED)
 
 
 def test_no_import_cycles():
@@ -56,7 +56,7 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", STAGES + OPTIONAL_STAGES)
 def test_a_stage_keys_every_argument_of_run(stage):
     """begin() gets every argument of run() (as passed), so Prefect's cache key, which binds run's
     parameters with their defaults, and the artifact key are the same hash of the same inputs."""

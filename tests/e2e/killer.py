@@ -21,13 +21,17 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.parquet as pq
 import yaml
@@ -47,6 +51,8 @@ RUN_SPECIFIC = {
     "summary.json",  # the trainer's wall time and throughput
 }
 RUN_SPECIFIC_COLUMNS = {"fetched_at"}  # when a page was fetched
+# Artifact refs written into a file (compare.json names the models it compared): per crawl, like keys.
+REF = re.compile(rb"\b([a-z]+)/[0-9a-f]{24}\b")
 
 
 @dataclass
@@ -81,6 +87,48 @@ class Run:
             if m and m.group(1) == stage:
                 return t - self.started
         return None
+
+
+@contextmanager
+def prefect_server(home: Path, timeout: float = 180) -> Iterator[str]:
+    """A Prefect server (SQLite under ``home``) for the chain's runs, in its own process group; yields its API URL.
+
+    Without one every ``lmforge run`` starts Prefect's temporary server (15-25 s on a 2-core
+    machine), and a chain of 14 runs pays that 14 times. Killing a run's process group leaves
+    this server be, as a kill of a flow process leaves a deployed server be.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "PREFECT_RESULTS_"))}
+    env.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"})
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(api + "/health", timeout=5):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield api
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def smoke_config(tmp: Path, seed_url: str, store: Path) -> Path:
@@ -181,7 +229,8 @@ def differences(a: Store, ref_a: str, b: Store, ref_b: str) -> list[str]:
     """What differs between two artifacts of one stage, run-specific files and columns aside.
 
     Keys may differ where the content does not: a key hashes its parents' file checksums,
-    and ingest's files carry fetch times, so every key downstream of a crawl is per crawl.
+    and ingest's files carry fetch times, so every key downstream of a crawl is per crawl
+    (and so are the refs a report names: they are compared as ``stage/<key>``).
     """
     ma, mb = a.load(*ref_a.split("/")), b.load(*ref_b.split("/"))
     if ma is None or mb is None:
@@ -195,6 +244,10 @@ def differences(a: Store, ref_a: str, b: Store, ref_b: str) -> list[str]:
             ta, tb = pq.read_table(ma.path(name)), pq.read_table(mb.path(name))
             keep = [c for c in ta.column_names if c not in RUN_SPECIFIC_COLUMNS]
             if ta.column_names == tb.column_names and ta.select(keep).equals(tb.select(keep)):
+                continue
+        elif name.endswith((".json", ".md")):
+            text_a, text_b = (REF.sub(rb"\1/<key>", m.path(name).read_bytes()) for m in (ma, mb))
+            if text_a == text_b:
                 continue
         diffs.append(name)
     return diffs

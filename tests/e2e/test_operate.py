@@ -6,8 +6,10 @@ free loopback port, against a generated site and configs/smoke.yaml. The tests r
 file order, each building on the state the last one left:
 
 1. the deployments, schedules, parameter forms and basic auth, read through the API;
-2. the automation: switched on, a nightly refresh that publishes a dataset starts a
-   pretraining run on it; a second nightly refresh finds nothing new and starts nothing;
+2. the automation chain, switched on: a nightly refresh that publishes a dataset starts
+   pretraining on it, which starts finetuning, then a release, then a deploy that
+   promotes the first model; a second nightly refresh finds nothing new and starts
+   nothing; a worse model (pretrained for 3 steps) goes down the same chain and is refused;
 3. in Debian's chromium (Playwright): log in, start a custom run of pipeline/full from
    the form with a changed parameter, wait for Completed, read the funnel artifact;
 4. a run with a changed filter threshold reruns filter and what follows, nothing before;
@@ -49,7 +51,20 @@ ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-output" / "browser"
 AUTH = "lmforge:test-secret"
 TIMEZONE = "Europe/Berlin"
-DEPLOYMENTS = {"data-refresh/nightly", "pretrain/gpu", "finetune/gpu", "release/cpu", "pipeline/full"}
+DEPLOYMENTS = {
+    "data-refresh/nightly",
+    "pretrain/gpu",
+    "finetune/gpu",
+    "release/cpu",
+    "deploy/cpu",
+    "pipeline/full",
+}
+CHAIN = {  # automation -> (the event it follows, the deployment it starts, its parameter, from the payload's)
+    "pretrain-on-new-data": ("lmforge.dataset.published", "pretrain/gpu", "dataset", "dataset"),
+    "finetune-on-pretrain": ("lmforge.model.pretrained", "finetune/gpu", "base_model", "model"),
+    "release-on-finetune": ("lmforge.model.finetuned", "release/cpu", "model", "model"),
+    "deploy-on-release": ("lmforge.release.exported", "deploy/cpu", "release", "export"),
+}
 CHROMIUM = "/usr/bin/chromium"
 
 pytestmark = pytest.mark.slow
@@ -72,6 +87,7 @@ class Operated:
     config: dict
     fail_switch: Path
     output: list[str] = field(default_factory=list)
+    chain_pretrain_run: str | None = None  # the flow run the automation chain pretrained in
 
     def api(
         self, path: str, body: dict | None = None, method: str | None = None, auth: str | None = AUTH, csrf: bool = True
@@ -167,6 +183,7 @@ def operated(tmp_path_factory):
             str(tmp / "smoke.yaml"),
             "--timezone",
             TIMEZONE,
+            "--gpu-worker",  # the chain's pretrain and finetune runs go to the gpu pool
         ],
         cwd=ROOT,
         env=env,
@@ -280,41 +297,95 @@ def test_basic_auth_and_csrf_guard_the_api_but_not_the_health_check(operated):
     assert operated.api("/health", auth=None) == (200, True)
 
 
-# --- 2. the automation: nightly refresh -> pretrain -----------------------------------------
+# --- 2. the automation chain: nightly refresh -> pretrain -> finetune -> release -> deploy ------
 
 
-def test_automation_starts_pretraining_when_the_nightly_refresh_publishes_new_data(operated):
-    [automation] = operated.ok("/automations/filter", {})
-    assert automation["name"] == "pretrain-on-new-data" and automation["enabled"] is False
-    assert automation["trigger"]["expect"] == ["lmforge.dataset.published"]
-    operated.ok(f"/automations/{automation['id']}", {"enabled": True}, method="PATCH")
-    nightly, gpu = operated.deployment("data-refresh/nightly"), operated.deployment("pretrain/gpu")
+def _chain_runs(operated: Operated, since: str, links: list[str], timeout: float = 600) -> dict[str, dict]:
+    """The run each automation in ``links`` started after ``since``, each waited for until Completed."""
+    runs: dict[str, dict] = {}
+    t0 = time.monotonic()
+    for name in links:
+        deployment = CHAIN[name][1]
+        dep = operated.deployment(deployment)
+        while not (started := operated.flow_runs(dep, expected_start_time={"after_": since})):
+            assert time.monotonic() - t0 < timeout, f"{name} started nothing:\n" + "\n".join(operated.output[-20:])
+            time.sleep(2)
+        [runs[name]] = started
+        runs[name] = operated.wait_for_state(runs[name]["id"], {"Completed", "Failed", "Crashed"}, timeout)
+        assert runs[name]["state_name"] == "Completed", (name, runs[name]["state"])
+    return runs
+
+
+def test_the_automation_chain_promotes_a_model_and_refuses_a_worse_one(operated):
+    from storage import promotions
+    from storage.artifact import Store
+
+    automations = {a["name"]: a for a in operated.ok("/automations/filter", {})}
+    assert set(automations) == set(CHAIN)
+    for name, (event, deployment, parameter, payload) in CHAIN.items():
+        a = automations[name]
+        assert a["enabled"] is False and a["trigger"]["expect"] == [event], a  # opt-in, one switch each
+        assert a["actions"][0]["deployment_id"] == operated.deployment(deployment)["id"]
+        assert a["actions"][0]["parameters"] == {parameter: "{{ event.payload.%s }}" % payload}
+        operated.ok(f"/automations/{a['id']}", {"enabled": True}, method="PATCH")
+    nightly = operated.deployment("data-refresh/nightly")
     try:
+        began = _now()
         first = operated.ok(f"/deployments/{nightly['id']}/create_flow_run", {})
         assert operated.wait_for_state(first["id"], {"Completed", "Failed", "Crashed"})["state_name"] == "Completed"
-        t0 = time.monotonic()
-        while not (triggered := operated.flow_runs(gpu)):
-            assert time.monotonic() - t0 < 90, "no pretrain run was started by the automation"
-            time.sleep(2)
-        [run] = triggered
         # The crawl showed a progress bar, which ended at 100%.
         progress = operated.ok(
             "/artifacts/filter",
             {"artifacts": {"key": {"any_": ["ingest-progress"]}, "flow_run_id": {"any_": [first["id"]]}}},
         )
         assert [a["data"] for a in progress] == [100.0], progress
-        assert re.fullmatch(r"shards/[0-9a-f]+", run["parameters"]["dataset"]), run["parameters"]
-        assert (operated.store / run["parameters"]["dataset"] / "manifest.json").exists()
+        runs = _chain_runs(operated, began, list(CHAIN))
+        dataset = runs["pretrain-on-new-data"]["parameters"]["dataset"]
+        assert re.fullmatch(r"shards/[0-9a-f]+", dataset) and (operated.store / dataset / "manifest.json").exists()
+        for name, (_, _, parameter, _) in CHAIN.items():
+            assert re.fullmatch(r"[a-z]+/[0-9a-f]+", runs[name]["parameters"][parameter]), runs[name]["parameters"]
+        operated.chain_pretrain_run = runs["pretrain-on-new-data"]["id"]
+        store = Store(operated.store)
+        [promoted] = promotions.ledger(store, "smoke")
+        assert promoted.action == "promote" and promoted.export == runs["deploy-on-release"]["parameters"]["release"]
+        assert promoted.lineage["dataset"] == dataset and runs["deploy-on-release"]["id"] in promoted.run
 
         # Unchanged site: the next nightly run publishes nothing and starts nothing.
+        pretrain = operated.deployment("pretrain/gpu")
         second = operated.ok(f"/deployments/{nightly['id']}/create_flow_run", {})
         assert operated.wait_for_state(second["id"], {"Completed", "Failed", "Crashed"})["state_name"] == "Completed"
         time.sleep(10)
-        assert [r["id"] for r in operated.flow_runs(gpu)] == [run["id"]]
+        assert [r["id"] for r in operated.flow_runs(pretrain)] == [operated.chain_pretrain_run]
+
+        # A worse model down the same chain: pretrained for 3 steps instead of 60, then refused.
+        worse = json.loads(json.dumps(operated.config))
+        worse["pretrain"]["train"].update({"max_steps": 3, "warmup_steps": 1})
+        began = _now()
+        short = operated.ok(
+            f"/deployments/{pretrain['id']}/create_flow_run", {"parameters": {"dataset": dataset, "config": worse}}
+        )
+        assert operated.wait_for_state(short["id"], {"Completed", "Failed", "Crashed"})["state_name"] == "Completed"
+        again = _chain_runs(operated, began, list(CHAIN)[1:])
+        promoted_then, refused = promotions.ledger(store, "smoke")
+        assert promoted_then == promoted and refused.action == "refuse", refused
+        assert (
+            refused.export == again["deploy-on-release"]["parameters"]["release"] and refused.serving == promoted.export
+        )
+        bpb = refused.metrics
+        assert bpb["candidate_bits_per_byte"] > bpb["promoted_bits_per_byte"], bpb
+        [report] = operated.ok(
+            "/artifacts/filter",
+            {
+                "artifacts": {
+                    "key": {"any_": ["deploy-smoke"]},
+                    "flow_run_id": {"any_": [again["deploy-on-release"]["id"]]},
+                }
+            },
+        )
+        assert "Not promoted" in report["data"] and "worse than the promoted model" in report["data"], report["data"]
     finally:
-        operated.ok(f"/automations/{automation['id']}", {"enabled": False}, method="PATCH")
-        for r in operated.flow_runs(gpu):  # no gpu worker here: do not leave it waiting
-            operated.api(f"/flow_runs/{r['id']}", method="DELETE")
+        for a in automations.values():
+            operated.ok(f"/automations/{a['id']}", {"enabled": False}, method="PATCH")
 
 
 # --- 3-4. in a real browser ------------------------------------------------------------------
@@ -398,21 +469,23 @@ def test_custom_run_from_the_form_completes_and_shows_the_funnel(operated, page)
     done = operated.wait_for_state(run["id"], {"Completed", "Failed", "Crashed"})
     assert done["state_name"] == "Completed", done["state"]["message"]
     states = operated.task_runs_since(started)
-    # The nightly refresh of the last test built the data: it is reused; the model stages ran.
-    assert {s: states[s] for s in ("ingest", "shards", "pretrain", "evaluate")} == {
+    # The automation chain of the last test built the data and the model: reused; the evaluation
+    # (whose generations got shorter) ran again, and the release is the model promoted already.
+    assert {s: states[s] for s in ("ingest", "shards", "pretrain", "export", "evaluate")} == {
         "ingest": "Cached",
         "shards": "Cached",
-        "pretrain": "Completed",
+        "pretrain": "Cached",
+        "export": "Cached",
         "evaluate": "Completed",
     }, states
 
-    # The torchrun child's step lines are in the pretrain run's log, in the API and on its page.
+    # The torchrun child's step lines are in the chain's pretrain run's log, in the API and on its page.
+    assert operated.chain_pretrain_run, "the automation chain test did not run"
     steps = operated.config["pretrain"]["train"]["max_steps"]
-    named = operated.ok(
-        "/task_runs/filter", {"task_runs": {"start_time": {"after_": started}, "name": {"like_": "pretrain-"}}}
+    [pretrain_run] = operated.ok(
+        "/task_runs/filter",
+        {"flow_runs": {"id": {"any_": [operated.chain_pretrain_run]}}, "task_runs": {"name": {"like_": "pretrain-"}}},
     )
-    # Not the parent's placeholder task run of the pretrain subflow: the stage's own, inside it.
-    [pretrain_run] = [r for r in named if r["flow_run_id"] != run["id"]]
     logs = operated.ok("/logs/filter", {"logs": {"task_run_id": {"any_": [pretrain_run["id"]]}}, "limit": 200})
     messages = [entry["message"] for entry in logs if entry["name"] == "lmforge.pretrain"]
     last_step = next((m for m in messages if m.startswith(f"step {steps}/{steps} | loss")), None)
@@ -493,7 +566,7 @@ def test_the_command_line_finds_the_ui_runs_cache_records(operated, tmp_path):
     assert {n: s["cached"] for n, s in summary["stages"].items()} == dict.fromkeys(summary["stages"], True), summary[
         "stages"
     ]
-    assert len(summary["stages"]) == 11
+    assert len(summary["stages"]) == 12
     assert any((operated.store / "_prefect_results").iterdir())  # the records live beside the artifacts
 
 

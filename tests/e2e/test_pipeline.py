@@ -1,4 +1,5 @@
-"""The whole pipeline flow on configs/smoke.yaml against a generated site: run, rerun, fail, recover, rebuild.
+"""The whole pipeline flow on configs/smoke.yaml against a generated site: run, rerun, fail, recover, rebuild,
+then deploy: promote, refuse, serve the promoted model as it changes, roll back.
 
 One test, because each step builds on the last and the first run is the expensive
 part (every stage for real: crawl over HTTP, torchrun training, ONNX export).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ import pytest
 import yaml
 
 from flows.cli import main as lmforge
+from storage import promotions
 from storage.artifact import Store
 from storage.catalog import Catalog
 from tests.e2e.site import build_site, serve
@@ -88,6 +91,137 @@ def _check_hf_export(model_dir: Path, store: Store, summary: dict) -> None:
         assert (adapted(x).logits - ours).abs().max().item() < 1e-4
     tok = transformers.AutoTokenizer.from_pretrained(model_dir / "hf", local_files_only=True)
     assert tok.eos_token == "<|endoftext|>" and tok.decode(tok.encode("Le serveur")) == "Le serveur"
+
+
+def _wait_for_version(url: str, version: str, server: subprocess.Popen, timeout: float = 60) -> None:
+    """Until ``lmforge serve --promoted`` at ``url`` says it serves ``version``."""
+    import urllib.request
+
+    deadline, seen = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        assert server.poll() is None, server.stdout.read()
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+                seen = json.loads(resp.read())["version"]
+            if seen == version:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the server serves {seen}, not {version}")
+
+
+def _check_deploys(tmp: Path, url: str, store: Path, first: dict, recovered: dict, rebuilt: dict) -> None:
+    """Run 1 promoted the first model; run 4's candidate was promoted only if not worse; then by hand."""
+    import urllib.request
+
+    assert first["deploy"]["action"] == "promote" and "first model" in first["deploy"]["reason"]
+    decided = recovered["deploy"]
+    bpb = decided["metrics"]
+    assert decided["action"] == (
+        "promote" if bpb["candidate_bits_per_byte"] <= bpb["promoted_bits_per_byte"] else "refuse"
+    ), decided
+    f, x = first["export"]["artifact"], recovered["export"]["artifact"]
+    better, worse = (x, f) if decided["action"] == "promote" else (f, x)
+    assert promotions.promoted(Store(store), "smoke") == better
+    assert rebuilt["deploy"]["action"] == ("unchanged" if better == x else "refuse")
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--promoted", "--store", str(store), "--port", str(port)]
+        + ["--poll-seconds", "0.2", "--threads", "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_version(base, better, server)
+        # The worse model is refused at the default tolerance (not worse)...
+        strict = _config(tmp, url, **{"finetune.train.max_steps": 24})
+        assert lmforge(["deploy", "--config", str(strict), "--release", worse]) == 0
+        last = promotions.ledger(Store(store), "smoke")[-1]
+        assert (last.action, last.export, last.serving) == ("refuse", worse, better)
+        assert "worse than the promoted model" in last.reason
+        # ...promoted when a 100% increase is allowed; the server switches to it...
+        tolerant = _config(tmp, url, **{"finetune.train.max_steps": 24, "deploy.max_bpb_increase": 1.0})
+        assert lmforge(["deploy", "--config", str(tolerant), "--release", worse]) == 0
+        _wait_for_version(base, worse, server)
+        body = json.dumps({"prompt": "Le serveur", "max_tokens": 4, "temperature": 0}).encode()
+        req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.loads(resp.read())["model"] == "smoke"
+        # ...and a rollback brings the better one back, in the ledger, the catalog and the server.
+        assert lmforge(["deploy", "--config", str(tolerant), "--rollback"]) == 0
+        _wait_for_version(base, better, server)
+    finally:
+        server.terminate()
+        server.wait(30)
+    ledger = promotions.ledger(Store(store), "smoke")
+    assert [d.action for d in ledger][-3:] == ["refuse", "promote", "rollback"]
+    assert ledger[-1].lineage["dataset"].startswith("shards/") and ledger[-1].run.startswith("flow run ")
+    with Catalog(store / "catalog.duckdb", read_only=True) as cat:
+        rows = cat.query("SELECT action, export FROM promotions WHERE target = 'smoke' ORDER BY seq").to_pylist()
+    rows = [(r["action"], r["export"]) for r in rows]
+    assert rows == [(d.action, d.export) for d in ledger]
+
+
+def _check_harness(tmp: Path, url: str, store: Path, rebuilt: dict) -> None:
+    """The release with lm-eval tasks configured (through `lmforge deploy`, which builds the release):
+    lm-eval's bits per byte on the Hugging Face export agree with lmforge's on the same documents."""
+    with_harness = _config(
+        tmp, url, **{"finetune.train.max_steps": 24, "harness": {"tasks": ["bpb", "cloze"], "docs_per_language": 10}}
+    )
+    assert lmforge(["deploy", "--config", str(with_harness)]) == 0
+    [found] = (store / "harness").iterdir()
+    harness = Store(store).load("harness", found.name)
+    assert rebuilt["export"]["artifact"] in harness.parents
+    report = json.loads(harness.path("report.json").read_text())
+    assert set(report["languages"]) == {"en", "fr"}
+    for lang, row in report["languages"].items():
+        # Same text, same weights (transformers fp32 vs onnxruntime fp32): within 1% (measured: ~0.2%;
+        # lm-eval's last window of a long document keeps more context than lmforge's disjoint ones).
+        assert abs(row["difference"]) < 0.01, (lang, row)
+        assert row["bits_per_byte"] > row["bits_per_byte_text"]  # the end-of-text token costs bits, no bytes
+        assert row["cloze"]["items"] >= 5 and 0.0 <= row["cloze"]["acc"] <= 1.0 and row["cloze"]["chance"] == 0.25
+    # The tasks and data in the artifact are lm-eval's input as it ran: a person can rerun them by hand.
+    task = (harness.dir / "lm_eval_tasks" / "lmforge_cloze_fr.yaml").read_text()
+    assert str(harness.dir / "data" / "cloze_fr.jsonl") in task and (harness.dir / "data" / "cloze_fr.jsonl").exists()
+
+
+def _check_continued_pretraining(tmp: Path, url: str, store: Path, rebuilt: dict) -> None:
+    """pretrain.continue_from_promoted: the promoted model's weights when the shape matches, scratch otherwise."""
+    import math
+
+    from flows.config import load_config
+    from flows.pretrain import pretrain
+
+    promoted_export = Store(store).load(*promotions.promoted(Store(store), "smoke").split("/"))
+    promoted_model = next(p for p in promoted_export.parents if p.startswith("finetune/"))
+    short = {
+        "pretrain.train.max_steps": 6,
+        "pretrain.train.warmup_steps": 1,
+        "pretrain.train.log_every": 1,
+        "pretrain.continue_from_promoted": True,
+    }
+    first_losses = {}
+    for name, changes in {"continued": {}, "other shape": {"pretrain.model.n_layer": 1}}.items():
+        config = load_config(_config(tmp, url, **short, **changes))
+        trained = pretrain(config, dataset=rebuilt["stages"]["shards"]["artifact"])
+        model = Store(store).load(*trained["model"].split("/"))
+        assert (promoted_model in model.parents) is (name == "continued"), (name, model.parents)
+        rows = [json.loads(line) for line in model.path("metrics.jsonl").read_text().splitlines()]
+        first_losses[name] = next(r["loss"] for r in rows if r.get("loss") is not None)
+    vocab = math.log(Store(store).load(*rebuilt["stages"]["tokenizer"]["artifact"].split("/")).meta["vocab_size"])
+    # From scratch the first steps cost about ln(vocabulary) nats; from the promoted weights far less.
+    assert first_losses["other shape"] > 0.8 * vocab > first_losses["continued"], (first_losses, vocab)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run(config: Path, out: Path) -> dict:
@@ -181,7 +315,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, caplog):
         recovered = _run(changed, tmp_path / "run4")
         assert recovered["status"] == "completed", recovered.get("error")
         cached = {n: s["cached"] for n, s in recovered["stages"].items()}
-        assert cached == {n: n not in ("finetune", "evaluate", "export") for n in STAGES}, cached
+        assert cached == {n: n not in ("finetune", "evaluate", "export", "compare") for n in STAGES}, cached
 
         # 5. A deleted artifact and a deleted catalog are no cache hits: the next run rebuilds
         # them, and since the rebuilt dedup artifact has the same content, nothing after it reruns.
@@ -196,5 +330,14 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, caplog):
         assert (store / recovered["stages"]["dedup"]["artifact"] / "manifest.json").exists()
         with Catalog(store / "catalog.duckdb", read_only=True) as cat:
             assert cat.has_dataset(rebuilt["stages"]["shards"]["artifact"])
+
+        # 6. Deploys: what the runs promoted, a refusal, a server that follows promotions, a rollback.
+        _check_deploys(tmp_path, url, store, first, recovered, rebuilt)
+
+        # 7. lm-evaluation-harness on the Hugging Face export, run by the release when configured.
+        _check_harness(tmp_path, url, store, rebuilt)
+
+        # 8. Pretraining that continues from the promoted model's weights.
+        _check_continued_pretraining(tmp_path, url, store, rebuilt)
     finally:
         server.shutdown()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from flows.artifacts import publish_run, publish_training
 from flows.config import DEFAULT_CONFIG, PipelineConfig
@@ -15,6 +15,7 @@ from flows.refs import load_ref, parent_of
 from storage import promotions
 from storage.artifact import Manifest, Store
 from tasks import pretrain as pretrain_stage
+from tasks.stage import stage_logger
 
 
 @flow(name="pretrain", log_prints=True)
@@ -56,7 +57,7 @@ def pretrain(
 def promoted_weights(store: Store, config: PipelineConfig, data: Manifest, tok: Manifest) -> Manifest | None:
     """The promoted model's trained weights (its finetune artifact) when pretraining may continue from
     them: same tokenizer, same shape. Otherwise None, and the log says why training starts from scratch."""
-    log = get_run_logger()
+    log = stage_logger("pretrain")  # the run's log inside a flow (lmforge's loggers reach it), plain logging outside
     target = config.deploy_target
     ref = promotions.promoted(store, target)
     export = store.load(*ref.split("/", 1)) if ref else None

@@ -29,3 +29,15 @@ def pytest_sessionfinish(session, exitstatus):
     import logging
 
     logging.getLogger("prefect").setLevel(logging.WARNING)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """The tiny GPT trained and exported once per session (tests/model/tiny.py): (model, export result,
+    eot id, tokenizer). Read it, never change it: several test modules share it."""
+    from tests.model.tiny import export_tiny
+
+    return export_tiny(tmp_path_factory.mktemp("tiny-export"))

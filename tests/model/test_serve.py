@@ -80,8 +80,8 @@ class Running:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return export_tiny(tmp_path_factory.mktemp("serve"))[1].dir
+def model_dir(tiny_export):
+    return tiny_export[1].dir
 
 
 @pytest.fixture(scope="module")

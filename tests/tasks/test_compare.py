@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tasks.compare import _score, decide
-from tests.model.tiny import EOT, TEXT, export_tiny
+from tests.model.tiny import EOT, TEXT
 
 
 @pytest.mark.parametrize(
@@ -28,12 +28,15 @@ def test_a_candidate_is_promoted_when_not_worse_than_allowed(candidate, promoted
         assert ("not worse" in reason) is promote
 
 
-def test_a_model_read_through_decoded_text_scores_as_through_its_tokens(tmp_path):
+def test_a_model_read_through_decoded_text_scores_as_through_its_tokens(tiny_export):
     """The promoted model reads the candidate's documents as text through its own tokenizer; with the
     same tokenizer that must give the very same bits per byte (byte-level BPE decodes losslessly)."""
+    from tokenizers import Tokenizer
+
     from model.evaluate import EvalDoc
 
-    _, result, eot, tok = export_tiny(tmp_path)
+    _, result, eot, shared = tiny_export
+    tok = Tokenizer.from_str(shared.to_str())  # a copy: the shared fixture stays as it was
     texts = [TEXT, "the dog sat on the park. é ü 😀", "a " + EOT + " literal end-of-text marker in a page"]
     tok.encode_special_tokens = True
     docs = [EvalDoc(np.array(tok.encode(t).ids + [eot]), len(t.encode()), "x") for t in texts]

@@ -200,9 +200,8 @@ def _append(store, target, decisions, action, export, previous, serving, reason,
 def write_current(store: Store, target: str, entry: Decision) -> None:
     """Rewrite ``current.json`` (atomically) to say what ``entry`` left promoted."""
     folder = target_dir(store, target)
+    # No absolute directory: a reader finds the export under its own mount of the store.
     pointer = {"target": target, "seq": entry.seq, "export": entry.serving, "decided_at": entry.decided_at}
-    if entry.serving:
-        pointer["dir"] = str(store.root / entry.serving)
     tmp = folder / f".tmp-current-{uuid.uuid4().hex}"
     tmp.write_text(json.dumps(pointer, indent=2))
     fsync_file(tmp)
@@ -211,7 +210,7 @@ def write_current(store: Store, target: str, entry: Decision) -> None:
 
 
 def current(store: Store, target: str) -> dict[str, Any] | None:
-    """What ``current.json`` says is promoted (``export``, ``dir``, ``seq``), or None when nothing is."""
+    """What ``current.json`` says is promoted (``export``, ``seq``), or None when nothing is."""
     path = target_dir(store, target) / "current.json"
     try:
         pointer = json.loads(path.read_text())

@@ -30,7 +30,7 @@ def test_promotions_refusals_and_rollbacks_replay_to_what_is_serving(store):
     assert (refused.previous, refused.serving) == (a, a) and promotions.promoted(store, "demo") == a
     promotions.record(store, "demo", "promote", c, "better")
     assert promotions.promoted(store, "demo") == c
-    assert promotions.current(store, "demo")["dir"] == str(store.root / c)
+    assert promotions.current(store, "demo")["export"] == c
     back = promotions.rollback(store, "demo", run="test")
     assert (back.action, back.export, back.previous, back.serving) == ("rollback", a, c, a)
     assert promotions.promoted(store, "demo") == a and promotions.current(store, "demo")["export"] == a

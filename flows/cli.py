@@ -214,6 +214,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             threads=args.threads,
             batching=not args.no_batching,
             metrics=metrics,
+            backend=args.backend,
+            device=args.device,
         )
 
     follower = None
@@ -238,7 +240,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if follower is not None:
         follower.start()
     following = f", following {served.version} as promoted" if follower else ""
-    print(f"lmforge serve: {name} ({args.precision}{following}) on http://{args.host}:{args.port}/v1", flush=True)
+    engine = served.engine
+    runs_on = f"{engine.backend} {engine.precision} on {engine.device}"
+    print(f"lmforge serve: {name} ({runs_on}{following}) on http://{args.host}:{args.port}/v1", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     finally:
@@ -313,11 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1", help="another address needs --api-key")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", help="require Authorization: Bearer <key> (or set LMFORGE_API_KEY)")
-    v.add_argument("--precision", default="int8", help="int8 (default), int4 or fp32")
+    v.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="onnx (CPU, default) or torch")
+    v.add_argument("--device", default="cpu", help="torch backend: cpu (default) or cuda[:N] for a GPU")
+    v.add_argument(
+        "--precision", help="onnx: int8 (default), int4 or fp32; torch: bf16 (default on cuda), fp16 or fp32 (cpu)"
+    )
     v.add_argument("--max-batch", type=int, default=16, help="sequences per decode step at most")
     v.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")
     v.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take")
-    v.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    v.add_argument(
+        "--threads", type=int, default=None, help="model threads (default: all cores but one, for the HTTP loop)"
+    )
     v.add_argument("--no-batching", action="store_true", help="one sequence per step (the benchmark's baseline)")
     v.add_argument(
         "--served-model-name", help="the model id clients send (default: the directory's name; runs/demo/model: demo)"

@@ -1,15 +1,16 @@
 """Continuous batching: many generations share each forward pass; they join and leave between steps.
 
-numpy only (no torch): it drives any ``step(ids, past_k, past_v, past_mask) -> (logits,
-present_k, present_v)`` function with the exported graph's contract, an
-:class:`model.onnx_generate.OnnxLM` in production, the torch GPT's ``forward_cached`` in
-tests.
+numpy only (no torch): it drives any language model with the exported graph's contract,
+``lm(ids, past_k, past_v, past_mask) -> (logits, present_k, present_v)`` with one cache
+array per layer, and ``lm.empty_cache(batch)``: an :class:`model.onnx_generate.OnnxLM` on
+CPU, or :class:`model.torch_lm.TorchLM` on a GPU (its caches stay torch tensors on the
+device; :class:`CacheOps` is how the batcher joins, pads and drops their rows).
 
 Design decisions (vLLM's and TGI's scheduling, in the small):
 - One decode step runs every active sequence at once: one new token each, one graph call.
-  Their KV caches live in one batch array ``(L, B, H, P, hd)``, **left-padded** to the
-  longest history, with ``past_mask`` marking the padding. The graph's present cache is
-  the next step's past as is: no per-step copying.
+  Their KV caches live in one batch array per layer ``(B, H, P, hd)``, **left-padded** to
+  the longest history, with ``past_mask`` marking the padding. The graph's present cache
+  is the next step's past as is: no per-step copying.
 - A new request is prefilled alone (its whole prompt in one call, no padding), then joins
   the batch between steps: its cache row is left-padded to the batch's length (or the
   batch to its length). A finished or cancelled sequence leaves between steps (its row is
@@ -29,13 +30,34 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from model.decoding import check_sampling, fit_prompt, sample_token
 
-Step = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+class CachedLM(Protocol):
+    """What the batcher drives: one forward step over per-layer caches (see the module docstring)."""
+
+    def __call__(self, ids: np.ndarray, past_k: list, past_v: list, past_mask: np.ndarray) -> tuple[Any, list, list]:
+        """Logits as a numpy array (B, T, V) and the present caches."""
+
+    def empty_cache(self, batch: int) -> tuple[list, list]:
+        """Zero-length caches (keys, values), one per layer."""
+
+
+class CacheOps:
+    """How the batcher combines cache arrays (B, H, P, hd): numpy's; :mod:`model.torch_lm` has torch's."""
+
+    @staticmethod
+    def concat(arrays: list, axis: int):
+        return np.concatenate(arrays, axis=axis)
+
+    @staticmethod
+    def left_pad(a, length: int):
+        """``a`` with zeros before its sequence axis (2) up to ``length``."""
+        return np.pad(a, [(0, 0), (0, 0), (length - a.shape[2], 0), (0, 0)]) if a.shape[2] < length else a
 
 
 @dataclass
@@ -82,15 +104,14 @@ class ContinuousBatcher:
 
     def __init__(
         self,
-        step: Step,
-        cache_dims: tuple[int, int, int],
+        lm: CachedLM,
         block_size: int,
         eot_id: int | None,
         max_batch: int = 16,
         max_prefills: int = 2,
+        ops: CacheOps | None = None,
     ):
-        self.step_fn, self.block_size, self.eot_id = step, block_size, eot_id
-        self.n_layer, self.n_head, self.head_dim = cache_dims
+        self.lm, self.block_size, self.eot_id, self.ops = lm, block_size, eot_id, ops or CacheOps()
         self.max_batch, self.max_prefills = max_batch, max_prefills
         self.waiting: deque[Generation] = deque()
         self.running: list[Generation] = []  # row i of the batch cache is running[i]
@@ -138,8 +159,7 @@ class ContinuousBatcher:
 
     def _prefill(self, gen: Generation) -> tuple[Generation, int | None]:
         ids = np.asarray([gen._feed], dtype=np.int64)
-        empty = np.zeros((self.n_layer, 1, self.n_head, 0, self.head_dim), dtype=np.float32)
-        logits, k, v = self.step_fn(ids, empty, empty.copy(), np.zeros((1, 0), dtype=np.int64))
+        logits, k, v = self.lm(ids, *self.lm.empty_cache(1), np.zeros((1, 0), dtype=np.int64))
         gen._fed += len(gen._feed)
         token = self._choose(gen, logits[0, -1])
         if not gen.done:
@@ -148,7 +168,7 @@ class ContinuousBatcher:
 
     def _decode(self) -> list[tuple[Generation, int | None]]:
         ids = np.asarray([[g._feed[-1]] for g in self.running], dtype=np.int64)
-        logits, self._k, self._v = self.step_fn(ids, self._k, self._v, self._mask)
+        logits, self._k, self._v = self.lm(ids, self._k, self._v, self._mask)
         self._mask = np.concatenate([self._mask, np.ones((len(self.running), 1), dtype=np.int64)], axis=1)
         events = []
         for row, gen in enumerate(self.running):
@@ -173,17 +193,17 @@ class ContinuousBatcher:
 
     # --- the batch cache ------------------------------------------------------------------
 
-    def _join(self, gen: Generation, k: np.ndarray, v: np.ndarray) -> None:
+    def _join(self, gen: Generation, k: list, v: list) -> None:
         """Add a prefilled row, left-padding it or the batch so their lengths agree."""
-        mask = np.ones((1, k.shape[3]), dtype=np.int64)
+        mask = np.ones((1, k[0].shape[2]), dtype=np.int64)
         if self._k is None:
             self._k, self._v, self._mask = k, v, mask
         else:
-            length = max(self._k.shape[3], k.shape[3])
-            self._k, self._v, self._mask = (
-                np.concatenate([_left_pad(a, length), _left_pad(b, length)], axis=axis)
-                for a, b, axis in ((self._k, k, 1), (self._v, v, 1), (self._mask, mask, 0))
-            )
+            length = max(self._mask.shape[1], mask.shape[1])
+            pad, cat = self.ops.left_pad, self.ops.concat
+            self._k = [cat([pad(a, length), pad(b, length)], 0) for a, b in zip(self._k, k)]
+            self._v = [cat([pad(a, length), pad(b, length)], 0) for a, b in zip(self._v, v)]
+            self._mask = np.concatenate([_left_pad_mask(self._mask, length), _left_pad_mask(mask, length)])
         self.running.append(gen)
 
     def _drop_finished(self) -> None:
@@ -194,18 +214,12 @@ class ContinuousBatcher:
         if not keep:
             self._k = self._v = self._mask = None
             return
-        self._k, self._v, self._mask = self._k[:, keep], self._v[:, keep], self._mask[keep]
+        self._mask = self._mask[keep]
         pad = int(np.argmax(self._mask.any(axis=0)))  # columns of padding every row has
-        if pad:
-            self._k, self._v, self._mask = self._k[:, :, :, pad:], self._v[:, :, :, pad:], self._mask[:, pad:]
+        self._mask = self._mask[:, pad:]
+        self._k = [a[keep][:, :, pad:] for a in self._k]
+        self._v = [a[keep][:, :, pad:] for a in self._v]
 
 
-def _left_pad(a: np.ndarray, length: int) -> np.ndarray:
-    """``a`` with zeros before its sequence axis (3 for caches, 1 for masks) up to ``length``."""
-    axis = 3 if a.ndim == 5 else 1
-    missing = length - a.shape[axis]
-    if missing <= 0:
-        return a
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (missing, 0)
-    return np.pad(a, widths)
+def _left_pad_mask(mask: np.ndarray, length: int) -> np.ndarray:
+    return np.pad(mask, [(0, 0), (length - mask.shape[1], 0)])

@@ -1,12 +1,15 @@
 """ONNX export with a KV cache, onnxruntime INT8 quantization, parity checks and the release gate.
 
 Design decisions:
-- The graph is ``forward_cached``: inputs ``input_ids (batch, seq)``, ``past_key`` and
-  ``past_value (L, batch, H, past, hd)``, ``past_mask (batch, past)`` (1 = a real cached
-  token, 0 = left padding: rows of one batch may hold different histories, which is what
-  continuous batching needs); outputs ``logits (batch, seq, V)``,
-  ``present_key``/``present_value (L, batch, H, past + seq, hd)``. One graph serves
-  prefill (past = 0) and decoding (seq = 1); RoPE angles are computed in-graph from past.
+- The graph is ``forward_cached``: inputs ``input_ids (batch, seq)``, ``past_mask (batch,
+  past)`` (1 = a real cached token, 0 = left padding: rows of one batch may hold different
+  histories, which is what continuous batching needs) and one ``past_key_values.{i}.key`` /
+  ``.value (batch, H, past, hd)`` per layer; outputs ``logits (batch, seq, V)`` and
+  ``present.{i}.key`` / ``.value (batch, H, past + seq, hd)``: the names and layout of
+  optimum's decoder-with-past exports. One cache tensor per layer, not one stacked
+  ``(L, ...)`` tensor: slicing and restacking it copied the whole cache twice a step (a
+  third of a 16-sequence decode step on the demo model). One graph serves prefill
+  (past = 0) and decoding (seq = 1); RoPE angles are computed in-graph from past.
 - torch 2.13's dynamo exporter with ``torch.export.Dim`` for batch, seq and past. SDPA
   under dynamic dims has been known to specialise shapes silently (pytorch#152018), so
   :func:`export_onnx` reads the saved graph back and fails if any of them became a number.
@@ -43,36 +46,37 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from model.evaluate import EvalDoc, evaluate_documents, evaluate_logits_fn
-from model.onnx_generate import EXPORT_FILE, TOKENIZER_FILE, OnnxLM
+from model.onnx_generate import EXPORT_FILE, TOKENIZER_FILE, OnnxLM, cache_names
 
-INPUT_NAMES = ["input_ids", "past_key", "past_value", "past_mask"]
-OUTPUT_NAMES = ["logits", "present_key", "present_value"]
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INT4_FILE = "model.int4.onnx"
 PARITY_SHAPES = ((1, 1, 0), (1, 7, 0), (3, 7, 5), (3, 1, 5), (2, 4, 9))
 """(batch, seq, past) cases of :func:`parity`: prefill, batched prefill after a cache, T=1 decode."""
-_SYMBOLIC = {
-    "input_ids": (0, 1),
-    "past_key": (1, 3),
-    "past_value": (1, 3),
-    "past_mask": (0, 1),
-    "logits": (0, 1),
-    "present_key": (1, 3),
-    "present_value": (1, 3),
-}
 _EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GiB; larger models keep weights in a side file
 
 
 class _CachedStep(torch.nn.Module):
-    """``forward_cached`` as ``forward``, the function the exporter traces."""
+    """``forward_cached`` as ``forward`` over flat per-layer caches (k0, v0, k1, v1, ...), as the exporter traces it."""
 
     def __init__(self, gpt: torch.nn.Module):
         super().__init__()
         self.gpt = gpt
 
-    def forward(self, input_ids, past_key, past_value, past_mask):
-        return self.gpt.forward_cached(input_ids, past_key, past_value, past_mask)
+    def forward(self, input_ids, past_mask, *past):
+        logits, ks, vs = self.gpt.forward_cached(input_ids, past[0::2], past[1::2], past_mask)
+        return (logits, *(t for kv in zip(ks, vs) for t in kv))
+
+
+def graph_names(n_layer: int) -> tuple[list[str], list[str]]:
+    """The graph's input and output names, in the order :class:`_CachedStep` takes and returns them."""
+    return ["input_ids", "past_mask", *cache_names(n_layer, "past")], ["logits", *cache_names(n_layer, "present")]
+
+
+def _symbolic_axes(n_layer: int) -> dict[str, tuple[int, int]]:
+    """Axes that must stay symbolic in the saved graph: batch and seq/past of every tensor."""
+    cache = {n: (0, 2) for n in cache_names(n_layer, "past") + cache_names(n_layer, "present")}
+    return {"input_ids": (0, 1), "past_mask": (0, 1), "logits": (0, 1), **cache}
 
 
 def _cpu_fp32_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -118,26 +122,22 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1)
     seq = torch.export.Dim("seq", min=1, max=cfg.block_size)
     past = torch.export.Dim("past", min=0, max=cfg.block_size - 1)
-    cache = {1: batch, 3: past}
+    cache = {0: batch, 2: past}
     ids = torch.zeros((2, 2), dtype=torch.long)
-    past_k, past_v = (torch.zeros(cfg.n_layer, 2, cfg.n_head, 2, cfg.head_dim) for _ in range(2))
+    past_kv = [torch.zeros(2, cfg.n_head, 2, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
     past_mask = torch.ones((2, 2), dtype=torch.long)
+    input_names, output_names = graph_names(cfg.n_layer)
     external = sum(p.numel() * 4 for p in gpt.parameters()) > _EXTERNAL_DATA_BYTES
     with warnings.catch_warnings(), _quiet("torch.onnx"):
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         torch.onnx.export(
             _CachedStep(gpt).eval(),
-            (ids, past_k, past_v, past_mask),
+            (ids, past_mask, *past_kv),
             str(out),
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
-            dynamic_shapes={
-                "input_ids": {0: batch, 1: seq},
-                "past_key": cache,
-                "past_value": cache,
-                "past_mask": {0: batch, 1: past},
-            },
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: past}, tuple(cache for _ in past_kv)),
             opset_version=opset,
             external_data=external,
             dynamo=True,
@@ -146,7 +146,7 @@ def export_onnx(
     sig = graph_signature(out)
     fixed = {
         n: [sig[n][a] for a in axes]
-        for n, axes in _SYMBOLIC.items()
+        for n, axes in _symbolic_axes(cfg.n_layer).items()
         if any(not isinstance(sig[n][a], str) for a in axes)
     }
     if fixed:
@@ -228,8 +228,9 @@ def parity(
         if p:
             _, pk, pv = gpt.forward_cached(prefix, pk, pv)
         ref = gpt.forward_cached(ids, pk, pv)
-        got = lm(ids.numpy(), pk.numpy(), pv.numpy())
-        worst = max(worst, *(float(np.abs(o - r.numpy()).max()) for o, r in zip(got, ref)))
+        got = lm(ids.numpy(), [t.numpy() for t in pk], [t.numpy() for t in pv])
+        pairs = [(got[0], ref[0]), *zip(got[1] + got[2], ref[1] + ref[2])]
+        worst = max(worst, *(float(np.abs(o - r.numpy()).max()) for o, r in pairs))
     return worst
 
 
@@ -392,8 +393,8 @@ def export_model(
             for name in files
         },
         "bytes": {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != EXPORT_FILE},
-        "inputs": {n: sig[n] for n in INPUT_NAMES},
-        "outputs": {n: sig[n] for n in OUTPUT_NAMES},
+        "inputs": {n: sig[n] for n in graph_names(cfg.n_layer)[0]},
+        "outputs": {n: sig[n] for n in graph_names(cfg.n_layer)[1]},
         "int8_op_counts": counts,
         "int8_matmul_integer_expected": expected_matmul_integer(cfg.n_layer),
         "int4_op_counts": int4_counts,

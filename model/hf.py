@@ -53,24 +53,77 @@ def half_to_interleaved(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(out_features, *w.shape[1:])
 
 
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _hf_names(cfg: GPTConfig) -> list[tuple[str, str, bool]]:
+    """(lmforge name, LlamaForCausalLM name, whether its rows change RoPE layout) for every weight."""
+    names = [("tok_emb.weight", "model.embed_tokens.weight", False), ("norm.weight", "model.norm.weight", False)]
+    if not cfg.tie_embeddings:
+        names.append(("lm_head.weight", "lm_head.weight", False))
+    for i in range(cfg.n_layer):
+        src, dst = f"blocks.{i}.", f"model.layers.{i}."
+        names += [
+            (src + "attn_norm.weight", dst + "input_layernorm.weight", False),
+            (src + "mlp_norm.weight", dst + "post_attention_layernorm.weight", False),
+        ]
+        names += [(src + f"attn.{p}.weight", dst + f"self_attn.{p}.weight", p in ("q_proj", "k_proj")) for p in QKVO]
+        names += [
+            (src + f"mlp.{p}.weight", dst + f"mlp.{p}.weight", False) for p in ("gate_proj", "up_proj", "down_proj")
+        ]
+    return names
+
+
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The GPT's weights under LlamaForCausalLM's names, RoPE rows permuted, fp32, contiguous."""
     cfg = model.config
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.n_layer):
-        src, dst = f"blocks.{i}.", f"model.layers.{i}."
-        out[dst + "input_layernorm.weight"] = sd[src + "attn_norm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = sd[src + "mlp_norm.weight"]
-        for name in ("q_proj", "k_proj"):
-            out[dst + f"self_attn.{name}.weight"] = interleaved_to_half(sd[src + f"attn.{name}.weight"], cfg.n_head)
-        out[dst + "self_attn.v_proj.weight"] = sd[src + "attn.v_proj.weight"]
-        out[dst + "self_attn.o_proj.weight"] = sd[src + "attn.o_proj.weight"]
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out[dst + f"mlp.{name}.weight"] = sd[src + f"mlp.{name}.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
+    return {
+        hf: (interleaved_to_half(sd[ours], cfg.n_head) if rope else sd[ours]).contiguous()
+        for ours, hf, rope in _hf_names(cfg)
+    }
+
+
+def load_hf(hf_dir: str | Path, block_size: int | None = None) -> GPT:
+    """The GPT in a directory :func:`save_hf` wrote: its inverse, for serving the HF export with torch.
+
+    Reads ``config.json`` (a Llama with one KV head per query head and no biases, as
+    :func:`hf_config` writes it) and ``model.safetensors``; ``block_size`` defaults to
+    ``max_position_embeddings``. Raises ValueError naming what does not fit.
+    """
+    hf_dir = Path(hf_dir)
+    for name in ("config.json", HF_WEIGHTS):
+        if not (hf_dir / name).is_file():
+            raise FileNotFoundError(f"{hf_dir / name} not found: not a Hugging Face directory written by lmforge")
+    c = json.loads((hf_dir / "config.json").read_text())
+    if (
+        c.get("model_type") != "llama"
+        or c.get("num_key_value_heads", c["num_attention_heads"]) != c["num_attention_heads"]
+    ):
+        raise ValueError(f"{hf_dir}: lmforge reads back Llama directories with one KV head per query head")
+    cfg = GPTConfig(
+        vocab_size=c["vocab_size"],
+        block_size=block_size or c["max_position_embeddings"],
+        n_layer=c["num_hidden_layers"],
+        n_head=c["num_attention_heads"],
+        n_embd=c["hidden_size"],
+        mlp_hidden=c["intermediate_size"],
+        rope_theta=c.get("rope_theta", 10000.0),
+        norm_eps=c["rms_norm_eps"],
+        tie_embeddings=c.get("tie_word_embeddings", False),
+    )
+    tensors = st.load_file(str(hf_dir / HF_WEIGHTS))
+    missing = [hf for _, hf, _ in _hf_names(cfg) if hf not in tensors]
+    if missing:
+        raise ValueError(f"{hf_dir / HF_WEIGHTS}: tensors {missing[:3]} are missing")
+    model = GPT(cfg)
+    state = {
+        ours: half_to_interleaved(tensors[hf], cfg.n_head) if rope else tensors[hf] for ours, hf, rope in _hf_names(cfg)
+    }
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 def hf_config(cfg: GPTConfig, eos_id: int) -> dict:

@@ -26,58 +26,82 @@ EXPORT_FILE = "export.json"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class OnnxLM:
-    """One exported graph in an onnxruntime session: ``(ids, past_k, past_v) -> (logits, present_k, present_v)``.
+def cache_names(n_layer: int, kind: str) -> list[str]:
+    """Names of the graph's per-layer cache tensors, keys and values interleaved by layer.
 
-    The cache layout (L, B, H, P, hd) is read from the graph's ``past_key`` input, whose
-    L, H and hd are fixed at export while batch and past are symbolic.
+    ``kind`` ``"past"``: ``past_key_values.{i}.key`` / ``.value`` (inputs); ``"present"``:
+    ``present.{i}.key`` / ``.value`` (outputs). optimum's names for decoder-with-past graphs.
+    """
+    prefix = {"past": "past_key_values", "present": "present"}[kind]
+    return [f"{prefix}.{i}.{part}" for i in range(n_layer) for part in ("key", "value")]
+
+
+class OnnxLM:
+    """One exported graph in an onnxruntime session: ``(ids, past_k, past_v, past_mask) -> (logits, present_k, present_v)``.
+
+    Caches are lists with one ``(B, H, P, hd)`` array per layer. L, H and hd are read from
+    the graph's inputs (fixed at export; batch and past are symbolic).
+    ``spin=False`` keeps onnxruntime's idle worker threads from busy-waiting between
+    operators: a server's HTTP thread needs that core (measured: more tokens/s with it off).
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True):
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
-        missing = {"input_ids", "past_key", "past_value", "past_mask"} - set(inputs)
+        if "past_key" in inputs:
+            raise ValueError(
+                f"{self.path}: exported by an older lmforge (one stacked cache tensor); run the release flow "
+                "again to export it in the per-layer cache layout this version reads"
+            )
+        n_layer = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+        missing = {"input_ids", "past_mask", *cache_names(max(n_layer, 1), "past")} - set(inputs)
         if missing:
             raise ValueError(f"{self.path}: not an lmforge export, inputs {sorted(missing)} are missing")
-        n_layer, _, n_head, _, head_dim = inputs["past_key"].shape
-        self.cache_dims = (int(n_layer), int(n_head), int(head_dim))
+        _, n_head, _, head_dim = inputs["past_key_values.0.key"].shape
+        self.cache_dims = (n_layer, int(n_head), int(head_dim))
+        self._past, self._present = cache_names(n_layer, "past"), cache_names(n_layer, "present")
 
-    def empty_cache(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    def empty_cache(self, batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         n_layer, n_head, head_dim = self.cache_dims
-        z = np.zeros((n_layer, batch, n_head, 0, head_dim), dtype=np.float32)
-        return z, z.copy()
+        return tuple([np.zeros((batch, n_head, 0, head_dim), dtype=np.float32) for _ in range(n_layer)] for _ in "kv")
 
     def __call__(
-        self, ids: np.ndarray, past_k: np.ndarray, past_v: np.ndarray, past_mask: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self,
+        ids: np.ndarray,
+        past_k: list[np.ndarray],
+        past_v: list[np.ndarray],
+        past_mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         """One graph call; ``past_mask`` (B, P) marks real cached tokens (1) and left padding (0), default all real."""
         if past_mask is None:
-            past_mask = np.ones((past_k.shape[1], past_k.shape[3]), dtype=np.int64)
-        logits, k, v = self.session.run(
-            ["logits", "present_key", "present_value"],
-            {
-                "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
-                "past_key": past_k,
-                "past_value": past_v,
-                "past_mask": np.ascontiguousarray(past_mask, dtype=np.int64),
-            },
-        )
-        return logits, k, v
+            past_mask = np.ones((past_k[0].shape[0], past_k[0].shape[2]), dtype=np.int64)
+        feed = {
+            "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+            "past_mask": np.ascontiguousarray(past_mask, dtype=np.int64),
+        }
+        feed.update(zip(self._past, (t for kv in zip(past_k, past_v) for t in kv)))
+        logits, *present = self.session.run(["logits", *self._present], feed)
+        return logits, present[0::2], present[1::2]
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """Logits (B, T, V) of whole sequences, no cache: the scoring path of :mod:`model.evaluate`."""
         return self(ids, *self.empty_cache(ids.shape[0]))[0]
 
 
-class OnnxGenerator:
-    """Text in, text out, from an exported model directory (INT8 by default)."""
+class ExportedModel:
+    """An exported model directory's ``export.json`` and tokenizer, checked; a backend loads the weights.
 
-    def __init__(self, model_dir: str | Path, precision: str = "int8", threads: int | None = None):
+    Raises FileNotFoundError naming the missing file when the directory is not a complete export.
+    """
+
+    def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
         meta_path = self.dir / EXPORT_FILE
         if not meta_path.is_file():
@@ -85,16 +109,29 @@ class OnnxGenerator:
                 f"{meta_path} not found: {self.dir} is not an exported lmforge model (run the release flow)"
             )
         self.meta = json.loads(meta_path.read_text())
+        self.tokenizer = Tokenizer.from_file(str(self._file(TOKENIZER_FILE)))
+        self.eot_id = int(self.meta["eot_id"])
+        self.block_size = int(self.meta["gpt_config"]["block_size"])
+
+    def graph(self, precision: str) -> Path:
+        """The ONNX file of ``precision`` (``int8``, ``int4``, ``fp32``)."""
         files = self.meta["files"]
         if precision not in files:
             raise ValueError(f"precision must be one of {sorted(files)}, got {precision!r}")
-        for name in (files[precision], TOKENIZER_FILE):
-            if not (self.dir / name).is_file():
-                raise FileNotFoundError(f"{self.dir / name} not found: the exported model directory is incomplete")
-        self.lm = OnnxLM(self.dir / files[precision], threads)
-        self.tokenizer = Tokenizer.from_file(str(self.dir / TOKENIZER_FILE))
-        self.eot_id = int(self.meta["eot_id"])
-        self.block_size = int(self.meta["gpt_config"]["block_size"])
+        return self._file(files[precision])
+
+    def _file(self, name: str) -> Path:
+        if not (self.dir / name).is_file():
+            raise FileNotFoundError(f"{self.dir / name} not found: the exported model directory is incomplete")
+        return self.dir / name
+
+
+class OnnxGenerator(ExportedModel):
+    """Text in, text out, from an exported model directory (INT8 by default)."""
+
+    def __init__(self, model_dir: str | Path, precision: str = "int8", threads: int | None = None):
+        super().__init__(model_dir)
+        self.lm = OnnxLM(self.graph(precision), threads)
 
     def generate_ids(
         self,

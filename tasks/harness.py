@@ -6,10 +6,10 @@ writes from the dataset's held-out documents (the validation split, capped per l
 
 - ``lmforge_bpb_<lang>`` (``bpb``): rolling log-likelihood of each document, as lm-eval's
   wikitext task scores text: word and byte perplexity, bits per byte;
-- ``lmforge_cloze_<lang>`` (``cloze``): multiple choice. The context is a document's
-  opening words; the choices are its real next words and as many words taken from other
-  held-out documents of the language (seeded). ``acc`` and ``acc_norm``; chance is
-  1 / choices.
+- ``lmforge_cloze_<lang>`` (``cloze``): multiple choice. The context is a window of a
+  held-out document's words; the choices are its real next words and spans of as many
+  words from elsewhere in the language's held-out documents (seeded; see
+  :func:`cloze_items`). ``acc`` and ``acc_norm``; chance is 1 / choices.
 
 Beside lm-eval's bits per byte the report puts lmforge's own, from the export's ONNX fp32
 graph on the same documents: on the text alone (what lm-eval counts) and with the
@@ -70,33 +70,49 @@ class HarnessConfig(StageConfig):
     cloze_context_words: int = Field(24, ge=1, description="Words of a document the cloze shows as its context.")
     cloze_answer_words: int = Field(6, ge=1, description="Words in each cloze choice.")
     cloze_choices: int = Field(4, ge=2, le=10, description="Choices per cloze item (one real continuation).")
+    cloze_items_per_language: int = Field(
+        50, ge=1, le=10_000, description="Cloze items per language at most (several windows of a long document)."
+    )
     batch_size: int = Field(8, ge=1, description="lm-eval's batch size.")
     seed: int = Field(0, ge=0, description="Seed of the cloze distractors.")
     timeout_seconds: int = Field(3600, ge=10, description="Longest the lm-eval run may take.")
 
 
 def cloze_items(texts: list[str], cfg: HarnessConfig, rng: np.random.Generator) -> list[dict]:
-    """Cloze items from one language's documents: context, choices (real one among distractors), label."""
+    """Cloze items from one language's documents: context, choices (real one among distractors), label.
+
+    Every document gives an item per window of ``context + answer`` words, taken round-robin
+    over the documents (first windows first) up to ``cloze_items_per_language``: a held-out
+    split has few documents but long ones (the demo's has 2 to 7 per language of 150 to
+    5,600 words; one item per document left some languages without a task). Distractors are
+    spans of the same length drawn from all of the language's documents, never overlapping
+    the item's own window, and distinct from the answer and each other.
+    """
+    ctx, ans = cfg.cloze_context_words, cfg.cloze_answer_words
     words = [t.split() for t in texts]
-    need = cfg.cloze_context_words + cfg.cloze_answer_words
+    need = ctx + ans
+    windows = sorted(
+        ((i, start) for i, w in enumerate(words) for start in range(0, len(w) - need + 1, need)),
+        key=lambda window: (window[1], window[0]),
+    )[: cfg.cloze_items_per_language]
+    spans = [(j, start) for j, w in enumerate(words) for start in range(len(w) - ans + 1)]
     items = []
-    for i, w in enumerate(words):
-        if len(w) < need:
-            continue
-        answer = " ".join(w[cfg.cloze_context_words : need])
-        others = [j for j, o in enumerate(words) if j != i and len(o) >= cfg.cloze_answer_words]
+    for i, start in windows:
+        answer = " ".join(words[i][start + ctx : start + need])
         choices = {answer}
-        for j in rng.permutation(others):
+        for k in rng.integers(0, len(spans), size=20 * cfg.cloze_choices):
+            j, at = spans[k]
+            if j == i and at < start + need and at + ans > start:
+                continue  # inside the item's own window: it could be the answer or copy the context
+            choices.add(" ".join(words[j][at : at + ans]))
             if len(choices) == cfg.cloze_choices:
                 break
-            start = int(rng.integers(0, len(words[j]) - cfg.cloze_answer_words + 1))
-            choices.add(" ".join(words[j][start : start + cfg.cloze_answer_words]))
         if len(choices) < cfg.cloze_choices:
-            continue  # too few other documents for distinct distractors
+            continue  # too little text for distinct distractors
         order = sorted(choices)
         rng.shuffle(order)
         items.append(
-            {"context": " ".join(w[: cfg.cloze_context_words]), "choices": order, "label": order.index(answer)}
+            {"context": " ".join(words[i][start : start + ctx]), "choices": order, "label": order.index(answer)}
         )
     return items
 

@@ -6,7 +6,8 @@ Design decisions:
 - One engine thread owns the :class:`model.batching.ContinuousBatcher` and the model, so
   the batcher needs no locks. Request handlers (asyncio, in the web server's thread)
   hand it work through a thread-safe inbox and get tokens back through an
-  ``asyncio.Queue`` per request, fed with ``loop.call_soon_threadsafe``.
+  ``asyncio.Queue`` per request, fed with ``loop.call_soon_threadsafe`` once per step
+  with all of the step's events (not once per token).
 - Admission control: at most ``max_queue`` requests wait or run; one more is refused at
   once (:class:`Overloaded`, the API's 429 with ``Retry-After``) instead of queueing
   without bound.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -31,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.batching import ContinuousBatcher, Generation, GenerationRequest
-from model.onnx_generate import OnnxGenerator
+from model.batching import CachedLM, CacheOps, ContinuousBatcher, Generation, GenerationRequest
+from model.onnx_generate import ExportedModel, OnnxLM
 from model.serving.metrics import Metrics
 
 log = logging.getLogger("lmforge.serve")
@@ -68,18 +70,21 @@ class Engine:
     def __init__(
         self,
         model_dir: str | Path,
-        precision: str = "int8",
+        precision: str | None = None,
         max_batch: int = 16,
         max_queue: int = 64,
         threads: int | None = None,
         batching: bool = True,
         metrics: Metrics | None = None,
+        backend: str = "onnx",
+        device: str = "cpu",
     ):
         # The model directory is read as `lmforge generate` reads it: one place checks its files.
-        loaded = OnnxGenerator(model_dir, precision, threads)
-        self.dir, self.meta, self.precision = loaded.dir, loaded.meta, precision
-        self.lm, self.tokenizer = loaded.lm, loaded.tokenizer
-        self.eot_id, self.block_size = loaded.eot_id, loaded.block_size
+        export = ExportedModel(model_dir)
+        self.dir, self.meta, self.tokenizer = export.dir, export.meta, export.tokenizer
+        self.eot_id, self.block_size = export.eot_id, export.block_size
+        self.lm, self.ops, self.precision = load_lm(export, backend, precision, device, threads)
+        self.backend, self.device = backend, device
         self.max_queue = max_queue
         self.max_batch = max_batch if batching else 1
         self.batcher = self._new_batcher()
@@ -90,10 +95,11 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
 
     def _new_batcher(self) -> ContinuousBatcher:
-        return ContinuousBatcher(self.lm, self.lm.cache_dims, self.block_size, self.eot_id, max_batch=self.max_batch)
+        return ContinuousBatcher(self.lm, self.block_size, self.eot_id, max_batch=self.max_batch, ops=self.ops)
 
     # --- called from request handlers (any thread) -------------------------------------
 
@@ -163,6 +169,21 @@ class Engine:
                         self.batcher.cancel(done.generation)
                     self._finish(done, "error")
                 self.batcher = self._new_batcher()
+            finally:
+                self._deliver()
+
+    def _post(self, done: Completion, event: tuple[str, str]) -> None:
+        """Queue an event for ``done``'s client; :meth:`_deliver` hands a step's events over at once."""
+        self._outbox.setdefault(done.loop, []).append((done.events, event))
+
+    def _deliver(self) -> None:
+        """One wake-up of each request loop per step, not one per token (each is a syscall and a GIL hand-over)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is left to read these events
+                log.debug("dropped %d events for a closed event loop", len(items))
 
     def _iterate(self) -> None:
         self._take_inbox()
@@ -227,7 +248,7 @@ class Engine:
         while end > done.sent and done.text[end - 1] == "\ufffd" and hold:
             end -= 1
         if end > done.sent:
-            done.loop.call_soon_threadsafe(done.events.put_nowait, ("token", done.text[done.sent : end]))
+            self._post(done, ("token", done.text[done.sent : end]))
             done.sent = end
 
     def _finish(self, done: Completion, reason: str) -> None:
@@ -238,7 +259,44 @@ class Engine:
         self.metrics.latency.observe(latency)
         status = {"timeout": "504", "cancelled": "499", "error": "500"}.get(reason, "200")
         self.metrics.requests.labels(status=status).inc()
-        done.loop.call_soon_threadsafe(done.events.put_nowait, ("end", reason))
+        self._post(done, ("end", reason))
+
+
+BACKENDS = ("onnx", "torch")
+
+
+def load_lm(
+    export: ExportedModel, backend: str, precision: str | None, device: str, threads: int | None
+) -> tuple[CachedLM, CacheOps | None, str]:
+    """The model a backend steps, the batcher's cache operations for it, and the precision it runs in.
+
+    ``onnx``: the exported graph on onnxruntime's CPU provider (``int8`` by default; no torch
+    needed), its idle threads not spinning (they would take the core the HTTP loop needs).
+    ``threads`` defaults to all cores but one: the HTTP loop and the clients' streams need a
+    core too, and an intra-op thread that loses its core stalls every operator it shares.
+    ``torch``: the export's Hugging Face weights on ``device`` (``cuda`` for a GPU; ``bf16``
+    there by default, ``fp32`` on CPU), the caches kept on the device.
+    """
+    threads = threads or max(1, (os.cpu_count() or 2) - 1)  # one core stays with the HTTP loop
+    if backend == "onnx":
+        if device != "cpu":
+            raise ValueError(f"the onnx backend runs on the CPU; serve a GPU ({device}) with --backend torch")
+        precision = precision or "int8"
+        return OnnxLM(export.graph(precision), threads, spin=False), None, precision
+    if backend == "torch":
+        import torch
+
+        from model.torch_lm import TorchLM  # torch only where it is asked for
+
+        torch.set_num_threads(threads)
+        lm = TorchLM.from_export(export.dir, device, precision)
+        return lm, lm.ops, lm.precision
+    raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+
+
+def _put_all(items: list[tuple[asyncio.Queue, tuple[str, str]]]) -> None:
+    for events, event in items:
+        events.put_nowait(event)
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

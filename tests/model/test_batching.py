@@ -8,6 +8,7 @@ from model.batching import ContinuousBatcher, GenerationRequest
 from model.export import export_onnx
 from model.generate import generate
 from model.onnx_generate import OnnxLM
+from model.torch_lm import TorchLM
 from tests.model.tiny import EOT, build_tokenizer, train_tiny
 
 
@@ -19,18 +20,10 @@ def tiny():
     return train_tiny(tok, eot), tok, eot
 
 
-def torch_step(model):
-    @torch.no_grad()
-    def step(ids, past_k, past_v, past_mask):
-        out = model.forward_cached(*(torch.from_numpy(a) for a in (ids, past_k, past_v, past_mask)))
-        return tuple(t.numpy() for t in out)
-
-    return step
-
-
 def batcher(model, eot, **kw) -> ContinuousBatcher:
-    c = model.config
-    return ContinuousBatcher(torch_step(model), (c.n_layer, c.n_head, c.head_dim), c.block_size, eot, **kw)
+    """The batcher over torch (the GPU serving backend, here on CPU in fp32): caches stay tensors."""
+    lm = TorchLM(model)
+    return ContinuousBatcher(lm, model.config.block_size, eot, ops=lm.ops, **kw)
 
 
 PROMPTS = ["the cat", "a dog ran to the", "the mat. a", "park", "the cat sat on the mat. a dog"]
@@ -100,11 +93,11 @@ def test_the_batch_cache_shrinks_when_its_longest_member_leaves(tiny):
     long = b.submit(GenerationRequest([eot] + tok.encode("the cat sat on the mat. a dog ran").ids, 3, 0.0))
     short = b.submit(GenerationRequest([eot] + tok.encode("the").ids, 8, 0.0))
     b.step()  # both prefilled, then one decode step together
-    assert b._k.shape[3] == long.prompt_tokens + 1  # padded to the longest history
+    assert b._k[0].shape[2] == long.prompt_tokens + 1  # padded to the longest history
     assert b._mask.sum(axis=1).tolist() == [long.prompt_tokens + 1, short.prompt_tokens + 1]
     while not long.done:
         b.step()
-    assert b.running == [short] and b._k.shape[3] == short.prompt_tokens + len(short.tokens) - 1
+    assert b.running == [short] and b._k[0].shape[2] == short.prompt_tokens + len(short.tokens) - 1
     assert b._mask.all()
 
 
@@ -129,15 +122,19 @@ def test_the_exported_graph_takes_left_padded_batches(tiny, tmp_path):
     model, tok, eot = tiny
     lm = OnnxLM(export_onnx(model, tmp_path), threads=1)
     c = model.config
-    b = ContinuousBatcher(lm, (c.n_layer, c.n_head, c.head_dim), c.block_size, eot)
+    b = ContinuousBatcher(lm, c.block_size, eot)
     reqs = requests(tok, eot, temperature=0.0)
     gens, sizes = run(b, reqs)
     assert max(sizes) >= 3
     for req, gen in zip(reqs, gens):
         assert gen.tokens == generate(model, req.prompt_ids, req.max_new_tokens, temperature=0.0, eot_id=eot)
     ids = np.asarray([[3], [5]])
-    past_k = np.random.default_rng(0).normal(size=(c.n_layer, 2, c.n_head, 4, c.head_dim)).astype(np.float32)
+    past = np.random.default_rng(0).normal(size=(c.n_layer, 2, c.n_head, 4, c.head_dim)).astype(np.float32)
     mask = np.asarray([[0, 0, 1, 1], [1, 1, 1, 1]])
-    want = torch_step(model)(ids, past_k, past_k, mask)
-    got = lm(ids, past_k, past_k, mask)
-    assert all(np.abs(g - w).max() < 1e-4 for g, w in zip(got, want))
+    with torch.no_grad():
+        want = model.forward_cached(
+            torch.from_numpy(ids), torch.from_numpy(past), torch.from_numpy(past), torch.from_numpy(mask)
+        )
+    got = lm(ids, list(past), list(past), mask)
+    assert np.abs(got[0] - want[0].numpy()).max() < 1e-4
+    assert all(np.abs(g - w.numpy()).max() < 1e-4 for g, w in zip(got[1] + got[2], want[1] + want[2]))

@@ -32,10 +32,12 @@ def test_graph_keeps_batch_seq_and_past_symbolic(exported):
     _, result, _, _ = exported
     sig = graph_signature(result.dir / "model.onnx")
     assert sig["input_ids"] == ["batch", "seq"]
-    assert sig["past_key"] == [2, "batch", 2, "past", 16] == sig["past_value"]
+    for i in range(2):  # one cache tensor per layer, optimum's names
+        assert sig[f"past_key_values.{i}.key"] == ["batch", 2, "past", 16] == sig[f"past_key_values.{i}.value"]
+        assert all(isinstance(sig[f"present.{i}.value"][a], str) for a in (0, 2))
+    assert "past_key_values.2.key" not in sig
     assert sig["past_mask"] == ["batch", "past"]  # rows of one batch may hold different histories
     assert sig["logits"][:2] == ["batch", "seq"]
-    assert all(isinstance(sig["present_key"][a], str) for a in (1, 3))
     meta = json.loads((result.dir / "export.json").read_text())
     assert meta["gpt_config"]["n_layer"] == 2 and meta["files"] == {
         "fp32": "model.onnx",

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import LoRAConfig
+from model.config import GPTConfig, LoRAConfig
 from model.generate import generate
 from model.gpt import GPT
-from model.hf import half_to_interleaved, interleaved_to_half, save_hf, save_peft_adapter
+from model.hf import half_to_interleaved, interleaved_to_half, load_hf, save_hf, save_peft_adapter
 from model.lora import apply_lora, lora_state_dict, merge_lora
 from tests.model.tiny import EOT, TEXT, build_tokenizer, train_tiny
 
@@ -59,6 +59,11 @@ def test_transformers_loads_it_and_matches_logits_and_greedy_tokens(tokenizer_fi
         gen = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert gen[0, len(prompt) :].tolist() == mine
 
+    back = load_hf(out)  # and lmforge reads it back (the torch serving backend does)
+    assert back.config.tie_embeddings == tied and back.config.hidden == model.config.hidden
+    with torch.no_grad():
+        assert torch.equal(back(x)[0], ours)
+
     hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert hf_tok.encode(TEXT) == tok.encode(TEXT).ids
     assert hf_tok.eos_token == EOT and hf_tok.eos_token_id == eot
@@ -95,3 +100,18 @@ def test_peft_loads_the_adapter_and_reproduces_the_merged_model(tokenizer_file, 
     assert (merged - base_logits).abs().max().item() > 1e-2  # the adapter changes the model...
     assert (merged - theirs).abs().max().item() < 1e-4  # ...and peft applies exactly that change
     assert np.isfinite(theirs.numpy()).all()
+
+
+def test_load_hf_names_what_is_missing(tokenizer_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(tmp_path)
+    tok, tok_path = tokenizer_file
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=16, n_layer=2, n_head=2, n_embd=16))
+    out = save_hf(model, tmp_path / "hf", tok_path, tok.token_to_id(EOT))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(out / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight"):
+        load_hf(out)

@@ -313,3 +313,35 @@ def test_a_model_switch_finishes_requests_in_flight_on_the_old_model(model_dir, 
         assert served_model.switches == 1
     finally:
         running.close()
+
+
+def test_the_torch_backend_serves_the_hf_weights_with_the_same_tokens(tiny_export, tmp_path):
+    """`--backend torch` (the GPU path; here on CPU in fp32) batches like the ONNX engine and
+    gives, request by request, the greedy tokens of the fp32 ONNX graph."""
+    import shutil
+
+    from model.hf import save_hf
+
+    model, result, eot, _ = tiny_export
+    directory = shutil.copytree(result.dir, tmp_path / "model")
+    save_hf(model, directory / "hf", directory / "tokenizer.json", eot)
+    engine = Engine(directory, backend="torch", threads=1, max_batch=8)
+    assert (engine.backend, engine.precision, engine.device) == ("torch", "fp32", "cpu")
+    running = Running(engine.start())
+    try:
+        prompts = ["the cat", "a dog ran", "the mat", "park. the", "sat on"]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(lambda p: running.post({"prompt": p, "max_tokens": 12, "temperature": 0}), prompts))
+        want = [OnnxGenerator(directory, "fp32", threads=1).generate(p, 12, temperature=0.0) for p in prompts]
+        assert [g[1]["choices"][0]["text"] for g in got] == want
+    finally:
+        running.close()
+
+
+def test_a_backend_that_cannot_run_here_is_refused_by_name(model_dir):
+    with pytest.raises(ValueError, match="onnx backend runs on the CPU"):
+        Engine(model_dir, device="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Engine(model_dir, backend="tensorrt")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Engine(model_dir, precision="bf16")  # an onnx precision is a file of the export

@@ -71,7 +71,7 @@ server: setup corpus
 	@$(WITH_HANDBOOK_SITE) $(BIN)/lmforge server $(SERVER_ARGS)
 
 test: setup browser
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # The unit tests only: no end-to-end pipeline, no server, no browser (those are marked slow).
 test-fast: setup

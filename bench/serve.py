@@ -14,9 +14,11 @@ tokens each, temperature 0, ``ignore``-free: a request may stop early at end of 
 - what a user would write by hand: FastAPI + ``transformers`` ``generate`` per request on
   the HF directory (``bench/hf_server.py``).
 
-Reported per run: generated tokens per second (all clients), time to first token (p50,
+Results go to ``bench/results/serve.json``/``.md``, or ``serve-<backend>-<device>-<precision>``
+for another backend or precision (``--precision fp32``; ``--backend torch --device cuda``
+on a GPU host). Reported per run: generated tokens per second (all clients), time to first token (p50,
 streamed; the hand-written server does not stream, so its first token is its last) and
-request latency p50 / p99, and errors. Writes ``bench/results/serve.json`` and ``.md``.
+request latency p50 / p99, and errors.
 
     .venv/bin/python bench/serve.py                      # about 8 minutes on 2 cores
 """
@@ -274,14 +276,19 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(result, indent=2))
+    variant = (
+        ""
+        if (args.backend, args.device, args.precision) == ("onnx", "cpu", None)
+        else "-" + "-".join(v for v in (args.backend, args.device, args.precision) if v)
+    )
+    (out / f"serve{variant}.json").write_text(json.dumps(result, indent=2))
     m = result["machine"]
     lines = [
         f"# Serving the demo model ({result['date']}, {m['cores']} cores, {m['cpu']}, Python {m['python']})",
         "",
         f"{args.new_tokens} new tokens per request at temperature 0, {args.requests_per_client} requests per client,"
         f" prompts of {args.prompt_tokens} tokens from held-out documents; lmforge serve with `--backend {args.backend}"
-        f" --device {args.device}`{' --precision ' + args.precision if args.precision else ''} (default threads: all"
+        f" --device {args.device}{' --precision ' + args.precision if args.precision else ''}` (default threads: all"
         f" cores but one). Each lmforge row is the median of {args.repeats} runs (tokens/s of each run beside it)."
         " Written by `bench/serve.py`.",
         "",
@@ -301,7 +308,7 @@ def main() -> None:
         batched, plain, hand = (by.get((n, clients)) for n in (names + [None, None, None])[:3])
         if batched and plain and hand:
             lines.append(
-                f"- {clients} clients: continuous batching {batched / plain:.2f}x the tokens/s of batching off,"
+                f"- {clients} client{'s' if clients > 1 else ''}: continuous batching {batched / plain:.2f}x the tokens/s of batching off,"
                 f" {batched / hand:.1f}x the hand-written server's."
             )
     lines += [
@@ -312,7 +319,7 @@ def main() -> None:
         "|---:|---:|",
         *(f"| {r['batch']} | {r['tokens_per_s']} |" for r in alone),
     ]
-    (out / "serve.md").write_text("\n".join(lines) + "\n")
+    (out / f"serve{variant}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -55,18 +55,21 @@ class OnnxLM:
         self.path = Path(path)
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
-        if "past_key" in inputs:
-            raise ValueError(
-                f"{self.path}: exported by an older lmforge (one stacked cache tensor); run the release flow "
-                "again to export it in the per-layer cache layout this version reads"
-            )
-        n_layer = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
-        missing = {"input_ids", "past_mask", *cache_names(max(n_layer, 1), "past")} - set(inputs)
-        if missing:
+        # Exports before the per-layer layout took one stacked (L, B, H, P, hd) cache: still read
+        # (a store's promoted model may be one), stacked and split here at the cost of a copy a step.
+        self.stacked = "past_key" in inputs
+        if self.stacked:
+            n_layer, _, n_head, _, head_dim = inputs["past_key"].shape
+            self._past, self._present = ["past_key", "past_value"], ["present_key", "present_value"]
+        else:
+            n_layer = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+            self._past, self._present = cache_names(n_layer, "past"), cache_names(n_layer, "present")
+        missing = {"input_ids", "past_mask", *self._past} - set(inputs)
+        if missing or not n_layer:
             raise ValueError(f"{self.path}: not an lmforge export, inputs {sorted(missing)} are missing")
-        _, n_head, _, head_dim = inputs["past_key_values.0.key"].shape
-        self.cache_dims = (n_layer, int(n_head), int(head_dim))
-        self._past, self._present = cache_names(n_layer, "past"), cache_names(n_layer, "present")
+        if not self.stacked:
+            _, n_head, _, head_dim = inputs["past_key_values.0.key"].shape
+        self.cache_dims = (int(n_layer), int(n_head), int(head_dim))
 
     def empty_cache(self, batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         n_layer, n_head, head_dim = self.cache_dims
@@ -86,6 +89,10 @@ class OnnxLM:
             "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
             "past_mask": np.ascontiguousarray(past_mask, dtype=np.int64),
         }
+        if self.stacked:
+            feed.update(past_key=np.stack(past_k), past_value=np.stack(past_v))
+            logits, k, v = self.session.run(["logits", *self._present], feed)
+            return logits, list(k), list(v)
         feed.update(zip(self._past, (t for kv in zip(past_k, past_v) for t in kv)))
         logits, *present = self.session.run(["logits", *self._present], feed)
         return logits, present[0::2], present[1::2]

@@ -10,7 +10,8 @@ file order, each building on the state the last one left:
    pretraining on it, which starts finetuning, then a release, then a deploy that
    promotes the first model; a second nightly refresh finds nothing new and starts nothing;
 3. in Debian's chromium (Playwright): log in, start a custom run of pipeline/full from
-   the form with a changed parameter, wait for Completed, read the funnel artifact;
+   the form with a changed parameter, wait for Completed, read the funnel artifact; a
+   Quick run of deploy/cpu keeps the promoted model and its artifact says why;
 4. a run with a changed filter threshold (and a 3-step pretraining) reruns filter and what
    follows, nothing before; made to fail at finetune (the file switch
    LMFORGE_FAIL_STAGE_FILE), retried with the UI's Retry button, it ends Completed with
@@ -479,6 +480,32 @@ def test_custom_run_from_the_form_completes_and_shows_the_funnel(operated, page)
     text = table.inner_text()
     for stage in ("ingest", "extract", "dedup", "filter", "augment", "shards", "near_duplicate"):
         assert stage in text, (stage, text)
+
+
+def test_a_quick_run_of_deploy_from_the_ui_says_what_it_decided(operated, page):
+    """deploy/cpu run as a person runs it (Run, Quick run): the release of the deployment's profile is the
+    model the chain promoted, so the run keeps it, and its deploy artifact says so and why."""
+    dep = operated.deployment("deploy/cpu")
+    before = {r["id"] for r in operated.flow_runs(dep)}
+    page.goto(f"{operated.ui}/deployments/deployment/{dep['id']}")
+    page.get_by_text("Entrypoint").wait_for()
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Quick run").click()
+    t0 = time.monotonic()
+    while not (new := [r for r in operated.flow_runs(dep) if r["id"] not in before]):
+        assert time.monotonic() - t0 < 30, "Quick run created no flow run"
+        time.sleep(1)
+    [run] = new
+    done = operated.wait_for_state(run["id"], {"Completed", "Failed", "Crashed"})
+    assert done["state_name"] == "Completed", done["state"]["message"]
+    target = operated.config["deploy"].get("target") or operated.config["name"]
+    page.goto(f"{operated.ui}/runs/flow-run/{run['id']}")
+    page.get_by_text("Completed", exact=True).first.wait_for()
+    page.get_by_text("Artifacts", exact=True).click()
+    page.get_by_text(f"deploy-{target}").first.click()
+    page.get_by_text("it is already the promoted model").first.wait_for()
+    _shot(page, "06-deploy-quick-run")
+    assert "Unchanged" in page.locator("body").inner_text()
 
 
 def _changed_filter(config: dict) -> dict:

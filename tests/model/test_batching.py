@@ -1,5 +1,7 @@
 """Continuous batching gives every request exactly the tokens it would get alone."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,47 @@ def test_the_exported_graph_takes_left_padded_batches(tiny, tmp_path):
     got = lm(ids, list(past), list(past), mask)
     assert np.abs(got[0] - want[0].numpy()).max() < 1e-4
     assert all(np.abs(g - w.numpy()).max() < 1e-4 for g, w in zip(got[1] + got[2], want[1] + want[2]))
+
+
+class _StackedCacheStep(torch.nn.Module):
+    """The graph as exports before the per-layer layout had it: one (L, B, H, P, hd) cache tensor each."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, input_ids, past_key, past_value, past_mask):
+        logits, ks, vs = self.gpt.forward_cached(input_ids, past_key, past_value, past_mask)
+        return logits, torch.stack(ks), torch.stack(vs)
+
+
+def test_an_export_with_the_older_stacked_cache_still_serves(tiny, tmp_path):
+    """A store's promoted model may be an export from before the per-layer layout: it still loads and batches."""
+    model, tok, eot = tiny
+    c = model.config
+    gpt = copy.deepcopy(model).eval()
+    gpt.lm_head.weight = torch.nn.Parameter(gpt.lm_head.weight.detach().clone())
+    batch, past = torch.export.Dim("batch", min=1), torch.export.Dim("past", min=0, max=c.block_size - 1)
+    cache = torch.zeros(c.n_layer, 2, c.n_head, 2, c.head_dim)
+    path = tmp_path / "stacked.onnx"
+    torch.onnx.export(
+        _StackedCacheStep(gpt),
+        (torch.zeros((2, 2), dtype=torch.long), cache, cache.clone(), torch.ones((2, 2), dtype=torch.long)),
+        str(path),
+        input_names=["input_ids", "past_key", "past_value", "past_mask"],
+        output_names=["logits", "present_key", "present_value"],
+        dynamic_shapes={
+            "input_ids": {0: batch, 1: torch.export.Dim("seq", min=1, max=c.block_size)},
+            "past_key": {1: batch, 3: past},
+            "past_value": {1: batch, 3: past},
+            "past_mask": {0: batch, 1: past},
+        },
+        dynamo=True,
+    )
+    lm = OnnxLM(path, threads=1)
+    assert lm.stacked and lm.cache_dims == (c.n_layer, c.n_head, c.head_dim)
+    reqs = requests(tok, eot, temperature=0.0)
+    gens, sizes = run(ContinuousBatcher(lm, c.block_size, eot), reqs)
+    assert max(sizes) >= 3
+    for req, gen in zip(reqs, gens):
+        assert gen.tokens == generate(model, req.prompt_ids, req.max_new_tokens, temperature=0.0, eot_id=eot)

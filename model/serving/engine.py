@@ -1,6 +1,7 @@
 """The serving engine: one thread runs the continuous batcher; requests come and go through queues.
 
-No torch, no web framework: :mod:`model.serving.api` puts an HTTP face on it.
+No web framework, and no torch unless the torch backend is asked for (:func:`load_lm`):
+:mod:`model.serving.api` puts an HTTP face on it.
 
 Design decisions:
 - One engine thread owns the :class:`model.batching.ContinuousBatcher` and the model, so

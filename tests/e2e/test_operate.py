@@ -168,6 +168,7 @@ def operated(tmp_path_factory):
             "PREFECT_SERVER_API_AUTH_STRING": AUTH,
             "LMFORGE_FAIL_STAGE_FILE": str(tmp / "fail-stage"),
             "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",  # a run started from the UI waits less for the worker
         }
     )
     proc = subprocess.Popen(
@@ -503,9 +504,9 @@ def test_a_quick_run_of_deploy_from_the_ui_says_what_it_decided(operated, page):
     page.get_by_text("Completed", exact=True).first.wait_for()
     page.get_by_text("Artifacts", exact=True).click()
     page.get_by_text(f"deploy-{target}").first.click()
-    page.get_by_text("it is already the promoted model").first.wait_for()
-    _shot(page, "06-deploy-quick-run")
-    assert "Unchanged" in page.locator("body").inner_text()
+    page.get_by_text("Unchanged", exact=True).first.wait_for()  # the artifact's markdown, rendered on its page
+    _shot(page, "05b-deploy-quick-run")
+    assert "it is already the promoted model" in page.locator("body").inner_text()
 
 
 def _changed_filter(config: dict) -> dict:

@@ -152,7 +152,7 @@ def decision_markdown(decision: dict[str, Any], comparison: Manifest | None) -> 
     lines = [
         f"# Deploy to `{decision['target']}`",
         "",
-        f"{verdict}: `{decision['export']}`. {decision['reason']}.",
+        f"{verdict}: `{decision['export']}`. {decision['reason'][:1].upper()}{decision['reason'][1:]}.",
         "",
         f"Serving now: `{decision.get('serving') or 'nothing'}` (before: `{decision.get('previous') or 'nothing'}`).",
     ]

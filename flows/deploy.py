@@ -104,7 +104,7 @@ def _announce(store, decision: dict, comparison, export, records, log) -> dict:
     if comparison is not None:
         publish_comparison(comparison)
     publish_decision(decision, comparison)
-    publish_run("deploy", records)
+    publish_run("deploy", records, funnel=bool(records))  # the data behind the model, on the deploy run too
     if decision["action"] in ("promote", "refuse", "rollback"):
         announce(
             MODEL_REFUSED if decision["action"] == "refuse" else MODEL_PROMOTED,

@@ -9,9 +9,9 @@ file order, each building on the state the last one left:
 2. the automation chain, switched on: a nightly refresh that publishes a dataset starts
    pretraining on it, which starts finetuning, then a release, then a deploy that
    promotes the first model; a second nightly refresh finds nothing new and starts nothing;
-3. in Debian's chromium (Playwright): log in, start a custom run of pipeline/full from
-   the form with a changed parameter, wait for Completed, read the funnel artifact; a
-   Quick run of deploy/cpu keeps the promoted model and its artifact says why;
+3. in Debian's chromium (Playwright): log in, start a custom run of deploy/cpu from
+   the form with a changed parameter, wait for Completed, read the funnel artifact and
+   the deploy decision (the promoted model is kept, and the artifact says why);
 4. a run with a changed filter threshold (and a 3-step pretraining) reruns filter and what
    follows, nothing before; made to fail at finetune (the file switch
    LMFORGE_FAIL_STAGE_FILE), retried with the UI's Retry button, it ends Completed with
@@ -421,10 +421,14 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def test_custom_run_from_the_form_completes_and_shows_the_funnel(operated, page):
-    page.get_by_role("link", name="full", exact=True).click()
+def test_custom_run_of_deploy_from_the_form_completes_and_says_what_it_decided(operated, page):
+    """deploy/cpu from its form with one changed parameter: the release is rebuilt from cache (only the
+    evaluation, whose generations got shorter, runs again), it is the model the chain promoted, and the
+    run's page shows the data funnel and the deploy decision with its reason."""
+    dep = operated.deployment("deploy/cpu")
+    page.goto(f"{operated.ui}/deployments/deployment/{dep['id']}")
     page.get_by_text("Entrypoint").wait_for()
-    _shot(page, "01-deployment-pipeline-full")
+    _shot(page, "01-deployment-deploy-cpu")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run").click()
     page.get_by_text("Run Name").wait_for()
@@ -435,9 +439,8 @@ def test_custom_run_from_the_form_completes_and_shows_the_funnel(operated, page)
     started = _now()
     page.get_by_role("button", name="Submit").click()
 
-    full = operated.deployment("pipeline/full")
     t0 = time.monotonic()
-    while not (runs := operated.flow_runs(full)):
+    while not (runs := operated.flow_runs(dep, expected_start_time={"after_": started})):
         assert time.monotonic() - t0 < 30, "the form created no flow run"
         time.sleep(1)
     [run] = runs
@@ -481,32 +484,13 @@ def test_custom_run_from_the_form_completes_and_shows_the_funnel(operated, page)
     text = table.inner_text()
     for stage in ("ingest", "extract", "dedup", "filter", "augment", "shards", "near_duplicate"):
         assert stage in text, (stage, text)
-
-
-def test_a_quick_run_of_deploy_from_the_ui_says_what_it_decided(operated, page):
-    """deploy/cpu run as a person runs it (Run, Quick run): the release of the deployment's profile is the
-    model the chain promoted, so the run keeps it, and its deploy artifact says so and why."""
-    dep = operated.deployment("deploy/cpu")
-    before = {r["id"] for r in operated.flow_runs(dep)}
-    page.goto(f"{operated.ui}/deployments/deployment/{dep['id']}")
-    page.get_by_text("Entrypoint").wait_for()
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_text("Quick run").click()
-    t0 = time.monotonic()
-    while not (new := [r for r in operated.flow_runs(dep) if r["id"] not in before]):
-        assert time.monotonic() - t0 < 30, "Quick run created no flow run"
-        time.sleep(1)
-    [run] = new
-    done = operated.wait_for_state(run["id"], {"Completed", "Failed", "Crashed"})
-    assert done["state_name"] == "Completed", done["state"]["message"]
     target = operated.config["deploy"].get("target") or operated.config["name"]
     page.goto(f"{operated.ui}/runs/flow-run/{run['id']}")
-    page.get_by_text("Completed", exact=True).first.wait_for()
     page.get_by_text("Artifacts", exact=True).click()
     page.get_by_text(f"deploy-{target}").first.click()
-    page.get_by_text("Unchanged", exact=True).first.wait_for()  # the artifact's markdown, rendered on its page
-    _shot(page, "05b-deploy-quick-run")
-    assert "it is already the promoted model" in page.locator("body").inner_text()
+    page.get_by_text("Unchanged", exact=True).first.wait_for()  # the artifact's markdown, on its own page
+    _shot(page, "05b-deploy-decision")
+    assert "It is already the promoted model." in page.locator("body").inner_text()
 
 
 def _changed_filter(config: dict) -> dict:
@@ -567,7 +551,9 @@ def test_the_command_line_finds_the_ui_runs_cache_records(operated, tmp_path):
     """`lmforge run` on the profile the retried UI run used: every stage Cached, nothing recomputed."""
     config = tmp_path / "changed-filter.yaml"
     config.write_text(yaml.safe_dump(_changed_filter(operated.config)))
-    env = _own_prefect_env()
+    # Against the running server, as a person at the UI would watch it (the cache records are found in
+    # the store's _prefect_results either way: Prefect looks a cache key up in result storage).
+    env = {**_own_prefect_env(), "PREFECT_API_URL": f"{operated.ui}/api", "PREFECT_API_AUTH_STRING": AUTH}
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--output-dir", str(tmp_path / "out")],
         cwd=ROOT,

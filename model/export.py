@@ -7,8 +7,8 @@ Design decisions:
   ``.value (batch, H, past, hd)`` per layer; outputs ``logits (batch, seq, V)`` and
   ``present.{i}.key`` / ``.value (batch, H, past + seq, hd)``: the names and layout of
   optimum's decoder-with-past exports. One cache tensor per layer, not one stacked
-  ``(L, ...)`` tensor: slicing and restacking it copied the whole cache twice a step (a
-  third of a 16-sequence decode step on the demo model). One graph serves prefill
+  ``(L, ...)`` tensor: slicing and restacking it copied the whole cache twice a step (about
+  30% of a 16-sequence decode step on the demo model). One graph serves prefill
   (past = 0) and decoding (seq = 1); RoPE angles are computed in-graph from past.
 - torch 2.13's dynamo exporter with ``torch.export.Dim`` for batch, seq and past. SDPA
   under dynamic dims has been known to specialise shapes silently (pytorch#152018), so
@@ -378,6 +378,7 @@ def export_model(
     )
     sizes = {name: _model_bytes(out / f) for name, f in files.items()}
     sig = graph_signature(fp32)
+    input_names, output_names = graph_names(cfg.n_layer)
     meta = {
         "gpt_config": cfg.to_dict(),
         "lm_head_untied": True,
@@ -393,8 +394,8 @@ def export_model(
             for name in files
         },
         "bytes": {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != EXPORT_FILE},
-        "inputs": {n: sig[n] for n in graph_names(cfg.n_layer)[0]},
-        "outputs": {n: sig[n] for n in graph_names(cfg.n_layer)[1]},
+        "inputs": {n: sig[n] for n in input_names},
+        "outputs": {n: sig[n] for n in output_names},
         "int8_op_counts": counts,
         "int8_matmul_integer_expected": expected_matmul_integer(cfg.n_layer),
         "int4_op_counts": int4_counts,

@@ -59,17 +59,16 @@ class OnnxLM:
         # (a store's promoted model may be one), stacked and split here at the cost of a copy a step.
         self.stacked = "past_key" in inputs
         if self.stacked:
-            n_layer, _, n_head, _, head_dim = inputs["past_key"].shape
             self._past, self._present = ["past_key", "past_value"], ["present_key", "present_value"]
         else:
             n_layer = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
             self._past, self._present = cache_names(n_layer, "past"), cache_names(n_layer, "present")
         missing = {"input_ids", "past_mask", *self._past} - set(inputs)
-        if missing or not n_layer:
+        if missing or not self._past:
             raise ValueError(f"{self.path}: not an lmforge export, inputs {sorted(missing)} are missing")
-        if not self.stacked:
-            _, n_head, _, head_dim = inputs["past_key_values.0.key"].shape
-        self.cache_dims = (int(n_layer), int(n_head), int(head_dim))
+        shape = inputs[self._past[0]].shape  # (L, B, H, P, hd) stacked, else (B, H, P, hd)
+        n_layer = shape[0] if self.stacked else len(self._past) // 2
+        self.cache_dims = (int(n_layer), int(shape[-3]), int(shape[-1]))
 
     def empty_cache(self, batch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         n_layer, n_head, head_dim = self.cache_dims

@@ -17,15 +17,13 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from model.gpt import GPT
 from model.hf import load_hf
+from model.onnx_generate import ExportedModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,20 +49,16 @@ class TorchLM:
         self.device, self.dtype = torch.device(device), dtype
         self.precision = next(name for name, d in DTYPES.items() if d == dtype)
         self.model = model.to(device=self.device, dtype=dtype).eval()
-        c = model.config
-        self.cache_dims = (c.n_layer, c.n_head, c.head_dim)
 
     @classmethod
-    def from_export(cls, model_dir: str | Path, device: str = "cpu", precision: str | None = None) -> "TorchLM":
-        """The export directory's ``hf/`` weights, with the context of its ``export.json``."""
-        model_dir = Path(model_dir)
+    def from_export(cls, export: ExportedModel, device: str = "cpu", precision: str | None = None) -> "TorchLM":
+        """The export directory's ``hf/`` weights, with the context its ``export.json`` gives."""
         precision = precision or ("bf16" if torch.device(device).type == "cuda" else "fp32")
         if precision not in DTYPES:
             raise ValueError(f"the torch backend runs in {sorted(DTYPES)}, got precision {precision!r}")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: torch sees no CUDA GPU on this machine")
-        meta = json.loads((model_dir / "export.json").read_text())
-        gpt = load_hf(model_dir / "hf", block_size=int(meta["gpt_config"]["block_size"]))
+        gpt = load_hf(export.dir / "hf", block_size=export.block_size)
         return cls(gpt, device, DTYPES[precision])
 
     def empty_cache(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -290,7 +290,7 @@ def load_lm(
         from model.torch_lm import TorchLM  # torch only where it is asked for
 
         torch.set_num_threads(threads)
-        lm = TorchLM.from_export(export.dir, device, precision)
+        lm = TorchLM.from_export(export, device, precision)
         return lm, lm.ops, lm.precision
     raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
 

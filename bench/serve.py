@@ -2,25 +2,27 @@
 
 The model is the demo's finetuned model, taken from a store (``--store``, default
 ``.lmforge/demo``: run ``make demo`` first) and exported here with the current code
-(ONNX + INT8 for lmforge, the Hugging Face directory for the baseline). Prompts are the
-first ``--prompt-tokens`` tokens of held-out documents of the store's latest dataset.
+(ONNX fp32/INT8 and the serving graphs for lmforge, the Hugging Face directory for the
+baseline). Prompts are the first ``--prompt-tokens`` tokens of held-out documents of the
+store's latest dataset.
 
-Three servers, one at a time, each driven by 1, 4, 16 and 64 concurrent clients (every
-client sends ``--requests-per-client`` requests one after the other, ``--new-tokens`` new
-tokens each, temperature 0, ``ignore``-free: a request may stop early at end of text):
+Servers, one at a time, each driven by 1, 4, 16 and 64 concurrent clients (every client
+sends ``--requests-per-client`` requests one after the other, ``--new-tokens`` new tokens
+each, temperature 0; a request may stop early at end of text):
 
-- ``lmforge serve`` (INT8, continuous batching, max batch 64),
-- ``lmforge serve --no-batching`` (the same server, one sequence per step),
+- ``lmforge serve --precision P`` (continuous batching, max batch 64), for each precision
+  (INT8 and fp32 by default: batching pays off differently on each, see the README),
+- ``lmforge serve --precision P --no-batching`` (the same server, one sequence per step),
 - what a user would write by hand: FastAPI + ``transformers`` ``generate`` per request on
   the HF directory (``bench/hf_server.py``).
 
-Results go to ``bench/results/serve.json``/``.md``, or ``serve-<backend>-<device>-<precision>``
-for another backend or precision (``--precision fp32``; ``--backend torch --device cuda``
-on a GPU host). Reported per run: generated tokens per second (all clients), time to first token (p50,
+Results go to ``bench/results/serve.json``/``.md``, or ``serve-<backend>-<device>`` for
+another backend (``--backend torch --device cuda --precisions bf16`` on a GPU host).
+Reported per run: generated tokens per second (all clients), time to first token (p50,
 streamed; the hand-written server does not stream, so its first token is its last) and
 request latency p50 / p99, and errors.
 
-    .venv/bin/python bench/serve.py                      # about 8 minutes on 2 cores
+    .venv/bin/python bench/serve.py                      # about 10 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -195,14 +197,14 @@ def engine_alone(onnx_dir: Path, batch_sizes=(1, 16, 64), new_tokens: int = 64) 
     import numpy as np
 
     from model.batching import ContinuousBatcher, GenerationRequest
-    from model.onnx_generate import OnnxLM
+    from model.onnx_generate import ServingGraph
 
-    lm = OnnxLM(onnx_dir / "model.int8.onnx")
+    graph = ServingGraph(onnx_dir / "serve.int8.onnx")
     meta = json.loads((onnx_dir / "export.json").read_text())
     rng = np.random.default_rng(0)
     rows = []
     for batch in batch_sizes:
-        b = ContinuousBatcher(lm, meta["gpt_config"]["block_size"], None, batch, batch)
+        b = ContinuousBatcher(graph.cache(batch), meta["gpt_config"]["block_size"], None, batch, batch)
         for _ in range(batch):
             b.submit(GenerationRequest([meta["eot_id"], *rng.integers(1, 1000, 24).tolist()], new_tokens, 0.0))
         t0, tokens = time.perf_counter(), 0
@@ -221,7 +223,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per client count of lmforge's servers (median)")
     ap.add_argument("--backend", default="onnx", help="lmforge serve's backend: onnx (CPU) or torch")
     ap.add_argument("--device", default="cpu", help="with --backend torch: cpu or cuda")
-    ap.add_argument("--precision", help="lmforge serve's precision (default: int8 on onnx, bf16 on cuda)")
+    ap.add_argument(
+        "--precisions",
+        nargs="+",
+        help="lmforge serve's precisions, each with and without batching (default: int8 and fp32 on onnx, bf16 on cuda)",
+    )
     ap.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
@@ -231,20 +237,26 @@ def main() -> None:
         alone = engine_alone(onnx_dir, new_tokens=args.new_tokens)
         print(json.dumps({"engine_alone": alone}), flush=True)
         lmforge = [sys.executable, "-m", "flows.cli", "serve", "--model", str(onnx_dir), "--backend", args.backend]
-        lmforge += ["--device", args.device] + (["--precision", args.precision] if args.precision else [])
-        servers = {  # name: (command, streams, repeats)
-            "lmforge serve (continuous batching)": (
-                lmforge + ["--max-batch", "64", "--max-queue", "256"],
+        lmforge += ["--device", args.device]
+        precisions = args.precisions or (["int8", "fp32"] if args.backend == "onnx" else ["bf16"])
+        servers = {}  # name: (command, streams, repeats)
+        for precision in precisions:
+            cmd = lmforge + ["--precision", precision]
+            servers[f"lmforge serve {precision} (continuous batching)"] = (
+                cmd + ["--max-batch", "64", "--max-queue", "256"],
                 True,
                 args.repeats,
-            ),
-            "lmforge serve --no-batching": (lmforge + ["--no-batching", "--max-queue", "256"], True, args.repeats),
-            "FastAPI + transformers generate (by hand)": (  # once: minutes per run, and far behind
-                [sys.executable, str(ROOT / "bench" / "hf_server.py"), "--model", str(hf_dir)],
-                False,
-                1,
-            ),
-        }
+            )
+            servers[f"lmforge serve {precision} --no-batching"] = (
+                cmd + ["--no-batching", "--max-queue", "256"],
+                True,
+                args.repeats,
+            )
+        servers["FastAPI + transformers generate (by hand)"] = (  # once: minutes per run, and far behind
+            [sys.executable, str(ROOT / "bench" / "hf_server.py"), "--model", str(hf_dir)],
+            False,
+            1,
+        )
         rows = []
         for name, (cmd, stream, repeats) in servers.items():
             port = free_port()
@@ -276,11 +288,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    variant = (
-        ""
-        if (args.backend, args.device, args.precision) == ("onnx", "cpu", None)
-        else "-" + "-".join(v for v in (args.backend, args.device, args.precision) if v)
-    )
+    variant = "" if (args.backend, args.device) == ("onnx", "cpu") else f"-{args.backend}-{args.device}"
     (out / f"serve{variant}.json").write_text(json.dumps(result, indent=2))
     m = result["machine"]
     lines = [
@@ -288,9 +296,8 @@ def main() -> None:
         "",
         f"{args.new_tokens} new tokens per request at temperature 0, {args.requests_per_client} requests per client,"
         f" prompts of {args.prompt_tokens} tokens from held-out documents; lmforge serve with `--backend {args.backend}"
-        f" --device {args.device}{' --precision ' + args.precision if args.precision else ''}` (default threads: all"
-        f" cores but one). Each lmforge row is the median of {args.repeats} runs (tokens/s of each run beside it)."
-        " Written by `bench/serve.py`.",
+        f" --device {args.device}` (default threads: all cores but one). Each lmforge row is the median of"
+        f" {args.repeats} runs (tokens/s of each run beside it). Written by `bench/serve.py`.",
         "",
         "| server | clients | tokens/s | runs | TTFT p50 (s) | latency p50 (s) | latency p99 (s) | errors |",
         "|---|---:|---:|---|---:|---:|---:|---:|",
@@ -302,18 +309,21 @@ def main() -> None:
             f" | {r['latency_p99_s']} | {r['errors']} |"
         )
     by = {(r["server"], r["clients"]): r["tokens_per_s"] for r in rows}
-    names = list(dict.fromkeys(r["server"] for r in rows))
+    hand = "FastAPI + transformers generate (by hand)"
     lines.append("")
-    for clients in args.clients:
-        batched, plain, hand = (by.get((n, clients)) for n in (names + [None, None, None])[:3])
-        if batched and plain and hand:
-            lines.append(
-                f"- {clients} client{'s' if clients > 1 else ''}: continuous batching {batched / plain:.2f}x the tokens/s of batching off,"
-                f" {batched / hand:.1f}x the hand-written server's."
-            )
+    for precision in precisions:
+        for clients in args.clients:
+            batched = by.get((f"lmforge serve {precision} (continuous batching)", clients))
+            plain = by.get((f"lmforge serve {precision} --no-batching", clients))
+            by_hand = by.get((hand, clients))
+            if batched and plain and by_hand:
+                lines.append(
+                    f"- {precision}, {clients} client{'s' if clients > 1 else ''}: continuous batching"
+                    f" {batched / plain:.2f}x the tokens/s of batching off, {batched / by_hand:.1f}x the hand-written server's."
+                )
     lines += [
         "",
-        "The batcher alone (no HTTP, no clients competing for the cores), INT8, same prompts' length:",
+        "The batcher alone (no HTTP, no clients competing for the cores), INT8 serving graph, same prompts' length:",
         "",
         "| sequences per step | tokens/s |",
         "|---:|---:|",

@@ -241,7 +241,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         follower.start()
     following = f", following {served.version} as promoted" if follower else ""
     engine = served.engine
-    runs_on = f"{engine.backend} {engine.precision} on {engine.device}"
+    runs_on = f"{engine.backend} {engine.precision} on {engine.device}, {engine.graph}"
     print(f"lmforge serve: {name} ({runs_on}{following}) on http://{args.host}:{args.port}/v1", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)

@@ -1,21 +1,20 @@
 """Continuous batching: many generations share each forward pass; they join and leave between steps.
 
-numpy only (no torch): it drives any language model with the exported graph's contract,
-``lm(ids, past_k, past_v, past_mask) -> (logits, present_k, present_v)`` with one cache
-array per layer, and ``lm.empty_cache(batch)``: an :class:`model.onnx_generate.OnnxLM` on
-CPU, or :class:`model.torch_lm.TorchLM` on a GPU (its caches stay torch tensors on the
-device; :class:`CacheOps` is how the batcher joins, pads and drops their rows).
+numpy only (no torch). The batcher schedules; a :class:`BatchCache` holds the running
+rows' KV caches and steps the model over them. Two kinds: the serving graph's
+:class:`model.onnx_generate.SlotCache` (one buffer per layer updated in place by
+onnxruntime's ``GroupQueryAttention``, each row its own length: what ``lmforge serve``
+runs on CPU), and :class:`PaddedCache` over any model with the exported ``model.onnx``'s
+contract, ``lm(ids, past_k, past_v, past_mask) -> (logits, present_k, present_v)``: an
+:class:`model.onnx_generate.OnnxLM`, or :class:`model.torch_lm.TorchLM` on a GPU (its caches
+stay torch tensors on the device; :class:`CacheOps` is how they are joined and padded).
 
 Design decisions (vLLM's and TGI's scheduling, in the small):
 - One decode step runs every active sequence at once: one new token each, one graph call.
-  Their KV caches live in one batch array per layer ``(B, H, P, hd)``, **left-padded** to
-  the longest history, with ``past_mask`` marking the padding. The graph's present cache
-  is the next step's past as is: no per-step copying.
-- A new request is prefilled alone (its whole prompt in one call, no padding), then joins
-  the batch between steps: its cache row is left-padded to the batch's length (or the
-  batch to its length). A finished or cancelled sequence leaves between steps (its row is
-  dropped). Columns of padding that every row has are trimmed, so the batch's length
-  follows its longest member, not its history.
+- A new request is prefilled alone (its whole prompt in one call, no padding) as the
+  batch's new last row. A finished or cancelled sequence leaves between steps; the cache
+  may move rows to fill the hole (:meth:`BatchCache.drop` says how), and the batcher's
+  ``running`` list follows it.
 - Prefills come first in each :meth:`ContinuousBatcher.step` (at most ``max_prefills``),
   then one decode step for everyone else: waiting requests start soon, and running ones
   never stall for more than a few prefills.
@@ -38,7 +37,7 @@ from model.decoding import check_sampling, fit_prompt, sample_token
 
 
 class CachedLM(Protocol):
-    """What the batcher drives: one forward step over per-layer caches (see the module docstring)."""
+    """A model stepped over explicit per-layer caches (the exported ``model.onnx``'s contract)."""
 
     def __call__(self, ids: np.ndarray, past_k: list, past_v: list, past_mask: np.ndarray) -> tuple[Any, list, list]:
         """Logits as a numpy array (B, T, V) and the present caches."""
@@ -47,8 +46,28 @@ class CachedLM(Protocol):
         """Zero-length caches (keys, values), one per layer."""
 
 
+class BatchCache(Protocol):
+    """The running batch's KV caches and the model step over them: row i is the batcher's ``running[i]``.
+
+    Two implementations: :class:`PaddedCache` (any :class:`CachedLM`: caches returned by
+    each step, rows left-padded to the longest) and :class:`model.onnx_generate.SlotCache`
+    (the serving graph: one buffer per layer updated in place, each row its own length).
+    """
+
+    rows: int
+
+    def add(self, ids: Sequence[int]) -> np.ndarray:
+        """Prefill ``ids`` as a new last row; the logits (V,) of its last position."""
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """One new token for every row (ids (rows, 1)); logits (rows, V)."""
+
+    def drop(self, gone: list[int]) -> list[int]:
+        """Free the rows ``gone``; returns the new row order as old row indices (the cache may move rows)."""
+
+
 class CacheOps:
-    """How the batcher combines cache arrays (B, H, P, hd): numpy's; :mod:`model.torch_lm` has torch's."""
+    """How :class:`PaddedCache` combines cache arrays (B, H, P, hd): numpy's; :mod:`model.torch_lm` has torch's."""
 
     @staticmethod
     def concat(arrays: list, axis: int):
@@ -58,6 +77,58 @@ class CacheOps:
     def left_pad(a, length: int):
         """``a`` with zeros before its sequence axis (2) up to ``length``."""
         return np.pad(a, [(0, 0), (0, 0), (length - a.shape[2], 0), (0, 0)]) if a.shape[2] < length else a
+
+
+class PaddedCache:
+    """A :class:`BatchCache` over a :class:`CachedLM` whose step returns new caches (``present = past + new``).
+
+    The caches live in one batch array per layer ``(B, H, P, hd)``, **left-padded** to the
+    longest history, with ``past_mask`` marking the padding; the graph's present cache is
+    the next step's past as is. A new row is left-padded to the batch's length (or the
+    batch to its length); dropped rows are removed and columns of padding that every row
+    has are trimmed, so the batch's length follows its longest member, not its history.
+    Every step copies the whole cache (the graph's concat): :class:`model.onnx_generate.SlotCache`
+    does not, where a serving graph exists.
+    """
+
+    def __init__(self, lm: CachedLM, ops: CacheOps | None = None):
+        self.lm, self.ops = lm, ops or CacheOps()
+        self.rows = 0
+        self._k = self._v = self._mask = None
+
+    def add(self, ids: Sequence[int]) -> np.ndarray:
+        batch = np.asarray([ids], dtype=np.int64)
+        logits, k, v = self.lm(batch, *self.lm.empty_cache(1), np.zeros((1, 0), dtype=np.int64))
+        mask = np.ones((1, k[0].shape[2]), dtype=np.int64)
+        if self._k is None:
+            self._k, self._v, self._mask = k, v, mask
+        else:
+            length = max(self._mask.shape[1], mask.shape[1])
+            pad, cat = self.ops.left_pad, self.ops.concat
+            self._k = [cat([pad(a, length), pad(b, length)], 0) for a, b in zip(self._k, k)]
+            self._v = [cat([pad(a, length), pad(b, length)], 0) for a, b in zip(self._v, v)]
+            self._mask = np.concatenate([_left_pad_mask(self._mask, length), _left_pad_mask(mask, length)])
+        self.rows += 1
+        return logits[0, -1]
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        logits, self._k, self._v = self.lm(ids, self._k, self._v, self._mask)
+        self._mask = np.concatenate([self._mask, np.ones((self.rows, 1), dtype=np.int64)], axis=1)
+        return logits[:, -1]
+
+    def drop(self, gone: list[int]) -> list[int]:
+        gone_set = set(gone)
+        keep = [i for i in range(self.rows) if i not in gone_set]
+        self.rows = len(keep)
+        if not keep:
+            self._k = self._v = self._mask = None
+            return keep
+        self._mask = self._mask[keep]
+        pad = int(np.argmax(self._mask.any(axis=0)))  # columns of padding every row has
+        self._mask = self._mask[:, pad:]
+        self._k = [a[keep][:, :, pad:] for a in self._k]
+        self._v = [a[keep][:, :, pad:] for a in self._v]
+        return keep
 
 
 @dataclass
@@ -103,19 +174,12 @@ class ContinuousBatcher:
     """
 
     def __init__(
-        self,
-        lm: CachedLM,
-        block_size: int,
-        eot_id: int | None,
-        max_batch: int = 16,
-        max_prefills: int = 2,
-        ops: CacheOps | None = None,
+        self, cache: BatchCache, block_size: int, eot_id: int | None, max_batch: int = 16, max_prefills: int = 2
     ):
-        self.lm, self.block_size, self.eot_id, self.ops = lm, block_size, eot_id, ops or CacheOps()
+        self.cache, self.block_size, self.eot_id = cache, block_size, eot_id
         self.max_batch, self.max_prefills = max_batch, max_prefills
         self.waiting: deque[Generation] = deque()
         self.running: list[Generation] = []  # row i of the batch cache is running[i]
-        self._k = self._v = self._mask = None
         self._ids = itertools.count()
 
     # --- the queue ------------------------------------------------------------------------
@@ -152,30 +216,25 @@ class ContinuousBatcher:
         while self.waiting and started < self.max_prefills and len(self.running) < self.max_batch:
             events.append(self._prefill(self.waiting.popleft()))
             started += 1
+        self._drop_finished()  # a prompt whose first token ended it
         if self.running:
             events += self._decode()
         self._drop_finished()
         return events
 
     def _prefill(self, gen: Generation) -> tuple[Generation, int | None]:
-        ids = np.asarray([gen._feed], dtype=np.int64)
-        logits, k, v = self.lm(ids, *self.lm.empty_cache(1), np.zeros((1, 0), dtype=np.int64))
+        logits = self.cache.add(gen._feed)
+        self.running.append(gen)
         gen._fed += len(gen._feed)
-        token = self._choose(gen, logits[0, -1])
-        if not gen.done:
-            self._join(gen, k, v)
-        return gen, token
+        return gen, self._choose(gen, logits)
 
     def _decode(self) -> list[tuple[Generation, int | None]]:
         ids = np.asarray([[g._feed[-1]] for g in self.running], dtype=np.int64)
-        logits, self._k, self._v = self.lm(ids, self._k, self._v, self._mask)
-        self._mask = np.concatenate([self._mask, np.ones((len(self.running), 1), dtype=np.int64)], axis=1)
+        logits = self.cache.decode(ids)
         events = []
         for row, gen in enumerate(self.running):
-            if gen.done:
-                continue
             gen._fed += 1
-            events.append((gen, self._choose(gen, logits[row, -1])))
+            events.append((gen, self._choose(gen, logits[row])))
         return events
 
     def _choose(self, gen: Generation, logits: np.ndarray) -> int | None:
@@ -191,34 +250,10 @@ class ContinuousBatcher:
             gen.finish_reason = "length"
         return token
 
-    # --- the batch cache ------------------------------------------------------------------
-
-    def _join(self, gen: Generation, k: list, v: list) -> None:
-        """Add a prefilled row, left-padding it or the batch so their lengths agree."""
-        mask = np.ones((1, k[0].shape[2]), dtype=np.int64)
-        if self._k is None:
-            self._k, self._v, self._mask = k, v, mask
-        else:
-            length = max(self._mask.shape[1], mask.shape[1])
-            pad, cat = self.ops.left_pad, self.ops.concat
-            self._k = [cat([pad(a, length), pad(b, length)], 0) for a, b in zip(self._k, k)]
-            self._v = [cat([pad(a, length), pad(b, length)], 0) for a, b in zip(self._v, v)]
-            self._mask = np.concatenate([_left_pad_mask(self._mask, length), _left_pad_mask(mask, length)])
-        self.running.append(gen)
-
     def _drop_finished(self) -> None:
-        keep = [i for i, g in enumerate(self.running) if not g.done]
-        if len(keep) == len(self.running):
-            return
-        self.running = [self.running[i] for i in keep]
-        if not keep:
-            self._k = self._v = self._mask = None
-            return
-        self._mask = self._mask[keep]
-        pad = int(np.argmax(self._mask.any(axis=0)))  # columns of padding every row has
-        self._mask = self._mask[:, pad:]
-        self._k = [a[keep][:, :, pad:] for a in self._k]
-        self._v = [a[keep][:, :, pad:] for a in self._v]
+        gone = [i for i, g in enumerate(self.running) if g.done]
+        if gone:
+            self.running = [self.running[i] for i in self.cache.drop(gone)]
 
 
 def _left_pad_mask(mask: np.ndarray, length: int) -> np.ndarray:

@@ -25,6 +25,11 @@ Design decisions:
   blocks of 32 with an fp32 scale each (activations stay fp32): about 5 bits a weight
   against INT8's 8, for a larger loss, which the gate bounds separately (5% by default).
   It needs no calibration either.
+- Beside them, the **serving graph** (:mod:`model.serving_graph`, ``serve.onnx`` and its
+  INT8 ``serve.int8.onnx``): the same weights as onnxruntime's fused ops with the KV cache
+  updated in place, what ``lmforge serve`` batches. It is checked against torch like
+  ``model.onnx`` (:func:`serving_parity`, in the gate's parity figure). Models whose head
+  size onnxruntime's ``GroupQueryAttention`` cannot take get none and serve ``model*.onnx``.
 """
 
 from __future__ import annotations
@@ -46,11 +51,14 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from model.evaluate import EvalDoc, evaluate_documents, evaluate_logits_fn
-from model.onnx_generate import EXPORT_FILE, TOKENIZER_FILE, OnnxLM, cache_names
+from model.onnx_generate import EXPORT_FILE, TOKENIZER_FILE, OnnxLM, ServingGraph, cache_names
+from model.serving_graph import SERVE_INT8_FILE, save_serving_graph
+from model.serving_graph import unsupported as serving_graph_unsupported
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 INT4_FILE = "model.int4.onnx"
+log = logging.getLogger("lmforge.export")
 PARITY_SHAPES = ((1, 1, 0), (1, 7, 0), (3, 7, 5), (3, 1, 5), (2, 4, 9))
 """(batch, seq, past) cases of :func:`parity`: prefill, batched prefill after a cache, T=1 decode."""
 _EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GiB; larger models keep weights in a side file
@@ -162,7 +170,15 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> dict[str, int]
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     external = fp32_path.stat().st_size > _EXTERNAL_DATA_BYTES or fp32_path.with_name(fp32_path.name + ".data").exists()
     with _quiet(""):  # onnxruntime's advice to pre-process goes to the root logger on every call
-        quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, use_external_data_format=external)
+        quantize_dynamic(
+            str(fp32_path),
+            str(out_path),
+            weight_type=QuantType.QInt8,
+            use_external_data_format=external,
+            # The serving graph's contrib ops (SimplifiedLayerNormalization, GroupQueryAttention)
+            # have no ONNX shape inference: their outputs are float.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     return op_counts(out_path)
 
 
@@ -191,13 +207,13 @@ def quantize_int4(fp32_path: str | Path, out_path: str | Path, block_size: int =
 def _quiet(logger_name: str):
     """Raise a logger to ERROR for a block: the exporters' notices (missing torchvision ops,
     pre-processing advice) are not problems of this export and would bury the real log."""
-    log = logging.getLogger(logger_name)
-    level = log.level
-    log.setLevel(logging.ERROR)
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        log.setLevel(level)
+        logger.setLevel(level)
 
 
 def expected_matmul_integer(n_layer: int) -> int:
@@ -231,6 +247,35 @@ def parity(
         got = lm(ids.numpy(), [t.numpy() for t in pk], [t.numpy() for t in pv])
         pairs = [(got[0], ref[0]), *zip(got[1] + got[2], ref[1] + ref[2])]
         worst = max(worst, *(float(np.abs(o - r.numpy()).max()) for o, r in pairs))
+    return worst
+
+
+@torch.no_grad()
+def serving_parity(
+    model: torch.nn.Module, serve_path: str | Path, lengths=(7, 3, 12), steps: int = 3, seed: int = 0
+) -> float:
+    """Max |torch - serving graph| over last-position logits, rows of different lengths batched in place.
+
+    Each row is prefilled alone, then all decode ``steps`` tokens together; the last row
+    is dropped once (its slot refilled) so the in-place bookkeeping is checked too.
+    """
+    gpt = _cpu_fp32_copy(model)
+    cache = ServingGraph(serve_path).cache(len(lengths))
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, gpt.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+    def ref(seq: list[int]) -> np.ndarray:
+        return gpt(torch.tensor([seq]))[0][0, -1].numpy()
+
+    worst = max(float(np.abs(cache.add(s) - ref(s)).max()) for s in seqs)
+    for step in range(steps):
+        if step == 1:
+            seqs = [seqs[i] for i in cache.drop([0])]
+        nxt = torch.randint(0, gpt.config.vocab_size, (len(seqs),), generator=g).tolist()
+        got = cache.decode(np.asarray(nxt, dtype=np.int64)[:, None])
+        for row, (seq, token) in enumerate(zip(seqs, nxt)):
+            seq.append(token)
+            worst = max(worst, float(np.abs(got[row] - ref(seq)).max()))
     return worst
 
 
@@ -356,7 +401,18 @@ def export_model(
     counts = quantize_int8(fp32, out / INT8_FILE)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out / TOKENIZER_FILE)
-    diff = parity(model, fp32, threads=threads)
+    onnx_diff = parity(model, fp32, threads=threads)
+    serve_files, serve_diff, why_not = {}, None, serving_graph_unsupported(cfg.to_dict())
+    if why_not is None:
+        serve_files = {
+            "fp32": save_serving_graph(_state_arrays(model), cfg.to_dict(), out).name,
+            "int8": SERVE_INT8_FILE,
+        }
+        quantize_int8(out / serve_files["fp32"], out / SERVE_INT8_FILE)
+        serve_diff = serving_parity(model, out / serve_files["fp32"])
+    else:
+        log.info("no serving graph (lmforge serve batches model.onnx instead): %s", why_not)
+    diff = max(onnx_diff, serve_diff or 0.0)
     torch_eval = evaluate_documents(model, val_docs, eot_id, cfg.block_size, batch_size)
     fp32_eval = onnx_val_loss(fp32, val_docs, eot_id, cfg.block_size, batch_size, threads)
     int8_eval = onnx_val_loss(out / INT8_FILE, val_docs, eot_id, cfg.block_size, batch_size, threads)
@@ -385,6 +441,7 @@ def export_model(
         "eot_id": eot_id,
         "opset": _opset(fp32),
         "files": files,
+        "serve_files": serve_files,
         "precisions": {
             name: {
                 "bytes": sizes[name],
@@ -399,12 +456,18 @@ def export_model(
         "int8_op_counts": counts,
         "int8_matmul_integer_expected": expected_matmul_integer(cfg.n_layer),
         "int4_op_counts": int4_counts,
-        "parity_max_abs_diff": diff,
+        "parity_max_abs_diff": onnx_diff,
+        "serve_parity_max_abs_diff": serve_diff,
         "val": val,
         "gate": {"passed": verdict.passed, "message": verdict.message, "checks": verdict.checks},
     }
     (out / EXPORT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return ExportResult(out, verdict, meta)
+
+
+def _state_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's weights as fp32 numpy arrays, by their state-dict names (what the serving graph is built from)."""
+    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
 
 
 def _model_bytes(path: Path) -> int:

@@ -36,6 +36,17 @@ def cache_names(n_layer: int, kind: str) -> list[str]:
     return [f"{prefix}.{i}.{part}" for i in range(n_layer) for part in ("key", "value")]
 
 
+def cpu_session(path: Path, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session; ``spin=False`` keeps idle intra-op threads from busy-waiting."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxLM:
     """One exported graph in an onnxruntime session: ``(ids, past_k, past_v, past_mask) -> (logits, present_k, present_v)``.
 
@@ -46,14 +57,8 @@ class OnnxLM:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True):
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        if not spin:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(self.path, threads, spin)
         inputs = {i.name: i for i in self.session.get_inputs()}
         # Exports before the per-layer layout took one stacked (L, B, H, P, hd) cache: still read
         # (a store's promoted model may be one), stacked and split here at the cost of a copy a step.
@@ -126,6 +131,11 @@ class ExportedModel:
             raise ValueError(f"precision must be one of {sorted(files)}, got {precision!r}")
         return self._file(files[precision])
 
+    def serving_graph(self, precision: str) -> Path | None:
+        """The serving graph of ``precision`` (:mod:`model.serving_graph`), or None where the export has none."""
+        name = self.meta.get("serve_files", {}).get(precision)
+        return self._file(name) if name else None
+
     def _file(self, name: str) -> Path:
         if not (self.dir / name).is_file():
             raise FileNotFoundError(f"{self.dir / name} not found: the exported model directory is incomplete")
@@ -172,3 +182,120 @@ class OnnxGenerator(ExportedModel):
         ids = [self.eot_id] + self.tokenizer.encode(prompt).ids
         new = self.generate_ids(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return self.tokenizer.decode(new)
+
+
+class ServingGraph:
+    """The serving graph (:mod:`model.serving_graph`) in an onnxruntime session; :meth:`cache` makes a batch cache on it."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True):
+        self.path = Path(path)
+        self.session = cpu_session(self.path, threads, spin)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        n_layer = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+        missing = {"input_ids", "seqlens_k", "total_sequence_length"} - set(inputs)
+        if missing or not n_layer:
+            raise ValueError(f"{self.path}: not an lmforge serving graph, inputs {sorted(missing)} are missing")
+        self.past, self.present = cache_names(n_layer, "past"), cache_names(n_layer, "present")
+        _, self.n_head, self.block_size, self.head_dim = inputs[self.past[0]].shape
+        self.vocab_size = next(o.shape[-1] for o in self.session.get_outputs() if o.name == "logits")
+
+    def cache(self, max_rows: int) -> "SlotCache":
+        return SlotCache(self, max_rows)
+
+
+class SlotCache:
+    """A :class:`model.batching.BatchCache` for the serving graph: the KV cache updated in place.
+
+    One buffer per layer and kind, ``(capacity, H, block_size, hd)``; row i of the batch is
+    slot i, holding ``lengths[i]`` tokens. Each graph call binds the rows' slots as both the
+    past and the present cache (``GroupQueryAttention`` then writes the new keys and values
+    in place) and tells each row's length (``seqlens_k``): no copy of the cache per step and
+    no padding, so a decode step costs what the rows hold, not ``rows x longest``. A dropped
+    row's slot is refilled with the last row's (one row copied), so the rows stay the
+    buffer's first ``rows`` slots and a call binds one contiguous view. The buffers grow by
+    doubling up to ``max_rows``: memory follows the load, not the configured maximum.
+
+    A decode step writes its ids and lengths into arrays that an onnxruntime binding already
+    points at (one binding per batch size, kept until the buffers grow): binding 20 tensors
+    anew every call cost about as much as a one-row step's compute on the demo model.
+    """
+
+    def __init__(self, graph: ServingGraph, max_rows: int):
+        self.graph, self.max_rows, self.rows = graph, max_rows, 0
+        self.lengths = np.zeros(max_rows, dtype=np.int32)
+        self._ids = np.zeros((max_rows, 1), dtype=np.int64)
+        self._seqlens = np.zeros(max_rows, dtype=np.int32)
+        self._total = np.zeros((), dtype=np.int32)
+        self._logits = np.zeros((max_rows, graph.vocab_size), dtype=np.float32)
+        self._decoders: dict[int, ort.IOBinding] = {}
+        self._buffers = self._allocate(min(max_rows, 4))
+
+    def _allocate(self, capacity: int) -> list[np.ndarray]:
+        g = self.graph
+        self._decoders.clear()  # they point at the old buffers
+        return [np.zeros((capacity, g.n_head, g.block_size, g.head_dim), np.float32) for _ in g.past]
+
+    def add(self, ids) -> np.ndarray:
+        if self.rows == self.max_rows:
+            raise RuntimeError(f"the batch cache holds {self.max_rows} rows already")
+        if self.rows == len(self._buffers[0]):
+            grown = self._allocate(min(self.max_rows, 2 * self.rows))
+            longest = int(self.lengths[: self.rows].max())
+            for new, old in zip(grown, self._buffers):
+                new[: self.rows, :, :longest] = old[: self.rows, :, :longest]
+            self._buffers = grown
+        row, n = self.rows, len(ids)
+        prompt = np.asarray([ids], dtype=np.int64)
+        binding = self._bind(row, row + 1)
+        binding.bind_cpu_input("input_ids", prompt)
+        self._seqlens[row], self._total[...] = n - 1, n
+        self.graph.session.run_with_iobinding(binding)
+        self.lengths[row] = n
+        self.rows += 1
+        return self._logits[row].copy()
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        rows = self.rows
+        binding = self._decoders.get(rows)
+        if binding is None:
+            binding = self._decoders[rows] = self._bind(0, rows)
+            self._bind_array(binding, "input_ids", self._ids[:rows])
+        self._ids[:rows] = ids
+        self._seqlens[:rows] = self.lengths[:rows]
+        self._total[...] = self.lengths[:rows].max() + 1
+        self.graph.session.run_with_iobinding(binding)
+        self.lengths[:rows] += 1
+        return self._logits[:rows].copy()
+
+    def drop(self, gone: list[int]) -> list[int]:
+        gone_set = set(gone)
+        left = self.rows - len(gone_set)
+        order = list(range(left))
+        holes = [i for i in sorted(gone_set) if i < left]
+        movers = [i for i in range(left, self.rows) if i not in gone_set]
+        for hole, mover in zip(holes, movers):
+            n = int(self.lengths[mover])
+            for buf in self._buffers:
+                buf[hole, :, :n] = buf[mover, :, :n]
+            self.lengths[hole] = n
+            order[hole] = mover
+        self.rows = left
+        return order
+
+    def _bind(self, start: int, stop: int) -> ort.IOBinding:
+        """A binding of slots ``start:stop`` (caches in place), their lengths and logits rows; ids are bound by the caller."""
+        g = self.graph
+        binding = g.session.io_binding()
+        self._bind_array(binding, "seqlens_k", self._seqlens[start:stop])
+        self._bind_array(binding, "total_sequence_length", self._total)
+        self._bind_array(binding, "logits", self._logits[start:stop], output=True)
+        for past, present, buf in zip(g.past, g.present, self._buffers):
+            view = buf[start:stop]  # a leading-axis slice of a C-ordered buffer: contiguous
+            self._bind_array(binding, past, view)
+            self._bind_array(binding, present, view, output=True)
+        return binding
+
+    @staticmethod
+    def _bind_array(binding: ort.IOBinding, name: str, array: np.ndarray, output: bool = False) -> None:
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)

@@ -31,11 +31,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from model.batching import CachedLM, CacheOps, ContinuousBatcher, Generation, GenerationRequest
-from model.onnx_generate import ExportedModel, OnnxLM
+from model.batching import BatchCache, ContinuousBatcher, Generation, GenerationRequest, PaddedCache
+from model.onnx_generate import ExportedModel, OnnxLM, ServingGraph
 from model.serving.metrics import Metrics
 
 log = logging.getLogger("lmforge.serve")
@@ -84,7 +85,7 @@ class Engine:
         export = ExportedModel(model_dir)
         self.dir, self.meta, self.tokenizer = export.dir, export.meta, export.tokenizer
         self.eot_id, self.block_size = export.eot_id, export.block_size
-        self.lm, self.ops, self.precision = load_lm(export, backend, precision, device, threads)
+        self.new_cache, self.precision, self.graph = load_lm(export, backend, precision, device, threads)
         self.backend, self.device = backend, device
         self.max_queue = max_queue
         self.max_batch = max_batch if batching else 1
@@ -100,7 +101,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
 
     def _new_batcher(self) -> ContinuousBatcher:
-        return ContinuousBatcher(self.lm, self.block_size, self.eot_id, max_batch=self.max_batch, ops=self.ops)
+        return ContinuousBatcher(self.new_cache(self.max_batch), self.block_size, self.eot_id, self.max_batch)
 
     # --- called from request handlers (any thread) -------------------------------------
 
@@ -268,11 +269,14 @@ BACKENDS = ("onnx", "torch")
 
 def load_lm(
     export: ExportedModel, backend: str, precision: str | None, device: str, threads: int | None
-) -> tuple[CachedLM, CacheOps | None, str]:
-    """The model a backend steps, the batcher's cache operations for it, and the precision it runs in.
+) -> tuple[Callable[[int], BatchCache], str, str]:
+    """How to make a batch cache of n rows on the backend's model, the precision it runs in, and which graph.
 
-    ``onnx``: the exported graph on onnxruntime's CPU provider (``int8`` by default; no torch
-    needed), its idle threads not spinning (they would take the core the HTTP loop needs).
+    ``onnx``: onnxruntime's CPU provider (``int8`` by default; no torch needed), its idle
+    threads not spinning (they would take the core the HTTP loop needs). The export's
+    serving graph (KV cache updated in place, :class:`model.onnx_generate.SlotCache`) where
+    it has one of the precision; otherwise (``int4``, or an export from before serving
+    graphs) ``model*.onnx`` with the batch left-padded (:class:`model.batching.PaddedCache`).
     ``threads`` defaults to all cores but one: the HTTP loop and the clients' streams need a
     core too, and an intra-op thread that loses its core stalls every operator it shares.
     ``torch``: the export's Hugging Face weights on ``device`` (``cuda`` for a GPU; ``bf16``
@@ -283,7 +287,13 @@ def load_lm(
         if device != "cpu":
             raise ValueError(f"the onnx backend runs on the CPU; serve a GPU ({device}) with --backend torch")
         precision = precision or "int8"
-        return OnnxLM(export.graph(precision), threads, spin=False), None, precision
+        serving = export.serving_graph(precision)
+        if serving is not None:
+            graph = ServingGraph(serving, threads, spin=False)
+            return graph.cache, precision, f"{serving.name} (in-place KV cache)"
+        path = export.graph(precision)
+        lm = OnnxLM(path, threads, spin=False)
+        return lambda rows: PaddedCache(lm), precision, f"{path.name} (padded KV cache)"
     if backend == "torch":
         import torch
 
@@ -291,7 +301,7 @@ def load_lm(
 
         torch.set_num_threads(threads)
         lm = TorchLM.from_export(export, device, precision)
-        return lm, lm.ops, lm.precision
+        return lambda rows: PaddedCache(lm, lm.ops), lm.precision, "hf/ (torch)"
     raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
 
 

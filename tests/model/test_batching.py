@@ -1,4 +1,4 @@
-"""Continuous batching gives every request exactly the tokens it would get alone."""
+"""Continuous batching gives every request exactly the tokens it would get alone, on either batch cache."""
 
 import copy
 
@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.batching import ContinuousBatcher, GenerationRequest
+from model.batching import ContinuousBatcher, GenerationRequest, PaddedCache
 from model.export import export_onnx
 from model.generate import generate
-from model.onnx_generate import OnnxLM
+from model.onnx_generate import OnnxLM, ServingGraph
+from model.serving_graph import save_serving_graph
 from model.torch_lm import TorchLM
 from tests.model.tiny import EOT, build_tokenizer, train_tiny
 
@@ -22,10 +23,29 @@ def tiny():
     return train_tiny(tok, eot), tok, eot
 
 
-def batcher(model, eot, **kw) -> ContinuousBatcher:
-    """The batcher over torch (the GPU serving backend, here on CPU in fp32): caches stay tensors."""
-    lm = TorchLM(model)
-    return ContinuousBatcher(lm, model.config.block_size, eot, ops=lm.ops, **kw)
+@pytest.fixture(scope="module")
+def serving(tiny, tmp_path_factory):
+    """The tiny model's serving graph (fp32), KV cache updated in place."""
+    model = tiny[0]
+    out = tmp_path_factory.mktemp("serving")
+    weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return ServingGraph(save_serving_graph(weights, model.config.to_dict(), out), threads=1)
+
+
+def batcher(model, eot, cache=None, **kw) -> ContinuousBatcher:
+    """The batcher over ``cache``; by default torch's (the GPU serving backend, here on CPU in fp32)."""
+    if cache is None:
+        lm = TorchLM(model)
+        cache = PaddedCache(lm, lm.ops)
+    return ContinuousBatcher(cache, model.config.block_size, eot, **kw)
+
+
+CACHES = ["torch", "serving"]
+
+
+def cache_of(kind: str, serving: ServingGraph, rows: int = 16):
+    """A fresh batch cache of ``kind``: torch's padded one (None: :func:`batcher`'s default) or the serving graph's."""
+    return None if kind == "torch" else serving.cache(rows)
 
 
 PROMPTS = ["the cat", "a dog ran to the", "the mat. a", "park", "the cat sat on the mat. a dog"]
@@ -49,11 +69,12 @@ def run(b: ContinuousBatcher, reqs, join_every: int = 2) -> tuple[list, list[int
     return gens, sizes
 
 
+@pytest.mark.parametrize("kind", CACHES)
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=20, top_p=0.9, seed=3)])
-def test_batched_tokens_equal_single_request_tokens(tiny, sampling):
+def test_batched_tokens_equal_single_request_tokens(tiny, serving, kind, sampling):
     model, tok, eot = tiny
     reqs = requests(tok, eot, **sampling)
-    gens, sizes = run(batcher(model, eot), reqs)
+    gens, sizes = run(batcher(model, eot, cache_of(kind, serving)), reqs)
     assert max(sizes) >= 3  # requests really shared decode steps
     for req, gen in zip(reqs, gens):
         alone = generate(
@@ -69,10 +90,11 @@ def test_batched_tokens_equal_single_request_tokens(tiny, sampling):
         assert gen.tokens == alone and gen.finish_reason in ("length", "stop")
 
 
-def test_a_cancelled_request_leaves_and_the_others_are_unchanged(tiny):
+@pytest.mark.parametrize("kind", CACHES)
+def test_a_cancelled_request_leaves_and_the_others_are_unchanged(tiny, serving, kind):
     model, tok, eot = tiny
     reqs = requests(tok, eot, temperature=0.0)
-    b = batcher(model, eot)
+    b = batcher(model, eot, cache_of(kind, serving))
     gens = [b.submit(r) for r in reqs]
     b.step()
     b.step()
@@ -95,12 +117,42 @@ def test_the_batch_cache_shrinks_when_its_longest_member_leaves(tiny):
     long = b.submit(GenerationRequest([eot] + tok.encode("the cat sat on the mat. a dog ran").ids, 3, 0.0))
     short = b.submit(GenerationRequest([eot] + tok.encode("the").ids, 8, 0.0))
     b.step()  # both prefilled, then one decode step together
-    assert b._k[0].shape[2] == long.prompt_tokens + 1  # padded to the longest history
-    assert b._mask.sum(axis=1).tolist() == [long.prompt_tokens + 1, short.prompt_tokens + 1]
+    cache = b.cache
+    assert cache._k[0].shape[2] == long.prompt_tokens + 1  # padded to the longest history
+    assert cache._mask.sum(axis=1).tolist() == [long.prompt_tokens + 1, short.prompt_tokens + 1]
     while not long.done:
         b.step()
-    assert b.running == [short] and b._k[0].shape[2] == short.prompt_tokens + len(short.tokens) - 1
-    assert b._mask.all()
+    assert b.running == [short] and cache._k[0].shape[2] == short.prompt_tokens + len(short.tokens) - 1
+    assert cache._mask.all()
+
+
+def test_the_serving_cache_refills_a_freed_slot_with_the_last_row(tiny, serving):
+    """Rows stay the buffer's first slots: a row that leaves is replaced by the last one, its cache moved."""
+    model, tok, eot = tiny
+    cache = serving.cache(8)
+    prompts = [[eot] + tok.encode(p).ids for p in PROMPTS[:4]]
+    for ids in prompts:
+        cache.add(ids)
+    assert cache.rows == 4 and cache.lengths[:4].tolist() == [len(p) for p in prompts]
+    kept = [buf[3, :, : len(prompts[3])].copy() for buf in cache._buffers]
+    assert cache.drop([1]) == [0, 3, 2]
+    assert cache.rows == 3 and cache.lengths[:3].tolist() == [len(prompts[i]) for i in (0, 3, 2)]
+    assert all(np.array_equal(buf[1, :, : len(prompts[3])], k) for buf, k in zip(cache._buffers, kept))
+    assert cache.drop([2, 0]) == [1] and cache.lengths[0] == len(prompts[3])  # row 1 (prompt 3) moved to slot 0
+    logits = cache.decode(np.asarray([[5]]))
+    with torch.no_grad():
+        want = model(torch.tensor([prompts[3] + [5]]))[0][0, -1].numpy()
+    assert np.abs(logits[0] - want).max() < 1e-4
+
+
+def test_the_serving_cache_grows_to_its_row_limit_and_no_further(tiny, serving):
+    model, tok, eot = tiny
+    cache = serving.cache(6)
+    for i in range(6):
+        cache.add([eot, 3 + i])
+    assert len(cache._buffers[0]) == 6 and cache.rows == 6
+    with pytest.raises(RuntimeError, match="6 rows"):
+        cache.add([eot, 3])
 
 
 def test_max_batch_holds_the_rest_in_the_queue(tiny):
@@ -124,7 +176,7 @@ def test_the_exported_graph_takes_left_padded_batches(tiny, tmp_path):
     model, tok, eot = tiny
     lm = OnnxLM(export_onnx(model, tmp_path), threads=1)
     c = model.config
-    b = ContinuousBatcher(lm, c.block_size, eot)
+    b = ContinuousBatcher(PaddedCache(lm), c.block_size, eot)
     reqs = requests(tok, eot, temperature=0.0)
     gens, sizes = run(b, reqs)
     assert max(sizes) >= 3
@@ -180,7 +232,7 @@ def test_an_export_with_the_older_stacked_cache_still_serves(tiny, tmp_path):
     lm = OnnxLM(path, threads=1)
     assert lm.stacked and lm.cache_dims == (c.n_layer, c.n_head, c.head_dim)
     reqs = requests(tok, eot, temperature=0.0)
-    gens, sizes = run(ContinuousBatcher(lm, c.block_size, eot), reqs)
+    gens, sizes = run(ContinuousBatcher(PaddedCache(lm), c.block_size, eot), reqs)
     assert max(sizes) >= 3
     for req, gen in zip(reqs, gens):
         assert gen.tokens == generate(model, req.prompt_ids, req.max_new_tokens, temperature=0.0, eot_id=eot)

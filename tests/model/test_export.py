@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from model.export import INT8_FILE, expected_matmul_integer, graph_signature, parity, release_gate
+from model.export import (
+    INT8_FILE,
+    expected_matmul_integer,
+    graph_signature,
+    op_counts,
+    parity,
+    release_gate,
+    serving_parity,
+)
 from model.generate import generate
 from model.onnx_generate import OnnxGenerator, OnnxLM
 from tests.model.tiny import TEXT, export_tiny
@@ -44,7 +52,28 @@ def test_graph_keeps_batch_seq_and_past_symbolic(exported):
         "int8": "model.int8.onnx",
         "int4": "model.int4.onnx",
     }
-    assert set(meta["bytes"]) == {"model.onnx", "model.int8.onnx", "model.int4.onnx", "tokenizer.json"}
+    assert meta["serve_files"] == {"fp32": "serve.onnx", "int8": "serve.int8.onnx"}
+    files = {"model.onnx", "model.int8.onnx", "model.int4.onnx", "serve.onnx", "serve.int8.onnx", "tokenizer.json"}
+    assert set(meta["bytes"]) == files
+
+
+def test_the_serving_graph_matches_torch_and_its_int8_quantizes_every_linear(exported):
+    """Rows of different lengths prefilled alone, then decoded together in place, one row dropped midway."""
+    model, result, _, _ = exported
+    assert result.meta["serve_parity_max_abs_diff"] < 1e-4
+    assert serving_parity(model, result.dir / "serve.onnx", lengths=(2, 9, 5, 14), steps=5, seed=1) < 1e-4
+    counts = op_counts(result.dir / "serve.int8.onnx")
+    # Every weight MatMul of model.int8.onnx (the same weights, so the same INT8 scales); attention is GQA.
+    assert counts["MatMulInteger"] == expected_matmul_integer(2) and counts["GroupQueryAttention"] == 2
+    assert "MatMul" not in counts  # no fp32 matrix product left outside attention
+    assert result.meta["bytes"]["serve.int8.onnx"] < result.meta["bytes"]["serve.onnx"] / 2
+
+
+def test_a_model_whose_heads_gqa_cannot_take_gets_no_serving_graph(tmp_path):
+    """onnxruntime's CPU GroupQueryAttention wants head sizes in multiples of 16: such a model is served padded."""
+    _, result, _, _ = export_tiny(tmp_path, n_embd=48)
+    assert result.meta["serve_files"] == {} and result.meta["serve_parity_max_abs_diff"] is None
+    assert not (result.dir / "serve.onnx").exists() and result.verdict.passed
 
 
 def test_onnx_fp32_matches_torch_on_prefill_and_decode_shapes(exported):

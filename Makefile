@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup debs browser corpus demo server test test-fast lint bench clean
+.PHONY: setup debs browser postgres corpus demo server test test-fast lint bench clean
 
 setup: $(STAMP) debs
 
@@ -70,7 +70,14 @@ SERVER_ARGS ?=
 server: setup corpus
 	@$(WITH_HANDBOOK_SITE) $(BIN)/lmforge server $(SERVER_ARGS)
 
-test: setup browser
+# PostgreSQL: the Prefect server's database at scale; a test runs `lmforge server` on one it starts.
+postgres:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "lmforge: please install the Debian package 'postgresql' (needs root)"; exit 1; fi
+
+test: setup browser postgres
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 # The unit tests only: no end-to-end pipeline, no server, no browser (those are marked slow).

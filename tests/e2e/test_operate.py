@@ -2,10 +2,13 @@
 
 One `lmforge server` serves the whole module (starting it is the expensive part: the
 Prefect server, the work pools, `prefect deploy`, a worker), with basic auth on, on a
-free loopback port, against a generated site and configs/smoke.yaml. The tests run in
-file order, each building on the state the last one left:
+free loopback port, its database a real PostgreSQL that the module starts (the
+database a team's server runs on; the kill -9 test keeps the default SQLite), against a
+generated site and configs/smoke.yaml. The tests run in file order, each building on the
+state the last one left:
 
-1. the deployments, schedules, parameter forms and basic auth, read through the API;
+1. the deployments, schedules, parameter forms and basic auth, read through the API, and
+   the runs' records in PostgreSQL;
 2. the automation chain, switched on: a nightly refresh that publishes a dataset starts
    pretraining on it, which starts finetuning, then a release, then a deploy that
    promotes the first model; a second nightly refresh finds nothing new and starts nothing;
@@ -47,6 +50,7 @@ import yaml
 
 from flows.server import csrf_headers, open_retrying, processes_with_env
 from tests.e2e.site import build_site, serve
+from tests.postgres import query, running_postgres
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-output" / "browser"
@@ -87,6 +91,7 @@ class Operated:
     store: Path
     config: dict
     fail_switch: Path
+    database: str
     output: list[str] = field(default_factory=list)
     chain_pretrain_run: str | None = None  # the flow run the automation chain pretrained in
 
@@ -153,7 +158,13 @@ def _own_prefect_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def operated(tmp_path_factory):
+def database():
+    with running_postgres() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def operated(tmp_path_factory, database):
     tmp = tmp_path_factory.mktemp("operate")
     build_site(tmp / "site")
     site, url = serve(tmp / "site")
@@ -166,6 +177,7 @@ def operated(tmp_path_factory):
     env.update(
         {
             "PREFECT_SERVER_API_AUTH_STRING": AUTH,
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": database,
             "LMFORGE_FAIL_STAGE_FILE": str(tmp / "fail-stage"),
             "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
             "PREFECT_WORKER_QUERY_SECONDS": "2",  # a run started from the UI waits less for the worker
@@ -195,7 +207,7 @@ def operated(tmp_path_factory):
         # As a shell starts a background job: SIGINT ignored. `kill -INT` must still stop it.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    op = Operated(proc, f"http://127.0.0.1:{port}", tmp / "state", tmp / "store", config, tmp / "fail-stage")
+    op = Operated(proc, f"http://127.0.0.1:{port}", tmp / "state", tmp / "store", config, tmp / "fail-stage", database)
     ready = threading.Event()
 
     def read_output() -> None:
@@ -243,6 +255,15 @@ def test_deployments_land_on_their_pools_and_are_not_paused(operated):
     # Without a GPU on this host only the cpu pool has a worker.
     workers = operated.ok("/work_pools/cpu/workers/filter", {})
     assert [w["status"] for w in workers] == ["ONLINE"]
+
+
+def test_the_server_keeps_its_state_in_postgresql(operated):
+    """Deployments, work pools and scheduled runs are rows of the PostgreSQL database; no SQLite file appears."""
+    [(deployments,)] = query(operated.database, "SELECT count(*) FROM deployment")
+    assert int(deployments) == len(DEPLOYMENTS)
+    pools = {name for (name,) in query(operated.database, "SELECT name FROM work_pool")}
+    assert {"cpu", "gpu"} <= pools
+    assert not list(operated.state.glob("*.db")), "the server wrote a SQLite database beside PostgreSQL"
 
 
 def test_nightly_schedule_is_active_and_creates_runs_at_two_in_its_time_zone(operated):
@@ -351,6 +372,10 @@ def test_the_automation_chain_ends_in_a_promotion(operated):
         [promoted] = promotions.ledger(store, "smoke")
         assert promoted.action == "promote" and promoted.export == runs["deploy-on-release"]["parameters"]["release"]
         assert promoted.lineage["dataset"] == dataset and runs["deploy-on-release"]["id"] in promoted.run
+        # The chain's runs are rows of the server's PostgreSQL database, Completed there too.
+        ids = ", ".join(f"'{r['id']}'" for r in runs.values())
+        states = query(operated.database, f"SELECT state_type FROM flow_run WHERE id IN ({ids})")
+        assert sorted(states) == [("COMPLETED",)] * len(CHAIN)
 
         # Unchanged site: the next nightly run publishes nothing and starts nothing.
         pretrain = operated.deployment("pretrain/gpu")

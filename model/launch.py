@@ -5,8 +5,11 @@ Design decisions:
   its own process clean of process groups and CUDA contexts, can be cancelled without
   leaking workers, and the exact same command line works by hand and on a cluster.
 - ``python -m torch.distributed.run`` (torchrun) with ``--standalone`` (one node, a free
-  rendezvous port). Multi-node jobs run the same ``-m model.train --spec`` under torchrun's
-  c10d rendezvous directly.
+  rendezvous port). Across hosts, each host runs the same command with a
+  :class:`Rendezvous` instead: torchrun's c10d rendezvous at one ``host:port`` that every
+  node reaches, ``--nnodes`` of them, one shared job id. torchrun assigns the ranks; the
+  training code is the same (``-m model.train --spec``), and so are its results: two
+  nodes of one process give one process's losses (tested, gloo, both nodes on one machine).
 - Every line of the child's stdout and stderr goes to ``on_line`` as it arrives, so the
   task's log shows training progress live; the last lines ride on the RuntimeError of a
   failed run, so the cause (a traceback from rank N) is in the task's failure message.
@@ -25,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -51,12 +55,43 @@ def default_nproc() -> int:
     return torch.cuda.device_count() or 1
 
 
-def torchrun_command(spec_path: str | Path, nproc: int) -> list[str]:
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the nodes of one multi-node job meet: torchrun's c10d rendezvous.
+
+    ``endpoint`` is ``host:port`` of the first node (any node that all reach; torchrun
+    serves the rendezvous there), ``nnodes`` how many nodes join, ``job_id`` one name
+    that all nodes share and no other job uses at that endpoint at the same time.
+    """
+
+    endpoint: str
+    nnodes: int
+    job_id: str
+
+    def __post_init__(self) -> None:
+        host, _, port = self.endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"rendezvous endpoint must be host:port, got {self.endpoint!r}")
+        if self.nnodes < 1:
+            raise ValueError(f"nnodes must be >= 1, got {self.nnodes}")
+        if not self.job_id or not all(c.isalnum() or c in "-_." for c in self.job_id):
+            raise ValueError(f"job id must be letters, digits, '-', '_' or '.', got {self.job_id!r}")
+
+    def torchrun_args(self) -> list[str]:
+        return [
+            *("--nnodes", str(self.nnodes), "--rdzv-backend", "c10d"),
+            *("--rdzv-endpoint", self.endpoint, "--rdzv-id", self.job_id),
+        ]
+
+
+def torchrun_command(spec_path: str | Path, nproc: int, rendezvous: Rendezvous | None = None) -> list[str]:
+    """The command of one node: ``--standalone`` alone, or this node's part of ``rendezvous``."""
+    where = rendezvous.torchrun_args() if rendezvous else ["--standalone"]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *where,
         "--nproc-per-node",
         str(nproc),
         "-m",
@@ -72,8 +107,9 @@ def launch(
     on_line: Callable[[str], None] | None = None,
     env: dict[str, str] | None = None,
     tail_lines: int = 40,
+    rendezvous: Rendezvous | None = None,
 ) -> None:
-    """Run training under torchrun with ``nproc`` workers.
+    """Run training under torchrun with ``nproc`` workers (on this node of ``rendezvous``, if given).
 
     ValueError for a spec that does not validate (before anything starts); RuntimeError,
     with the child's last lines, when training fails.
@@ -86,7 +122,7 @@ def launch(
     child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), child_env.get("PYTHONPATH")]))
     if not torch.cuda.is_available():
         child_env.setdefault("OMP_NUM_THREADS", "1")
-    cmd = torchrun_command(spec_path, nproc)
+    cmd = torchrun_command(spec_path, nproc, rendezvous)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     launcher = os.getpid()
     proc = subprocess.Popen(

@@ -1,4 +1,5 @@
-"""DDP over 2 gloo processes equals one process on the same global batch; launch() reports failures.
+"""DDP over 2 gloo processes equals one process on the same global batch, on one node and on two;
+launch() reports failures.
 
 The 2 workers run exactly what torchrun runs (torchrun's environment variables, then
 ``model.train.main``), after a one-step gradient check through ``parallelize``.
@@ -7,6 +8,7 @@ The 2 workers run exactly what torchrun runs (torchrun's environment variables, 
 import json
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from model.config import GPTConfig, TrainConfig
 from model.data import TokenWindows
 from model.distributed import DistInfo
 from model.gpt import GPT
-from model.launch import launch
+from model.launch import Rendezvous, launch
 from model.train import TrainSpec, main, run
 
 torch.set_num_threads(1)
@@ -85,10 +87,7 @@ def test_ddp_matches_single_process(tmp_path):
     (np.arange(4000) * 5 % 23).astype("<u2").tofile(tmp_path / "train.bin")
     (np.arange(800) * 5 % 23).astype("<u2").tofile(tmp_path / "val.bin")
     spec_for(tmp_path, "ddp", MICRO).save(tmp_path / "ddp.json")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, str(tmp_path), port), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path), _free_port()), nprocs=2, join=True)
 
     torch.manual_seed(0)
     model = GPT(TINY)
@@ -110,6 +109,45 @@ def test_ddp_matches_single_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     ckpt = torch.load(tmp_path / "ddp" / "ckpt-00000003" / "trainer.pt", weights_only=True)
     assert len(ckpt["rng_cpu"]) == 2 and not torch.equal(ckpt["rng_cpu"][0], ckpt["rng_cpu"][1])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_give_one_process_losses(tmp_path):
+    """Two launchers, as two hosts would run them: torchrun's c10d rendezvous, one gloo process each."""
+    (np.arange(4000) * 5 % 23).astype("<u2").tofile(tmp_path / "train.bin")
+    (np.arange(800) * 5 % 23).astype("<u2").tofile(tmp_path / "val.bin")
+    spec_for(tmp_path, "nodes", MICRO).save(tmp_path / "nodes.json")
+    meet = Rendezvous(f"127.0.0.1:{_free_port()}", nnodes=2, job_id="lmforge-test")
+    lines: list[list[str]] = [[], []]
+    with ThreadPoolExecutor(2) as pool:
+        nodes = [
+            pool.submit(
+                launch, tmp_path / "nodes.json", 1, lines[i].append, {"CUDA_VISIBLE_DEVICES": ""}, rendezvous=meet
+            )
+            for i in range(2)
+        ]
+        for node in nodes:
+            node.result(timeout=600)
+    single = run(spec_for(tmp_path, "single", 2 * MICRO), CPU)
+    summary = json.loads((tmp_path / "nodes" / "final" / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["tokens"] == single["tokens"]
+    assert summary["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+    assert summary["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+    assert any(line.startswith("step 3/3") for node in lines for line in node)  # rank 0's log, on one of the nodes
+
+
+@pytest.mark.parametrize(
+    "endpoint, nnodes, job_id, field",
+    [("head", 2, "a", "host:port"), ("head:29400", 0, "a", "nnodes"), ("head:1", 2, "a b", "job id")],
+)
+def test_a_bad_rendezvous_is_refused_by_name(endpoint, nnodes, job_id, field):
+    with pytest.raises(ValueError, match=field):
+        Rendezvous(endpoint, nnodes, job_id)
 
 
 def test_launch_streams_output_and_raises_with_the_child_error(tmp_path):

@@ -33,6 +33,7 @@ from tasks.filter import FilterConfig
 from tasks.finetune import FinetuneConfig
 from tasks.harness import HarnessConfig
 from tasks.ingest import IngestConfig
+from tasks.parts import Execution
 from tasks.pretrain import PretrainConfig
 from tasks.shards import ShardsConfig
 from tasks.stage import StageConfig
@@ -52,6 +53,10 @@ class PipelineConfig(StageConfig):
         ".lmforge/store",
         min_length=1,
         description="Root directory of artifacts and the DuckDB catalog (relative to the working directory). Use shared storage when workers run on several hosts.",
+    )
+    execution: Execution = Field(
+        default_factory=Execution,
+        description="How wide the data stages run: worker processes and the memory ceiling of global steps. Results and artifact keys do not depend on it.",
     )
     split: SplitConfig = Field(default_factory=SplitConfig, description="Train/validation split by document hash.")
     ingest: IngestConfig = Field(

@@ -76,6 +76,7 @@ class Link:
     task: object
     inputs: dict[str, str] = field(default_factory=dict)
     split: bool = False
+    parts: bool = False  # maps over its input's parts: takes the profile's ``execution``
     when_empty: str | None = None
 
 
@@ -86,9 +87,16 @@ CHAIN = (
         "dedup",
         dedup.task,
         {"docs": "extract"},
+        parts=True,
         when_empty="all {n} new or changed documents duplicate documents already there",
     ),
-    Link("filter", filter_.task, {"docs": "dedup"}, when_empty="none of the {n} new documents passed the filter"),
+    Link(
+        "filter",
+        filter_.task,
+        {"docs": "dedup"},
+        parts=True,
+        when_empty="none of the {n} new documents passed the filter",
+    ),
     Link("augment", augment.task, {"docs": "filter"}, split=True),
     Link("tokenizer", tokenizer.task, {"docs": "augment"}, split=True),
     Link("shards", shards.task, {"docs": "augment", "tokenizer": "tokenizer"}, split=True),
@@ -161,6 +169,8 @@ def data_refresh(
         args = {name: out[source] for name, source in link.inputs.items()}
         if link.split:
             args["split"] = config.split
+        if link.parts:
+            args["execution"] = config.execution
         cfg = plan.configs.get(link.stage, getattr(config, link.stage))
         result = run_stage(
             records, link.stage, link.task, store=store, cfg=cfg, **args, **plan.extra.get(link.stage, {})

@@ -280,6 +280,22 @@ class ArtifactWriter:
         self._rows[name] = table.num_rows
         return name
 
+    def add_file(self, src: Path, name: str, rows: int | None = None) -> str:
+        """Put a finished file (a part made by a worker) into the artifact as ``name``.
+
+        A hard link when ``src`` is on the same file system (no copy of the data), a copy
+        otherwise; ``src`` stays where it is until the artifact is published.
+        """
+        dst = self.dir / safe_relative(name, f"artifact {self.stage}/{self.key}")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+        if rows is not None:
+            self._rows[name] = rows
+        return name
+
     def set_rows(self, name: str, rows: int) -> None:
         """Record a row count for a non-Parquet file (e.g. documents in a token shard)."""
         self._rows[name] = rows

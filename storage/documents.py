@@ -114,6 +114,20 @@ class Funnel:
         self.dropped_docs[reason] += 1
         self.dropped_words[reason] += count_words(text or "")
 
+    def absorb(self, other: "Funnel | dict") -> None:
+        """Add another funnel's counts to this one (a stage's funnel is the sum of its parts').
+
+        ``other`` may be a plain dict of the same attributes: what a worker that does not
+        import this module (an engine) counted.
+        """
+        c = other if isinstance(other, dict) else vars(other)
+        self.docs_in += c["docs_in"]
+        self.words_in += c["words_in"]
+        self.docs_out += c["docs_out"]
+        self.words_out += c["words_out"]
+        self.dropped_docs.update(c["dropped_docs"])
+        self.dropped_words.update(c["dropped_words"])
+
     def add_in(self, docs: int, words: int) -> None:
         self.docs_in += docs
         self.words_in += words

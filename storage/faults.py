@@ -15,6 +15,7 @@ test's hook (``tests/e2e/test_kill9.py``) and a way to rehearse recovery by hand
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -35,3 +36,29 @@ def pause_point(stage: str) -> None:
     limit = float(os.environ.get(SECONDS_ENV, "600"))
     time.sleep(limit)
     raise RuntimeError(f"{stage}: paused by {PAUSE_ENV} for {limit:.0f} s and nobody killed the run")
+
+
+KILL_ENV = "LMFORGE_KILL_AT"
+KILL_MARKER_ENV = "LMFORGE_KILL_MARKER"
+
+
+def kill_point(name: str) -> None:
+    """SIGKILL this process once at the point called ``name``, when ``LMFORGE_KILL_AT`` names it.
+
+    The kill happens once per marker: the process first writes ``LMFORGE_KILL_MARKER``
+    (required), and a point whose marker exists lets the work go on. That is how a test
+    kills a worker process in the middle of one part and watches the stage redo that part
+    alone (:mod:`tasks.parts`).
+    """
+    if os.environ.get(KILL_ENV) != name:
+        return
+    marker = os.environ.get(KILL_MARKER_ENV)
+    if not marker:
+        raise RuntimeError(f"{KILL_ENV}={name} needs {KILL_MARKER_ENV}: the kill happens once per marker")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"{name} {os.getpid()}\n".encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -21,113 +21,29 @@ Design decisions:
   the model does not know, or a run that keeps nothing, is an error naming why, except
   with ``allow_empty``: an incremental refresh filters only its new documents, and
   "none of them passed" is an answer (the flow then publishes no new dataset version).
+- Every document is judged alone, so the stage maps over its input's parts on every core
+  (:mod:`tasks.parts`; the per-part work is :func:`tasks.text.filtering.filter_part`):
+  output part ``part-N`` holds what input part N kept, whatever the number of workers.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 import time
 from collections import Counter
 
-import pyarrow as pa
-import pyarrow.compute as pc
-from pydantic import Field, field_validator
-
-from storage.artifact import Manifest, Store, iter_batches
+from storage.artifact import Manifest, Store
 from storage.documents import Funnel
+from tasks.parts import Execution, PartMap, add_part_files, input_parts
 from tasks.prefect_task import stage_task
-from tasks.stage import Stage, StageConfig, StageError, require_columns, stage_logger
-from tasks.text import langid
-from tasks.text.quality_rules import (
-    C4Config,
-    FineWebConfig,
-    GopherQualityConfig,
-    GopherRepetitionConfig,
-    Parsed,
-    Scope,
-    c4,
-    fineweb,
-    gopher_quality,
-    gopher_repetition,
-)
+from tasks.stage import Progress, Stage, StageError, no_progress, require_columns, stage_logger
+from tasks.text import filtering, langid
+from tasks.text.filtering import ADDED_COLUMNS, UNSEGMENTED, FilterConfig, assess
+
+__all__ = ["ADDED_COLUMNS", "UNSEGMENTED", "FilterConfig", "assess", "run", "task"]
 
 STAGE = Stage("filter", __name__)
-PART_ROWS = 20_000
-ADDED_COLUMNS = ("lang", "lang_score", "signals")
-UNSEGMENTED = ["zh", "ja", "th", "lo", "km", "my", "bo", "wuu", "yue"]
 log = stage_logger(STAGE.name)
-
-
-class FilterConfig(StageConfig):
-    """Which languages to keep, and the quality rules (defaults: the papers' thresholds)."""
-
-    languages: list[str] | None = Field(
-        None, description="Languages to keep (lid.176 codes, e.g. ['en', 'fr']); empty: keep every language."
-    )
-    min_lang_score: float = Field(
-        0.65, ge=0.0, le=1.0, description="Least fastText probability of the top language (FineWeb and DCLM: 0.65)."
-    )
-    quality_languages: list[str] = Field(
-        default_factory=lambda: ["en"],
-        description="Languages the word-statistics rules (word counts and lengths, symbols per word, stop words) apply to.",
-    )
-    unsegmented_languages: list[str] = Field(
-        default_factory=lambda: list(UNSEGMENTED),
-        description="Languages written without spaces between words, where n-gram, sentence and line-length rules do not apply.",
-    )
-    gopher_repetition: GopherRepetitionConfig = Field(
-        default_factory=GopherRepetitionConfig,
-        description="Gopher repetition rules (duplicate lines, paragraphs, n-grams).",
-    )
-    gopher_quality: GopherQualityConfig = Field(
-        default_factory=GopherQualityConfig,
-        description="Gopher quality rules (word counts and lengths, symbols, bullets, stop words).",
-    )
-    c4: C4Config = Field(
-        default_factory=C4Config, description="C4 document rules (lorem ipsum, curly braces, sentence count)."
-    )
-    fineweb: FineWebConfig = Field(
-        default_factory=FineWebConfig, description="FineWeb rules (line punctuation, duplicated lines, short lines)."
-    )
-
-    @field_validator("languages", "quality_languages", "unsegmented_languages")
-    @classmethod
-    def _language_codes(cls, value: list[str] | None) -> list[str] | None:
-        for code in value or []:
-            if not (code.isascii() and code.isalpha() and code.islower() and 2 <= len(code) <= 3):
-                raise ValueError(
-                    f"{code!r} is not a language code like 'en' or 'fr' (lid.176 labels are lower-case ISO 639)"
-                )
-        return None if value is None else sorted(set(value))
-
-
-def assess(text: str, lang: str, cfg: FilterConfig) -> tuple[dict, str | None]:
-    """Quality signals of one document in language ``lang``, and the first failed rule or None."""
-    stop = cfg.gopher_quality.stop_words.get(lang)
-    scope = Scope(
-        word_rules=lang in cfg.quality_languages,
-        segmented=lang not in cfg.unsegmented_languages,
-        stop_words=frozenset(w.lower() for w in stop) if stop is not None else None,
-    )
-    doc = Parsed(text)
-    signals: dict = {}
-    reason = None
-    families = [
-        ("gopher_repetition", gopher_repetition, cfg.gopher_repetition),
-        ("gopher_quality", gopher_quality, cfg.gopher_quality),
-        ("c4", c4, cfg.c4),
-        ("fineweb", fineweb, cfg.fineweb),
-    ]
-    for name, check, family_cfg in families:
-        if family_cfg.enabled:
-            signals[name], failed = check(doc, family_cfg, scope)
-            reason = reason or failed
-    return signals, reason
-
-
-def _signals_json(signals: dict) -> str:
-    rounded = {f: {k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()} for f, s in signals.items()}
-    return json.dumps(rounded, separators=(",", ":"), sort_keys=True)
 
 
 def _check_input(docs: Manifest, cfg: FilterConfig) -> None:
@@ -146,10 +62,18 @@ def _check_input(docs: Manifest, cfg: FilterConfig) -> None:
         )
 
 
-def run(store: Store, cfg: FilterConfig, docs: Manifest, allow_empty: bool = False) -> Manifest:
+def run(
+    store: Store,
+    cfg: FilterConfig,
+    docs: Manifest,
+    allow_empty: bool = False,
+    execution: Execution | None = None,
+    progress: Progress = no_progress,
+) -> Manifest:
     """Keep documents in the wanted languages that pass the quality rules; add lang, lang_score, signals.
 
     ``allow_empty``: publish an artifact without documents instead of failing when every one is dropped.
+    ``execution`` sets the number of workers; the artifact is the same whatever it says.
     """
     b = STAGE.begin(store, cfg, docs=docs, allow_empty=allow_empty)
     if b.done:
@@ -158,48 +82,16 @@ def run(store: Store, cfg: FilterConfig, docs: Manifest, allow_empty: bool = Fal
     started = time.monotonic()
     funnel = Funnel()
     kept_langs: Counter = Counter()
-    keep_any = not cfg.languages
-    with STAGE.writer(store, b) as w:
-        for batch in iter_batches(docs, batch_size=PART_ROWS):
-            table = pa.Table.from_batches([batch])
-            texts = table.column("text").to_pylist()
-            todo = [i for i, t in enumerate(texts) if t and t.strip()]
-            found, probs = langid.identify([texts[i] for i in todo])
-            lang: list = [None] * len(texts)
-            score: list = [None] * len(texts)
-            for i, code, p in zip(todo, found, probs):
-                lang[i], score[i] = code, p
-            signals: list = [None] * len(texts)
-            reasons: list = []
-            for i, text in enumerate(texts):
-                funnel.seen(text)
-                if lang[i] is None:
-                    reason = "empty_text"
-                elif score[i] < cfg.min_lang_score:
-                    reason = "lang_low_score"
-                elif not keep_any and lang[i] not in cfg.languages:
-                    reason = f"lang_not_kept:{lang[i]}"
-                else:
-                    found_signals, reason = assess(text, lang[i], cfg)
-                    signals[i] = _signals_json(found_signals)
-                reasons.append(reason)
-                if reason is None:
-                    funnel.kept(text)
-                    kept_langs[lang[i]] += 1
-                else:
-                    funnel.dropped(reason, text)
-            table = (
-                table.append_column("lang", pa.array(lang, pa.string()))
-                .append_column("lang_score", pa.array(score, pa.float64()))
-                .append_column("signals", pa.array(signals, pa.string()))
-            )
-            keep = pa.array([r is None for r in reasons], pa.bool_())
-            kept = table.filter(keep)
-            if kept.num_rows:
-                w.write_table(kept)
-            dropped = table.append_column("dropped_reason", pa.array(reasons, pa.string())).filter(pc.invert(keep))
-            if dropped.num_rows:
-                w.write_table(dropped, "dropped")
+    parts = input_parts(docs)
+    execution = execution or Execution()
+    work = store.work_dir(STAGE.name, b.key)
+    with (
+        PartMap(STAGE.name, work, workers=execution.worker_count(), log=log, progress=progress) as pm,
+        STAGE.writer(store, b) as w,
+    ):
+        for result in pm.map("filter", filtering.filter_part, parts, cfg):
+            funnel.absorb(result["funnel"])
+            kept_langs.update(result["languages"])
         if not funnel.docs_out and not allow_empty:
             top = ", ".join(f"{r} ({n})" for r, n in funnel.dropped_docs.most_common(3))
             raise StageError(
@@ -208,9 +100,12 @@ def run(store: Store, cfg: FilterConfig, docs: Manifest, allow_empty: bool = Fal
                 f"every one of {funnel.docs_in} documents was dropped; top reasons: {top}",
                 "loosen filter.languages, filter.min_lang_score or the rule that drops most",
             )
+        add_part_files(w, parts, pm.outputs("filter", parts), {filtering.KEPT: "part", filtering.DROPPED: "dropped"})
         w.counters.update(funnel.as_counters())
         w.meta["languages"] = dict(sorted(kept_langs.items()))
         w.meta["lid_model"] = langid.MODEL_FILE
+        w.meta["execution"] = {"parts": len(parts), "workers": pm.workers, "retried_parts": pm.retried}
+    shutil.rmtree(work, ignore_errors=True)
     log.info(
         "filter: %d docs in, %d kept (%s) (%.0f docs/s)",
         funnel.docs_in,
@@ -221,4 +116,4 @@ def run(store: Store, cfg: FilterConfig, docs: Manifest, allow_empty: bool = Fal
     return w.manifest
 
 
-task = stage_task(STAGE, run)
+task = stage_task(STAGE, run, progress="filter: parts done")

@@ -86,8 +86,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-# Arguments of ``run`` that are not inputs of the computation: where it writes, how it reports.
-NOT_INPUTS = ("store", "progress")
+# Arguments of ``run`` that are not inputs of the computation: where it writes, how it reports,
+# how many processes it uses (results do not depend on it, so neither does the key).
+NOT_INPUTS = ("store", "progress", "execution")
 
 
 @dataclass

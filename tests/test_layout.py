@@ -9,7 +9,7 @@ from tasks.code_version import PACKAGES, ROOT, imported_modules, module_file
 from tests.stages import OPTIONAL_STAGES, STAGES
 
 ENGINES = sorted(p.stem for p in (ROOT / "tasks" / "text").glob("*.py") if p.stem != "__init__")
-SHARED = ["__init__", "stage", "code_version", "prefect_task", "cache_records"]
+SHARED = ["__init__", "stage", "parts", "code_version", "prefect_task", "cache_records"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -59,13 +59,16 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("stage", STAGES + OPTIONAL_STAGES)
 def test_a_stage_keys_every_argument_of_run(stage):
     """begin() gets every argument of run() (as passed), so Prefect's cache key, which binds run's
-    parameters with their defaults, and the artifact key are the same hash of the same inputs."""
+    parameters with their defaults, and the artifact key are the same hash of the same inputs.
+    The exceptions are NOT_INPUTS: where it writes, how it reports, how many workers it uses."""
     import ast
     import importlib
     import inspect
 
+    from tasks.stage import NOT_INPUTS
+
     module = importlib.import_module(f"tasks.{stage}")
-    params = set(inspect.signature(module.run).parameters) - {"store", "cfg", "progress"}
+    params = set(inspect.signature(module.run).parameters) - {"cfg", *NOT_INPUTS}
     tree = ast.parse((ROOT / "tasks" / f"{stage}.py").read_text())
     (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "begin"]
     assert {k.arg for k in call.keywords} == params

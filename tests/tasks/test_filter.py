@@ -11,6 +11,7 @@ import pytest
 from storage.artifact import Store, read_table
 from storage.documents import make_doc_id
 from tasks import filter as filter_
+from tasks.parts import Execution
 from tasks.stage import StageError
 from tasks.text import langid
 
@@ -117,6 +118,18 @@ def test_languages_and_quality_drops(tmp_path):
         5 / 6, 4
     )  # rounded to 4 decimals
     assert filter_.run(store, filter_.FilterConfig(languages=["en", "fr", "de"]), docs=docs).key == m.key
+
+
+def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
+    """Three input parts filtered by one worker and by two: the same files, byte for byte, part N from part N."""
+    texts = EN + [FR, DE, ES, JA, SHORT_EN, SPAM_EN, GIBBERISH]
+    cfg = filter_.FilterConfig(languages=["en", "fr", "de"])
+    one, two = Store(tmp_path / "one"), Store(tmp_path / "two")
+    a = filter_.run(one, cfg, docs=publish(one, texts), execution=Execution(workers=1))
+    b = filter_.run(two, cfg, docs=publish(two, texts), execution=Execution(workers=2))
+    assert a.key == b.key and a.digest() == b.digest()
+    assert [f.path for f in b.files_with_prefix("part-")] == ["part-00000.parquet", "part-00001.parquet"]
+    assert b.meta["execution"] == {"parts": 3, "workers": 2, "retried_parts": []}
 
 
 def test_keep_any_language_and_unsegmented_scope(tmp_path):

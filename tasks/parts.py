@@ -16,8 +16,9 @@ Design decisions:
   Prefect threads or locks, no re-import of the parent's main module), each with a
   pipe, one part at a time: when a worker dies (SIGKILL, out of memory) the parent
   knows which part it held, logs it, starts a new worker and retries that part alone,
-  up to ``attempts`` times; then the stage fails naming the part and its input file. An exception inside ``fn`` is not retried: it is bad input, raised as the
-  stage's error with the part named.
+  up to ``attempts`` times; then the stage fails naming the part and its input file.
+  An exception inside ``fn`` is not retried: it is bad input, raised as the stage's
+  error with the part named.
 - With one worker, or one part to do, the parts run in this process: the same
   checkpoints, no process start-up.
 - The ordinal of a document (``Part.start`` + its row in the part) is its position in

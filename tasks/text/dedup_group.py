@@ -44,8 +44,9 @@ class Grouping:
     def __init__(self, work: Path, *, memory_mb: int, threads: int):
         self.work = Path(work)
         db = self.work / "group.duckdb"
-        for stale in (db, self.work / "group.duckdb.wal", self.work / "spill"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        db.unlink(missing_ok=True)  # a killed run's: the grouping is redone from the part outputs
+        Path(f"{db}.wal").unlink(missing_ok=True)
+        shutil.rmtree(self.work / "spill", ignore_errors=True)
         (self.work / "spill").mkdir(parents=True)
         self.con = duckdb.connect(
             str(db),

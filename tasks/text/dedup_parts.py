@@ -21,7 +21,6 @@ process imports only pyarrow, numpy and the MinHash engine.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.text import minhash
+from tasks.text.tally import part_funnel
 
 HASHES = "hashes.parquet"
 BANDS = "bands.parquet"
@@ -129,18 +129,6 @@ def apply_part(part, out: Path, decisions: str) -> dict:
     ):
         i = o - part.start
         reason[i], dup_of[i], cluster[i] = r, d, c
-    funnel = {"docs_in": 0, "words_in": 0, "docs_out": 0, "words_out": 0}
-    funnel |= {"dropped_docs": Counter(), "dropped_words": Counter()}
-    for text, r in zip(texts, reason):
-        words = len(text.split()) if text else 0
-        funnel["docs_in"] += 1
-        funnel["words_in"] += words
-        if r is None:
-            funnel["docs_out"] += 1
-            funnel["words_out"] += words
-        else:
-            funnel["dropped_docs"][r] += 1
-            funnel["dropped_words"][r] += words
     table = table.append_column("cluster_id", pa.array(cluster, pa.string()))
     keep = pa.array([r is None for r in reason], pa.bool_())
     kept = table.filter(keep)
@@ -150,4 +138,4 @@ def apply_part(part, out: Path, decisions: str) -> dict:
     dropped = dropped.append_column("duplicate_of", pa.array(dup_of, pa.string())).filter(pc.invert(keep))
     if dropped.num_rows:
         pq.write_table(dropped, out / DROPPED, compression="zstd")
-    return funnel
+    return part_funnel(texts, reason)

@@ -31,6 +31,7 @@ from tasks.text.quality_rules import (
     gopher_repetition,
 )
 from tasks.text.settings import Settings
+from tasks.text.tally import part_funnel
 
 ADDED_COLUMNS = ("lang", "lang_score", "signals")
 UNSEGMENTED = ["zh", "ja", "th", "lo", "km", "my", "bo", "wuu", "yue"]
@@ -126,14 +127,9 @@ def filter_part(part, out: Path, cfg: FilterConfig) -> dict:
         lang[i], score[i] = code, p
     signals: list = [None] * len(texts)
     reasons: list = []
-    funnel = {"docs_in": 0, "words_in": 0, "docs_out": 0, "words_out": 0}
-    funnel |= {"dropped_docs": Counter(), "dropped_words": Counter()}
     kept_langs: Counter = Counter()
     keep_any = not cfg.languages
     for i, text in enumerate(texts):
-        words = len(text.split()) if text else 0
-        funnel["docs_in"] += 1
-        funnel["words_in"] += words
         if lang[i] is None:
             reason = "empty_text"
         elif score[i] < cfg.min_lang_score:
@@ -145,12 +141,7 @@ def filter_part(part, out: Path, cfg: FilterConfig) -> dict:
             signals[i] = _signals_json(found_signals)
         reasons.append(reason)
         if reason is None:
-            funnel["docs_out"] += 1
-            funnel["words_out"] += words
             kept_langs[lang[i]] += 1
-        else:
-            funnel["dropped_docs"][reason] += 1
-            funnel["dropped_words"][reason] += words
     table = (
         table.append_column("lang", pa.array(lang, pa.string()))
         .append_column("lang_score", pa.array(score, pa.float64()))
@@ -163,4 +154,4 @@ def filter_part(part, out: Path, cfg: FilterConfig) -> dict:
     dropped = table.append_column("dropped_reason", pa.array(reasons, pa.string())).filter(pc.invert(keep))
     if dropped.num_rows:
         pq.write_table(dropped, out / DROPPED, compression="zstd")
-    return {"funnel": funnel, "languages": kept_langs}
+    return {"funnel": part_funnel(texts, reasons), "languages": kept_langs}

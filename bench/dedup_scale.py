@@ -166,7 +166,7 @@ def run_lmforge(root: Path, workers: int, memory_mb: int) -> dict:
 
     from storage.artifact import Store, read_table
     from tasks import dedup
-    from tasks.parts import Execution
+    from tasks.parts.core import Execution
 
     store = Store(root)
     shutil.rmtree(root / "dedup", ignore_errors=True)

@@ -33,7 +33,7 @@ from tasks.filter import FilterConfig
 from tasks.finetune import FinetuneConfig
 from tasks.harness import HarnessConfig
 from tasks.ingest import IngestConfig
-from tasks.parts import Execution
+from tasks.parts.core import Execution
 from tasks.pretrain import PretrainConfig
 from tasks.shards import ShardsConfig
 from tasks.stage import StageConfig

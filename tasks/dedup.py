@@ -59,7 +59,8 @@ from pydantic import Field, model_validator
 
 from storage.artifact import Manifest, Store
 from storage.documents import Funnel
-from tasks.parts import Execution, PartMap, add_part_files, input_parts
+from tasks.parts.core import Execution, add_part_files, input_parts
+from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
 from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, require_columns, stage_logger
 from tasks.text import dedup_parts, minhash
@@ -166,9 +167,8 @@ def run(
     parts = input_parts(docs)
     work = store.work_dir(STAGE.name, b.key)
     params = SignParams(cfg.exact, cfg.near, cfg.ngram, cfg.num_perm, cfg.bands, cfg.rows, cfg.seed)
-    workers = execution.worker_count()
     with (
-        PartMap(STAGE.name, work, workers=workers, log=log) as pm,
+        PartMap(STAGE.name, work, execution=execution, log=log) as pm,
         STAGE.writer(store, b, extra_parents=earlier) as w,
     ):
         pm.map("sign", dedup_parts.sign_part, parts, params, progress=lambda f: progress(0.75 * f))
@@ -178,7 +178,7 @@ def run(
         band_files = [str(d / dedup_parts.BANDS) for d in signed if (d / dedup_parts.BANDS).exists()]
         decisions = work / "decisions.parquet"
         by = "hash" if cfg.exact else ("doc_id" if cfg.near else None)
-        with Grouping(work, memory_mb=execution.memory_mb, threads=workers) as g:
+        with Grouping(work, memory_mb=execution.memory_mb, threads=execution.worker_count()) as g:
             g.exact(hash_files, by)
             seen = {}
             if earlier:
@@ -209,12 +209,8 @@ def run(
         if funnel.docs_out:
             w.meta["largest_cluster"] = max(w.meta["largest_cluster"], 1)
         w.meta["minhash"] = minhash_params(cfg)
-        w.meta["execution"] = {
-            "parts": len(parts),
-            "workers": workers,
-            "retried_parts": pm.retried,
-            "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        }
+        w.meta["execution"] = {"parts": len(parts), **pm.describe()}
+        w.meta["execution"]["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - started
     log.info(
@@ -225,7 +221,7 @@ def run(
         w.meta["candidate_pairs"],
         funnel.docs_in / max(elapsed, 1e-9),
         len(parts),
-        workers,
+        pm.workers,
     )
     return w.manifest
 

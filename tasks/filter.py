@@ -34,7 +34,8 @@ from collections import Counter
 
 from storage.artifact import Manifest, Store
 from storage.documents import Funnel
-from tasks.parts import Execution, PartMap, add_part_files, input_parts
+from tasks.parts.core import Execution, add_part_files, input_parts
+from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
 from tasks.stage import Progress, Stage, StageError, no_progress, require_columns, stage_logger
 from tasks.text import filtering, langid
@@ -86,7 +87,7 @@ def run(
     execution = execution or Execution()
     work = store.work_dir(STAGE.name, b.key)
     with (
-        PartMap(STAGE.name, work, workers=execution.worker_count(), log=log, progress=progress) as pm,
+        PartMap(STAGE.name, work, execution=execution, log=log, progress=progress) as pm,
         STAGE.writer(store, b) as w,
     ):
         for result in pm.map("filter", filtering.filter_part, parts, cfg):
@@ -104,7 +105,7 @@ def run(
         w.counters.update(funnel.as_counters())
         w.meta["languages"] = dict(sorted(kept_langs.items()))
         w.meta["lid_model"] = langid.MODEL_FILE
-        w.meta["execution"] = {"parts": len(parts), "workers": pm.workers, "retried_parts": pm.retried}
+        w.meta["execution"] = {"parts": len(parts), **pm.describe()}
     shutil.rmtree(work, ignore_errors=True)
     log.info(
         "filter: %d docs in, %d kept (%s) (%.0f docs/s)",

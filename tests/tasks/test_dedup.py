@@ -17,7 +17,7 @@ from datasketch import MinHash
 from storage.artifact import Store, read_table
 from storage.documents import make_doc_id
 from tasks import dedup
-from tasks.parts import Execution
+from tasks.parts.core import Execution
 from tasks.stage import StageError
 from tasks.text import minhash
 from tasks.text.dedup_group import components
@@ -200,7 +200,7 @@ def test_a_killed_run_redoes_only_unfinished_parts(result, tmp_path, caplog):
     store = Store(tmp_path / "s")
     docs, _ = publish(store, corpus())
     script = (
-        "import sys; from storage.artifact import Store; from tasks import dedup; from tasks.parts import Execution\n"
+        "import sys; from storage.artifact import Store; from tasks import dedup; from tasks.parts.core import Execution\n"
         "store = Store(sys.argv[1]); docs = store.load('extract', 'docs')\n"
         "dedup.run(store, dedup.DedupConfig(), docs=docs, execution=Execution(workers=1))\n"
     )

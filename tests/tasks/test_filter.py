@@ -11,7 +11,7 @@ import pytest
 from storage.artifact import Store, read_table
 from storage.documents import make_doc_id
 from tasks import filter as filter_
-from tasks.parts import Execution
+from tasks.parts.core import Execution
 from tasks.stage import StageError
 from tasks.text import langid
 
@@ -129,7 +129,7 @@ def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
     b = filter_.run(two, cfg, docs=publish(two, texts), execution=Execution(workers=2))
     assert a.key == b.key and a.digest() == b.digest()
     assert [f.path for f in b.files_with_prefix("part-")] == ["part-00000.parquet", "part-00001.parquet"]
-    assert b.meta["execution"] == {"parts": 3, "workers": 2, "retried_parts": []}
+    assert b.meta["execution"] == {"parts": 3, "engine": "local", "workers": 2, "retried_parts": []}
 
 
 def test_keep_any_language_and_unsegmented_scope(tmp_path):

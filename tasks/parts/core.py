@@ -1,0 +1,136 @@
+"""What both engines of per-part work share: the parts, the execution settings, one part's run.
+
+:class:`Execution` is the profile's ``execution:`` section; :class:`Part` one input file
+of an artifact with its row range; :func:`run_part` runs a step on one part and publishes
+its checkpoint; :func:`switches` / :func:`take_switches` carry the parent's ``LMFORGE_*``
+variables to a worker with every job. See :mod:`tasks.parts` for the design.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
+from storage.artifact import ArtifactWriter, Manifest
+from storage.atomic import new_temp_dir, publish_dir
+from storage.faults import kill_point
+from tasks.stage import StageConfig
+
+RESULT = "result.pkl"
+
+
+class Execution(StageConfig):
+    """How wide the data stages' per-part steps run. Never part of an artifact's key: the
+    results are the same whatever is set here."""
+
+    workers: int = Field(
+        0, ge=0, le=1024, description="Worker processes for the per-part steps; 0: every core of this machine."
+    )
+    memory_mb: int = Field(
+        1024,
+        ge=64,
+        le=1 << 20,
+        description="Memory ceiling (MiB) of a stage's global step (dedup's grouping in DuckDB); past it, it spills to disk under the store.",
+    )
+
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="Who runs the per-part steps: worker processes on this machine, or a Ray cluster (pip install 'lmforge[ray]').",
+    )
+    address: str = Field(
+        "",
+        max_length=256,
+        description="engine ray: the cluster to join: 'auto' (the cluster this machine is a node of), 'host:6379', or 'ray://host:10001' (Ray Client); empty starts Ray on this machine.",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _plain_address(cls, v: str) -> str:
+        if v and (not v.isprintable() or any(c.isspace() for c in v)):
+            raise ValueError("an address is 'auto', 'host:port' or 'ray://host:port', without spaces")
+        return v
+
+    def worker_count(self) -> int:
+        """Local processes for the per-part steps (with Ray: how many parts run at once; 0 = the
+        cluster's CPUs, known once connected)."""
+        return self.workers or default_workers()
+
+
+@dataclass(frozen=True)
+class Part:
+    """One input part: where it is, and which documents of the artifact it holds."""
+
+    index: int
+    name: str  # the input file, as the manifest lists it
+    path: str
+    start: int  # ordinal of its first row in the artifact
+    rows: int
+
+
+def input_parts(manifest: Manifest, prefix: str = "part") -> list[Part]:
+    """The artifact's ``<prefix>-*.parquet`` files as parts, in artifact order, with their row ranges."""
+    parts, start = [], 0
+    for i, f in enumerate(e for e in manifest.files_with_prefix(prefix + "-") if e.path.endswith(".parquet")):
+        path = str(manifest.path(f.path))
+        rows = f.rows if f.rows is not None else pq.ParquetFile(path).metadata.num_rows
+        parts.append(Part(i, f.path, path, start, rows))
+        start += rows
+    return parts
+
+
+def add_part_files(w: ArtifactWriter, parts: Sequence[Part], dirs: Sequence[Path], names: dict[str, str]) -> None:
+    """Put each part's finished files into the artifact: ``dirs[i]/<file>`` becomes
+    ``<names[file]>-<part index>.parquet`` (a file a part did not write is skipped), so
+    output part N comes from input part N whatever the number of workers."""
+    for part, d in zip(parts, dirs):
+        for filename, prefix in names.items():
+            src = d / filename
+            if src.exists():
+                w.add_file(src, f"{prefix}-{part.index:05d}.parquet", pq.ParquetFile(src).metadata.num_rows)
+
+
+def default_workers() -> int:
+    """Every core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_part(stage: str, step: str, fn: Callable, part: Part, step_dir: str, args: tuple) -> Any:
+    """Run ``fn`` on one part and publish its outputs and result as ``<step_dir>/<index>``; returns the result."""
+    final = Path(step_dir) / f"{part.index:05d}"
+    tmp = new_temp_dir(final)
+    try:
+        result = fn(part, tmp, *args)
+        (tmp / RESULT).write_bytes(pickle.dumps(result))
+        kill_point(f"{stage}/{step}/{part.index}")  # every output written, the part not published
+        if not publish_dir(tmp, final, replace=False):  # another run finished it first: same content
+            return pickle.loads((final / RESULT).read_bytes())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+SWITCHES = "LMFORGE_"
+"""Environment variables a worker takes from its parent at every job (the fault switches of
+:mod:`storage.faults` among them): a worker's own environment is fixed when it starts."""
+
+
+def switches() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(SWITCHES)}
+
+
+def take_switches(given: dict[str, str]) -> None:
+    """Make this worker's ``LMFORGE_*`` variables the parent's, as sent with a job."""
+    for k in [k for k in os.environ if k.startswith(SWITCHES) and k not in given]:
+        del os.environ[k]
+    os.environ.update(given)

@@ -1,0 +1,126 @@
+"""The local engine of per-part work: long-lived worker processes on this machine.
+
+Workers fork from a fork server that has imported this module and little else, each
+with a pipe and one part at a time, so when one dies the parent knows which part it held.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import deque
+from multiprocessing import get_context
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Callable
+
+from tasks.parts.core import Part, run_part, switches, take_switches
+
+
+def _serve(conn: Connection) -> None:
+    """A worker: run parts sent over ``conn`` until told to stop (a None job)."""
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        given, job = job
+        take_switches(given)
+        try:
+            conn.send(("ok", run_part(*job)))
+        except Exception as e:  # sent back to the parent, which raises it naming the part
+            try:
+                conn.send(("error", e, traceback.format_exc()))
+            except Exception:  # the exception does not pickle: its text does
+                conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}"), traceback.format_exc()))
+
+
+def _context():
+    """Workers fork from a fork server that has imported this module and nothing else.
+
+    Not ``fork``: the parent may be a Prefect flow run with threads and locks held. Not
+    ``spawn``: it imports the parent's main module in every worker (under the ``lmforge``
+    command, the CLI and Prefect: seconds and hundreds of MiB each).
+    """
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+class _Worker:
+    def __init__(self) -> None:
+        ctx = _context()
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True, name="lmforge-part-worker")
+        self.proc.start()
+        child.close()
+
+    def stop(self, kill: bool = False) -> None:
+        if not kill:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+class LocalProcesses:
+    """The local engine: ``workers`` long-lived processes, one part at a time each.
+
+    ``run`` reports each finished part through ``report`` and leaves the verdicts on a dead
+    worker or a failed part to ``pm`` (the :class:`~tasks.parts.partmap.PartMap` asking).
+    """
+
+    name = "local"
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(1, workers)
+        self._pool: list[_Worker] = []
+
+    def close(self, kill: bool = False) -> None:
+        for w in self._pool:
+            w.stop(kill=kill)
+        self._pool = []
+
+    def _replace(self, w: _Worker) -> _Worker:
+        self._pool.remove(w)
+        w.stop(kill=True)
+        fresh = _Worker()
+        self._pool.append(fresh)
+        return fresh
+
+    def run(self, pm, step: str, fn: Callable, todo: list[Part], step_dir: Path, args: tuple, report):
+        queue = deque(todo)
+        tries = {p.index: 0 for p in todo}
+        busy: dict[Connection, tuple[_Worker, Part]] = {}
+        while len(self._pool) < min(self.workers, len(todo)):
+            self._pool.append(_Worker())
+        idle = list(self._pool)
+        while queue or busy:
+            while idle and queue:
+                w, p = idle.pop(), queue.popleft()
+                try:
+                    w.conn.send((switches(), (pm.stage, step, fn, p, str(step_dir), args)))
+                except OSError:  # the worker died while idle: a new one, and the part goes back
+                    idle.append(self._replace(w))
+                    queue.appendleft(p)
+                    continue
+                tries[p.index] += 1
+                busy[w.conn] = (w, p)
+            for conn in wait(list(busy)):
+                w, p = busy.pop(conn)
+                try:
+                    status, *payload = conn.recv()
+                except (EOFError, OSError):
+                    w.proc.join(5)
+                    pm.worker_died(step, p, tries[p.index], f"exit code {w.proc.exitcode}")
+                    queue.appendleft(p)
+                    idle.append(self._replace(w))
+                    continue
+                if status == "error":
+                    error, trace = payload
+                    raise pm.part_failed(step, p, error, trace)
+                idle.append(w)
+                report(p, payload[0])

@@ -1,0 +1,83 @@
+"""A real Ray cluster of several nodes on this machine, started the way a user starts one.
+
+``ray start --head`` and then ``ray start --address HEAD`` once per further node, each
+with ``--num-cpus 1``, so that a stage's parts must spread over the nodes to run two at
+a time. The cluster lives in its own temporary directory; stopping it kills the
+processes whose command line names that directory or the head's port (and their children), not every Ray
+on the machine as ``ray stop`` would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(temp_dir: str, port: int) -> None:
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(temp_dir in arg or arg.endswith(f":{port}") for arg in p.info["cmdline"] or []):
+                procs += [*p.children(recursive=True), p]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=10)
+
+
+@contextlib.contextmanager
+def running_ray_cluster(nodes: int = 2) -> Iterator[str]:
+    """Start a Ray cluster of ``nodes`` one-CPU nodes; yields the address to join (``127.0.0.1:PORT``)."""
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = _free_port()
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus=1", "--disable-usage-stats"]
+
+    def start(*args: str) -> None:
+        done = subprocess.run([RAY, "start", *args, *common], env=env, capture_output=True, text=True, timeout=180)
+        if done.returncode:
+            raise RuntimeError(f"ray start {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+
+    address = f"127.0.0.1:{port}"
+    try:
+        start(
+            "--head",
+            "--include-dashboard=false",
+            f"--port={port}",
+            f"--temp-dir={temp_dir}",
+            f"--ray-client-server-port={_free_port()}",
+        )
+        for _ in range(nodes - 1):
+            start(f"--address={address}")
+        deadline = time.monotonic() + 60
+        while _alive_nodes(address, env) < nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray cluster at {address} has fewer than {nodes} nodes after 60 s")
+            time.sleep(1)
+        yield address
+    finally:
+        _stop(temp_dir, port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _alive_nodes(address: str, env: dict) -> int:
+    done = subprocess.run([RAY, "status", f"--address={address}"], env=env, capture_output=True, text=True, timeout=60)
+    return done.stdout.count(" node_")

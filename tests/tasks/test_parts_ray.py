@@ -1,0 +1,87 @@
+"""The Ray engine: dedup and filter on a two-node Ray cluster started here give the local engine's files.
+
+The cluster is real (``ray start`` twice, one CPU per node: see ``tests/ray_cluster.py``);
+these tests are slow (about 20 s to start it) and run in ``make test``.
+"""
+
+import logging
+
+import pytest
+
+from storage.artifact import Store
+from tasks import dedup
+from tasks import filter as filter_
+from tasks.parts.core import Execution
+from tasks.stage import StageError
+from tests.ray_cluster import running_ray_cluster
+from tests.tasks import test_dedup, test_filter
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    parts_ray = pytest.importorskip("tasks.parts.ray_cluster")
+    with running_ray_cluster(nodes=2) as address:
+        yield address
+        parts_ray.shutdown()
+
+
+def dedup_on(root, execution, corpus=None):
+    store = Store(root)
+    docs, _ = test_dedup.publish(store, corpus or test_dedup.corpus())
+    return dedup.run(store, dedup.DedupConfig(), docs=docs, execution=execution)
+
+
+def test_dedup_and_filter_on_ray_publish_the_local_files(cluster, tmp_path):
+    local = dedup_on(tmp_path / "local", Execution(workers=1))
+    on_ray = dedup_on(tmp_path / "ray", Execution(engine="ray", address=cluster))
+    assert on_ray.key == local.key and on_ray.digest() == local.digest()
+    ran = on_ray.meta["execution"]
+    assert (ran["engine"], ran["workers"], ran["nodes"], ran["retried_parts"]) == ("ray", 2, 2, [])
+
+    texts = test_filter.EN + [test_filter.FR, test_filter.DE, test_filter.ES, test_filter.SPAM_EN]
+    cfg = filter_.FilterConfig(languages=["en", "fr", "de"])
+    one, two = Store(tmp_path / "f-local"), Store(tmp_path / "f-ray")
+    a = filter_.run(one, cfg, docs=test_filter.publish(one, texts), execution=Execution(workers=1))
+    b = filter_.run(two, cfg, docs=test_filter.publish(two, texts), execution=Execution(engine="ray", address=cluster))
+    assert a.key == b.key and a.digest() == b.digest()
+    assert b.counters["docs_out"] == 5 and b.meta["execution"]["engine"] == "ray"
+
+
+def test_a_killed_ray_worker_costs_its_part_only(cluster, tmp_path, monkeypatch, caplog):
+    """SIGKILL the Ray worker holding part 1 before it publishes: Ray reports the crash, the part is redone alone."""
+    local = dedup_on(tmp_path / "local", Execution(workers=1))
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("LMFORGE_KILL_AT", "dedup/sign/1")
+    monkeypatch.setenv("LMFORGE_KILL_MARKER", str(marker))
+    logging.getLogger("lmforge.dedup").addHandler(caplog.handler)  # Prefect may stop lmforge loggers propagating
+    try:
+        out = dedup_on(tmp_path / "ray", Execution(engine="ray", address=cluster))
+    finally:
+        logging.getLogger("lmforge.dedup").removeHandler(caplog.handler)
+    assert marker.read_text().startswith("dedup/sign/1 ")
+    assert out.digest() == local.digest()
+    assert out.meta["execution"]["retried_parts"] == ["sign part-00001.parquet"]
+    assert "the worker on part-00001.parquet died (Ray: WorkerCrashedError); retrying that part alone" in caplog.text
+
+
+def test_a_bad_part_on_ray_names_itself(cluster, tmp_path):
+    store = Store(tmp_path)
+    with store.writer("extract", "bad") as w:
+        for text in ("fine text here", 7):
+            w.write_table(
+                test_dedup.pa.table(
+                    {"doc_id": ["a"], "url": ["u"], "source": ["s"], "fetched_at": ["t"], "text": [text]}
+                )
+            )
+    with pytest.raises(StageError, match=r"\[dedup\] part-00001.parquet \(.*part-00001.parquet\): sign failed: "):
+        dedup.run(store, dedup.DedupConfig(), docs=w.manifest, execution=Execution(engine="ray", address=cluster))
+
+
+def test_an_address_where_no_cluster_answers_fails_fast(tmp_path):
+    pytest.importorskip("tasks.parts.ray_cluster")
+    with pytest.raises(StageError, match=r"\[dedup\] execution.address '127.0.0.1:1': cannot join the Ray cluster"):
+        dedup_on(tmp_path, Execution(engine="ray", address="127.0.0.1:1"))
+    with pytest.raises(ValueError, match="without spaces"):
+        Execution(engine="ray", address="host:1 --evil")

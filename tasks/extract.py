@@ -21,8 +21,6 @@ from tasks.text.html import ExtractConfig, ExtractorPool, longest_word
 
 STAGE = Stage("extract", __name__)
 BATCH_ROWS = 512
-PART_ROWS = 20_000
-PART_CHARS = 128 << 20
 DROPPED_SCHEMA = pa.schema([*BASE_FIELDS, pa.field("dropped_reason", pa.string()), pa.field("detail", pa.string())])
 log = stage_logger(STAGE.name)
 
@@ -40,12 +38,10 @@ def run(store: Store, cfg: ExtractConfig, raw: Manifest, allow_empty: bool = Fal
     funnel = Funnel()
     columns = ["doc_id", "url", "source", "fetched_at", "content_type", "charset", "body"]
     with STAGE.writer(store, b) as w, ExtractorPool(cfg) as pool:
-        kept = PartBuffer(
-            w, "part", BASE_SCHEMA, max_rows=PART_ROWS, max_bytes=PART_CHARS, size_of=lambda row: len(row["text"])
-        )
-        dropped = PartBuffer(  # runaway texts are kept to read, and bound a part like kept ones do
-            w, "dropped", DROPPED_SCHEMA, max_rows=PART_ROWS, max_bytes=PART_CHARS, size_of=lambda row: len(row["text"])
-        )
+        rows, size, chars = cfg.part_size.rows, cfg.part_size.max_bytes, lambda row: len(row["text"])
+        kept = PartBuffer(w, "part", BASE_SCHEMA, max_rows=rows, max_bytes=size, size_of=chars)
+        # runaway texts are kept to read, and bound a part like kept ones do
+        dropped = PartBuffer(w, "dropped", DROPPED_SCHEMA, max_rows=rows, max_bytes=size, size_of=chars)
         for batch in iter_batches(raw, batch_size=BATCH_ROWS, columns=columns):
             rows = batch.to_pylist()
             outcomes = pool.map([(r["body"], r["content_type"], r["charset"]) for r in rows])

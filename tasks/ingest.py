@@ -51,11 +51,11 @@ from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, s
 from tasks.text.crawl import CrawlConfig, Crawler
 from tasks.text.files import FilesConfig, files_under, read_files
 from tasks.text.pages import Drop, Page, SourceError, Unchanged, Validator
-from tasks.text.warc import WarcConfig, read_warcs, warc_paths
+from tasks.text.settings import PartSize
+from tasks.text.warc import FileDone, WarcConfig, read_warcs, warc_paths
 
 WARC_NAME = "crawl-00000.warc.gz"
-PART_ROWS = 20_000
-PART_BYTES = 128 << 20
+PART_ROWS = 20_000  # dropped pages and validators: small rows, not mapped over
 log = stage_logger("ingest")
 
 RAW_SCHEMA = pa.schema(
@@ -102,6 +102,10 @@ class IngestConfig(StageConfig):
     crawl: CrawlConfig = Field(default_factory=CrawlConfig, description="Crawl settings (kind crawl).")
     warc: WarcConfig | None = Field(None, description="WARC input (kind warc).")
     files: FilesConfig | None = Field(None, description="Folder input (kind files).")
+    part_size: PartSize = Field(
+        default_factory=PartSize,
+        description="Size of the parts of kept pages (by raw body bytes); a WARC ingest also starts a part at each file.",
+    )
     snapshot: str = Field(
         "",
         description="Label of this ingest (e.g. a date): a new label fetches again instead of reusing the cached crawl.",
@@ -217,12 +221,16 @@ def _ingest(
         items, what, total = read_files(paths, cfg.files.max_bytes), f"folder {cfg.files.root}", len(paths)
         meta["files"] = len(paths)
     body_size = lambda row: len(row["body"])  # noqa: E731  (raw HTML bounds a part, not its row count)
-    kept = PartBuffer(w, "part", RAW_SCHEMA, max_rows=PART_ROWS, max_bytes=PART_BYTES, size_of=body_size)
+    size = cfg.part_size
+    kept = PartBuffer(w, "part", RAW_SCHEMA, max_rows=size.rows, max_bytes=size.max_bytes, size_of=body_size)
     dropped = PartBuffer(w, "dropped", DROPPED_SCHEMA, max_rows=PART_ROWS)
     validators: dict[str, Validator] = {}
     body_bytes = 0
     first_drop: Drop | None = None  # quoted when nothing is kept: the reason in words, not only a count
     for item in items:
+        if isinstance(item, FileDone):  # a part per WARC file (or more, past the part size): N files, N parts
+            kept.flush()
+            continue
         funnel.seen("")
         if isinstance(item, Page) and cfg.kind != "crawl":  # the crawler compares bodies itself
             item = _compare_body(item, known, validators)

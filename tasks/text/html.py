@@ -34,7 +34,7 @@ from pydantic import Field
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 
-from tasks.text.settings import Settings
+from tasks.text.settings import PartSize, Settings
 
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 _BAD_CHARS = re.compile("[\x00-\x08\x0b\x0e-\x1f\ufffd]")
@@ -44,6 +44,10 @@ class ExtractConfig(Settings):
     """How text is taken out of the raw pages."""
 
     workers: int = Field(2, ge=1, le=64, description="Extraction processes; each handles one document at a time.")
+    part_size: PartSize = Field(
+        default_factory=PartSize,
+        description="Size of the parts written: dedup, filter and the later stages run one part per worker.",
+    )
     timeout_seconds: float = Field(
         5.0,
         gt=0.0,

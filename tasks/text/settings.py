@@ -12,13 +12,29 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class Settings(BaseModel):
     """Base of every engine and stage config (see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+class PartSize(Settings):
+    """How big the Parquet parts that a stage writes get: a part closes at ``rows`` rows or
+    ``mb`` MiB of content (page bodies, texts), whichever comes first.
+
+    Parts are the unit that later stages map over, one part per worker at a time: more
+    parts than cores keep every core busy, and a part's size bounds a worker's memory.
+    """
+
+    rows: int = Field(20_000, ge=1, le=10_000_000, description="Most documents in one part.")
+    mb: int = Field(128, ge=1, le=65_536, description="Most content in one part, in MiB (bodies or texts).")
+
+    @property
+    def max_bytes(self) -> int:
+        return self.mb << 20
 
 
 def describe(error: ValidationError) -> str:

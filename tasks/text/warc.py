@@ -17,6 +17,7 @@ import glob
 import logging
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -134,7 +135,15 @@ def _records(path: Path, verify: bool, max_bytes: int) -> Iterator[tuple[WarcRec
                     start = data.find(boundary, last + 1)
 
 
-def read_warcs(paths: list[Path], verify: bool, max_bytes: int = 5_000_000) -> Iterator[Page | Drop]:
+@dataclass(frozen=True)
+class FileDone:
+    """Yielded by :func:`read_warcs` after the last record of each file: where a reader may close a part."""
+
+    path: Path
+
+
+def read_warcs(paths: list[Path], verify: bool, max_bytes: int = 5_000_000) -> Iterator[Page | Drop | FileDone]:
+    """The pages of ``paths`` in order, then :class:`FileDone` for each file; a URL read before is a Drop."""
     seen: set[str] = set()
     for path in paths:
         log.info("reading %s", path)
@@ -171,3 +180,4 @@ def read_warcs(paths: list[Path], verify: bool, max_bytes: int = 5_000_000) -> I
                 continue
             seen.add(url)
             yield page
+        yield FileDone(path)

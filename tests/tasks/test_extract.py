@@ -188,6 +188,18 @@ def test_rerun_returns_the_same_artifact(tmp_path):
     assert extract.run(store, ExtractConfig(workers=1, min_chars=10), raw).key != first.key
 
 
+def test_parts_close_at_the_configured_rows_or_size(tmp_path):
+    """Five kept pages: parts of 2 rows give 2 + 2 + 1; a 1 MiB ceiling on 600 KB texts gives a part per 2 pages."""
+    store = Store(tmp_path)
+    pages = [(f"http://h.org/{i}", docbook_page(), "text/html", "utf-8") for i in range(5)]
+    m = extract.run(store, ExtractConfig(workers=1, part_size={"rows": 2}), raw_artifact(store, pages))
+    assert [f.rows for f in m.files_with_prefix("part-")] == [2, 2, 1]
+    big = html_of(" ".join(["word"] * 120_000)).encode()  # 600,000 characters of text
+    pages = [(f"http://h.org/big{i}", big, "text/html", "utf-8") for i in range(5)]
+    m = extract.run(store, ExtractConfig(workers=1, part_size={"mb": 1}), raw_artifact(store, pages))
+    assert [f.rows for f in m.files_with_prefix("part-")] == [2, 2, 1]
+
+
 def test_failures_publish_nothing(tmp_path, monkeypatch):
     store = Store(tmp_path)
     raw = raw_artifact(

@@ -127,6 +127,22 @@ def test_gzipped_warc_resumes_after_a_bad_member_and_a_truncated_tail(tmp_path):
     assert m.meta["files"] == 2
 
 
+def test_a_part_per_warc_file_and_more_past_the_part_size(tmp_path):
+    """Three WARC files of 1, 2 and 5 pages with parts of at most 3 rows: parts of 1, 2, 3 and 2 rows, in order."""
+    for name, n in (("a", 1), ("b", 2), ("c", 5)):
+        (tmp_path / f"{name}.warc").write_bytes(b"".join(record(f"http://example.org/{name}{i}") for i in range(n)))
+    cfg = ingest.IngestConfig(kind="warc", warc={"paths": [str(tmp_path / "*.warc")]}, part_size={"rows": 3})
+    m = ingest.run(Store(tmp_path / "store"), cfg)
+    assert [f.rows for f in m.files_with_prefix("part-")] == [1, 2, 3, 2]
+    assert [r["url"] for r in read_table(m).to_pylist()][:4] == [
+        f"http://example.org/{u}" for u in "a0 b0 b1 c0".split()
+    ]
+    small = ingest.IngestConfig(kind="warc", warc={"paths": [str(tmp_path / "c.warc")]}, part_size={"mb": 1})
+    assert small.part_size.max_bytes == 1 << 20
+    with pytest.raises(ValidationError, match="part_size.rows"):
+        ingest.IngestConfig(kind="warc", warc={"paths": ["x"]}, part_size={"rows": 0})
+
+
 def test_missing_or_unmatched_warc_input_names_it(tmp_path):
     with pytest.raises(StageError, match="nope.warc.gz: WARC file not found"):
         run_warc(tmp_path, str(tmp_path / "nope.warc.gz"))

@@ -17,6 +17,7 @@ tasks and workers, run by ``--datatrove-python`` (a Python with datatrove instal
 is not one of lmforge's dependencies), its peak measured the same way.
 
     python bench/dedup_scale.py [--sizes 20000,100000,300000,1000000] [--workers 1,2] [--memory-mb 1024] \\
+        [--ray-sizes 100000,300000 --name dedup_ray] \\
         [--datatrove-python /path/to/venv/bin/python --datatrove-sizes 20000 --datatrove-workers 2]
 
 (datatrove 0.10 needs ``pip install datatrove[processing] spacy`` in its own venv: its
@@ -24,7 +25,11 @@ English word tokenizer is spaCy's, which makes its signature step about 60 docum
 second per worker here, so it runs at the smallest size only by default: 1M documents
 would take it hours. Its executor runs here with ``start_method="fork"``.)
 
-Writes ``bench/results/dedup_scale.json`` and ``bench/results/dedup_scale.md``.
+``--ray-sizes`` also runs those sizes on a two-node Ray cluster started on this machine
+with ``ray start`` (one CPU a node, ``execution.engine: ray``); its peak memory counts Ray's
+own processes too.
+
+Writes ``bench/results/<name>.json`` and ``bench/results/<name>.md`` (name: ``dedup_scale``).
 """
 
 from __future__ import annotations
@@ -79,8 +84,9 @@ class PeakMemory:
     1/n in each), so forked workers sharing their parent's pages are not counted twice.
     """
 
-    def __init__(self, pid: int | None = None):
+    def __init__(self, pid: int | None = None, also=None):
         self.proc = psutil.Process(pid)
+        self.also = also  # a function giving more processes to count (a Ray cluster's), looked up every sample
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -88,7 +94,8 @@ class PeakMemory:
     def _sample(self) -> None:
         while not self._stop.is_set():
             total = 0
-            for p in [self.proc, *self.proc.children(recursive=True)]:
+            procs = [self.proc, *self.proc.children(recursive=True), *(self.also() if self.also else [])]
+            for p in {p.pid: p for p in procs}.values():
                 try:
                     total += p.memory_full_info().pss
                 except psutil.Error:
@@ -160,7 +167,7 @@ def build_corpus(n: int) -> Path:
     return root
 
 
-def run_lmforge(root: Path, workers: int, memory_mb: int) -> dict:
+def run_lmforge(root: Path, workers: int, memory_mb: int, engine: str = "local", address: str = "") -> dict:
     """One dedup run in this process (called in a fresh child by :func:`main`)."""
     import shutil
 
@@ -174,9 +181,8 @@ def run_lmforge(root: Path, workers: int, memory_mb: int) -> dict:
     docs = store.load("extract", "synthetic")
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        out = dedup.run(
-            store, dedup.DedupConfig(), docs=docs, execution=Execution(workers=workers, memory_mb=memory_mb)
-        )
+        execution = Execution(workers=workers, memory_mb=memory_mb, engine=engine, address=address)
+        out = dedup.run(store, dedup.DedupConfig(), docs=docs, execution=execution)
         seconds = time.perf_counter() - t0
     dropped = read_table(out, "dropped", columns=["url", "dropped_reason"])
     urls = dropped.column("url").to_pylist()
@@ -185,6 +191,7 @@ def run_lmforge(root: Path, workers: int, memory_mb: int) -> dict:
     n = out.counters["docs_in"]
     return {
         "docs": n,
+        "engine": engine,
         "workers": workers,
         "seconds": round(seconds, 2),
         "docs_per_s": round(n / seconds),
@@ -252,8 +259,27 @@ def run_datatrove(python: str, root: Path, workers: int, planted: int) -> dict:
     }
 
 
+def run_on_ray(root: Path, memory_mb: int) -> dict:
+    """Dedup on a two-node Ray cluster started here (``ray start`` twice, one CPU each), as a user starts one.
+
+    Time and recall come from the child that runs the stage; the peak counts the child and
+    every process of the cluster (GCS, raylets, agents, workers), sampled from here.
+    """
+    from tests.ray_cluster import running_ray_cluster
+
+    with running_ray_cluster(nodes=2) as cluster:
+        cmd = [sys.executable, __file__, "--root", str(root), "--one-workers", "2", "--memory-mb", str(memory_mb)]
+        cmd += ["--engine", "ray", "--address", cluster.address]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with PeakMemory(proc.pid, also=cluster.processes) as mem:
+            out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"lmforge dedup on Ray failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1]) | {"peak_mib": round(mem.peak / 2**20), "nodes": 2}
+
+
 def child(args: argparse.Namespace) -> None:
-    print(json.dumps(run_lmforge(Path(args.root), args.one_workers, args.memory_mb)))
+    print(json.dumps(run_lmforge(Path(args.root), args.one_workers, args.memory_mb, args.engine, args.address)))
 
 
 def main() -> None:
@@ -266,9 +292,15 @@ def main() -> None:
         "--datatrove-sizes", default="20000", help="sizes datatrove runs at (slow here: about 60 docs/s a worker)"
     )
     ap.add_argument("--datatrove-workers", default="1,2")
+    ap.add_argument(
+        "--ray-sizes", default="", help="sizes also run on a two-node Ray cluster started here (one CPU a node)"
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--name", default="dedup_scale", help="results file name, without .json/.md")
     ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("--one-workers", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="local", help=argparse.SUPPRESS)
+    ap.add_argument("--address", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.root:
         return child(args)
@@ -293,6 +325,10 @@ def main() -> None:
             r = json.loads(done.stdout.strip().splitlines()[-1])
             result["runs"].append(r)
             print(json.dumps(r), flush=True)
+        if str(n) in args.ray_sizes.split(","):
+            r = run_on_ray(root, args.memory_mb)
+            result["runs"].append(r)
+            print(json.dumps(r), flush=True)
         if args.datatrove_python and str(n) in args.datatrove_sizes.split(","):
             from storage.artifact import Store
 
@@ -303,8 +339,8 @@ def main() -> None:
                 print("datatrove", json.dumps(r), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dedup_scale.json").write_text(json.dumps(result, indent=2))
-    (out / "dedup_scale.md").write_text(report(result))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{args.name}.md").write_text(report(result))
     print(report(result))
 
 
@@ -321,7 +357,7 @@ def report(result: dict) -> str:
     ]
     for r in result["runs"]:
         lines.append(
-            f"| lmforge | {r['docs']:,} | {r['workers']} | {r['seconds']:.1f} | {r['docs_per_s']:,} | "
+            f"| lmforge{' on Ray, 2 nodes' if r.get('engine') == 'ray' else ''} | {r['docs']:,} | {r['workers']} | {r['seconds']:.1f} | {r['docs_per_s']:,} | "
             f"{r['docs_per_s_per_worker']:,} | {r['peak_mib']:,} | {r['recall']:.4f} | {r['precision']:.4f} |"
         )
     for r in result["datatrove"]:
@@ -331,7 +367,8 @@ def report(result: dict) -> str:
             f"{r['recall']:.4f} | {r['precision']:.4f} |"
         )
     runs = result["runs"]
-    by = {(r["docs"], r["workers"]): r for r in runs}
+    by = {(r["docs"], r["workers"]): r for r in runs if r.get("engine", "local") == "local"}
+    on_ray = {r["docs"]: r for r in runs if r.get("engine") == "ray"}
     sizes = sorted({r["docs"] for r in runs})
     notes = []
     base = 100_000 if 100_000 in sizes else sizes[0]  # the issue's reference size; 20k is one part, one process
@@ -342,6 +379,11 @@ def report(result: dict) -> str:
     for n in sizes:
         if (n, 1) in by and (n, 2) in by:
             notes.append(f"{n:,} docs: 2 workers take {by[n, 2]['seconds'] / by[n, 1]['seconds']:.2f}x the time of 1")
+        if n in on_ray and (n, 2) in by:
+            notes.append(
+                f"{n:,} docs: on a 2-node Ray cluster {on_ray[n]['seconds'] / by[n, 2]['seconds']:.2f}x the time of "
+                f"2 local workers, {on_ray[n]['peak_mib'] / by[n, 2]['peak_mib']:.2f}x the memory (Ray's daemons included)"
+            )
         theirs = {r["workers"]: r for r in result["datatrove"] if r["docs"] == n}
         for w, t in theirs.items():
             if (n, w) in by:

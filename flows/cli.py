@@ -160,6 +160,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_catalog_rebuild(args: argparse.Namespace) -> int:
+    from storage.artifact import Store
+    from storage.catalog import CatalogError
+    from storage.catalog_rebuild import rebuild_catalog
+
+    store = Store(args.store)
+    try:
+        done = rebuild_catalog(store)
+    except CatalogError as e:
+        print(f"lmforge catalog rebuild: {e}", file=sys.stderr)
+        return 2
+    if done.moved_aside:
+        print(f"the old catalog did not open; moved to {done.moved_aside}")
+    for why in done.skipped:
+        print(f"skipped {why}")
+    print(
+        f"lmforge catalog: rebuilt {store.catalog_path}: {done.artifacts} artifacts, {done.datasets} datasets "
+        f"({done.documents:,} documents), {done.decisions} deploy decisions of {done.targets} targets"
+    )
+    return 1 if done.skipped else 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from storage.artifact import Store
     from storage.gc import collect
@@ -308,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--store", required=True, help="the store directory, e.g. .lmforge/demo")
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     c.set_defaults(fn=cmd_gc)
+    k = sub.add_parser("catalog", help="the DuckDB catalog of a store (an index over it)")
+    ks = k.add_subparsers(dest="catalog_command", required=True)
+    kr = ks.add_parser("rebuild", help="recreate the catalog from the store's manifests, indexes and deploy ledgers")
+    kr.add_argument("--store", required=True, help="the store directory, e.g. .lmforge/demo")
+    kr.set_defaults(fn=cmd_catalog_rebuild)
     v = sub.add_parser("serve", help="serve an exported model with an OpenAI-compatible API (continuous batching)")
     v.add_argument("--model", help="exported model directory (e.g. runs/demo/model)")
     v.add_argument("--promoted", action="store_true", help="serve the deploy target's promoted model, following it")

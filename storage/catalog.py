@@ -87,6 +87,7 @@ SCHEMA = [
         previous VARCHAR, serving VARCHAR, reason VARCHAR, metrics JSON, model VARCHAR, dataset VARCHAR,
         lineage JSON, decided_at TIMESTAMPTZ, run VARCHAR, PRIMARY KEY (target, seq))""",
 ]
+TABLES = ("artifacts", "documents", "token_shards", "promotions")  # every table SCHEMA makes, all derived
 
 
 class CatalogError(RuntimeError):
@@ -102,6 +103,7 @@ class Catalog:
 
     def __init__(self, path: str | Path, *, read_only: bool = False, lock_timeout: float = 60.0):
         self.path = Path(path)
+        self._depth = 0  # nesting of transaction()
         if read_only and not self.path.exists():
             raise CatalogError(f"no catalog at {self.path}: run the shards stage to create it")
         self.con = _connect(self.path, read_only, lock_timeout)
@@ -148,7 +150,7 @@ class Catalog:
         """
         seen: set[str] = set()
         todo = [manifest]
-        with self._transaction():
+        with self.transaction():
             while todo:
                 m = todo.pop()
                 if m.ref in seen:
@@ -202,7 +204,7 @@ class Catalog:
             ]
             for d in decisions
         ]
-        with self._transaction():
+        with self.transaction():
             self.con.execute("DELETE FROM promotions WHERE target = ?", [target])
             if rows:
                 self.con.executemany("INSERT INTO promotions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -233,7 +235,7 @@ class Catalog:
         ]
         cols = ", ".join(DOCUMENT_COLUMNS)
         try:
-            with self._transaction():
+            with self.transaction():
                 self.con.execute("DELETE FROM documents WHERE dataset = ?", [manifest.ref])
                 self.con.execute("DELETE FROM token_shards WHERE dataset = ?", [manifest.ref])
                 self.con.execute(
@@ -293,13 +295,24 @@ class Catalog:
         return rel.to_arrow_table() if rel is not None else pa.table({})
 
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def transaction(self) -> Iterator[None]:
+        """One transaction; inside another, part of the outer one (readers see all of it or none)."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
         self.con.execute("BEGIN TRANSACTION")
+        self._depth = 1
         try:
             yield
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
+        finally:
+            self._depth = 0
         self.con.execute("COMMIT")
 
     def _scalar(self, sql: str, params: list[Any]) -> Any:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -31,12 +32,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(temp_dir: str, port: int) -> None:
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(temp_dir in arg or arg.endswith(f":{port}") for arg in p.info["cmdline"] or []):
-                procs += [*p.children(recursive=True), p]
+@dataclass(frozen=True)
+class RayNodes:
+    """A running cluster: ``address`` to join, and what it runs on this machine."""
+
+    address: str
+    temp_dir: str
+    port: int
+
+    def processes(self) -> list[psutil.Process]:
+        """Its daemons (GCS, raylets, agents, Ray Client server) and their children (the workers)."""
+        procs = []
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if any(self.temp_dir in arg or arg.endswith(f":{self.port}") for arg in p.info["cmdline"] or []):
+                    procs += [p, *p.children(recursive=True)]
+        return list({p.pid: p for p in procs}.values())
+
+
+def _stop(nodes: RayNodes) -> None:
+    procs = nodes.processes()
     for p in procs:
         with contextlib.suppress(psutil.Error):
             p.kill()
@@ -44,8 +59,8 @@ def _stop(temp_dir: str, port: int) -> None:
 
 
 @contextlib.contextmanager
-def running_ray_cluster(nodes: int = 2) -> Iterator[str]:
-    """Start a Ray cluster of ``nodes`` one-CPU nodes; yields the address to join (``127.0.0.1:PORT``)."""
+def running_ray_cluster(nodes: int = 2) -> Iterator[RayNodes]:
+    """Start a Ray cluster of ``nodes`` one-CPU nodes; yields it (``.address``: ``127.0.0.1:PORT``)."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = _free_port()
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
@@ -57,6 +72,7 @@ def running_ray_cluster(nodes: int = 2) -> Iterator[str]:
             raise RuntimeError(f"ray start {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
 
     address = f"127.0.0.1:{port}"
+    cluster = RayNodes(address, temp_dir, port)
     try:
         start(
             "--head",
@@ -72,9 +88,9 @@ def running_ray_cluster(nodes: int = 2) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the Ray cluster at {address} has fewer than {nodes} nodes after 60 s")
             time.sleep(1)
-        yield address
+        yield cluster
     finally:
-        _stop(temp_dir, port)
+        _stop(cluster)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster():
     parts_ray = pytest.importorskip("tasks.parts.ray_cluster")
-    with running_ray_cluster(nodes=2) as address:
-        yield address
+    with running_ray_cluster(nodes=2) as nodes:
+        yield nodes.address
         parts_ray.shutdown()
 
 

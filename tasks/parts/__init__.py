@@ -1,13 +1,13 @@
 """Parts: the unit of parallel work of a data stage, mapped over every core.
 
 An artifact's Parquet parts (``part-00000.parquet`` ...) are what a stage maps over. A
-step of a stage is a function ``fn(part, out_dir, *args) -> result`` that reads one input
+step of a stage is a function ``fn(part, out_dir, *args) -> result`` (a JSON value) that reads one input
 part and writes its outputs into ``out_dir``; :class:`PartMap` runs it once per part, on
 worker processes, and returns the results in part order.
 
 Design decisions:
 
-- Every finished part is a checkpoint in the store: its outputs and its pickled result
+- Every finished part is a checkpoint in the store: its outputs and its result (JSON)
   are published atomically as ``<work dir>/<step>/<index>/`` (:mod:`storage.atomic`), and
   a part found there is not run again. A run killed midway (the whole flow, or one
   worker) redoes only the parts that did not finish; the stage's artifact is still

@@ -8,8 +8,8 @@ variables to a worker with every job. See :mod:`tasks.parts` for the design.
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from storage.atomic import new_temp_dir, publish_dir
 from storage.faults import kill_point
 from tasks.stage import StageConfig
 
-RESULT = "result.pkl"
+RESULT = "result.json"
 
 
 class Execution(StageConfig):
@@ -110,14 +110,20 @@ def run_part(stage: str, step: str, fn: Callable, part: Part, step_dir: str, arg
     tmp = new_temp_dir(final)
     try:
         result = fn(part, tmp, *args)
-        (tmp / RESULT).write_bytes(pickle.dumps(result))
+        result = json.loads(text := json.dumps(result))  # the same value, fresh or reused
+        (tmp / RESULT).write_text(text)
         kill_point(f"{stage}/{step}/{part.index}")  # every output written, the part not published
         if not publish_dir(tmp, final, replace=False):  # another run finished it first: same content
-            return pickle.loads((final / RESULT).read_bytes())
+            return read_result(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def read_result(part_dir: Path) -> Any:
+    """A finished part's result: JSON, since nothing read back from the store is unpickled."""
+    return json.loads((part_dir / RESULT).read_text())
 
 
 SWITCHES = "LMFORGE_"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tasks.parts.core import RESULT, Execution, Part, run_part
+from tasks.parts.core import RESULT, Execution, Part, read_result, run_part
 from tasks.parts.local import LocalProcesses
 from tasks.stage import Progress, StageError, no_progress
 
@@ -81,7 +80,7 @@ class PartMap:
         for p in parts:
             done = step_dir / f"{p.index:05d}" / RESULT
             if done.exists():
-                results[p.index] = pickle.loads(done.read_bytes())
+                results[p.index] = read_result(done.parent)
         todo = [p for p in parts if p.index not in results]
         if results:
             self.log.info(

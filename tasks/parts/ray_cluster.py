@@ -55,7 +55,7 @@ def connect(address: str, stage: str) -> None:
     try:
         _reachable(address)
         ray.init(
-            address=address or None,
+            address=address or "local",  # "": a new Ray inside this run, never a cluster found by chance
             logging_level=logging.WARNING,
             configure_logging=False,
             include_dashboard=False if not address else None,

@@ -134,11 +134,15 @@ class Operated:
             "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}, "flow_runs": flow_run_filter}
         )
 
-    def wait_for_state(self, run_id: str, states: set[str], timeout: float = 600) -> dict:
+    def wait_for_state(self, run_id: str, states: set[str], timeout: float = 600, entered_after: str = "") -> dict:
+        """The run once it is in one of ``states`` (entered after ``entered_after``, an ISO time, if given:
+        a retried run is still in its old Failed state for a moment after the click)."""
         t0 = time.monotonic()
+        after = dt.datetime.fromisoformat(entered_after) if entered_after else None
         while time.monotonic() - t0 < timeout:
             run = self.ok(f"/flow_runs/{run_id}")
-            if run["state_name"] in states:
+            entered = dt.datetime.fromisoformat(run["state"]["timestamp"]) if run.get("state") else None
+            if run["state_name"] in states and (after is None or (entered is not None and entered > after)):
                 return run
             assert self.proc.poll() is None, "lmforge server died:\n" + "\n".join(self.output[-30:])
             time.sleep(2)
@@ -548,7 +552,7 @@ def test_failed_run_retried_from_the_ui_reruns_only_the_failed_stage_and_after(o
     retried_at = _now()
     page.get_by_role("button", name="Retry").click()
     page.get_by_role("dialog").get_by_role("button", name="Retry").click()
-    done = operated.wait_for_state(run["id"], {"Completed", "Failed", "Crashed"}, timeout=600)
+    done = operated.wait_for_state(run["id"], {"Completed", "Failed", "Crashed"}, timeout=600, entered_after=retried_at)
     assert done["state_name"] == "Completed" and done["run_count"] == 2, done["state"]
     states = operated.task_runs_since(retried_at)
     expected = {

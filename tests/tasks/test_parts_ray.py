@@ -85,3 +85,15 @@ def test_an_address_where_no_cluster_answers_fails_fast(tmp_path):
         dedup_on(tmp_path, Execution(engine="ray", address="127.0.0.1:1"))
     with pytest.raises(ValueError, match="without spaces"):
         Execution(engine="ray", address="host:1 --evil")
+
+
+def test_no_address_starts_ray_on_this_machine(tmp_path):
+    """``address: ''``: Ray starts inside the run (one node, this machine's cores), for trying the engine."""
+    parts_ray = pytest.importorskip("tasks.parts.ray_cluster")
+    try:
+        local = dedup_on(tmp_path / "local", Execution(workers=1))
+        on_ray = dedup_on(tmp_path / "ray", Execution(engine="ray"))
+    finally:
+        parts_ray.shutdown()
+    assert on_ray.digest() == local.digest()
+    assert (on_ray.meta["execution"]["engine"], on_ray.meta["execution"]["nodes"]) == ("ray", 1)

@@ -78,7 +78,8 @@ def _cpu_model() -> str:
 
 
 class PeakMemory:
-    """The largest memory of this process and all its descendants, sampled every 50 ms.
+    """The largest memory of this process and all its descendants, sampled every 50 ms (or more:
+    see ``_sample``).
 
     Each process counts its proportional set size (PSS: pages shared by n processes count
     1/n in each), so forked workers sharing their parent's pages are not counted twice.
@@ -93,6 +94,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
+            started = time.perf_counter()
             total = 0
             procs = [self.proc, *self.proc.children(recursive=True), *(self.also() if self.also else [])]
             for p in {p.pid: p for p in procs}.values():
@@ -101,7 +103,9 @@ class PeakMemory:
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
-            self._stop.wait(0.05)
+            # Reading PSS is not free (a Ray cluster is some 20 processes): sampling at least 10x
+            # as long as a sample takes keeps the sampler under a tenth of a core.
+            self._stop.wait(max(0.05, 10 * (time.perf_counter() - started)))
 
     def __enter__(self) -> "PeakMemory":
         self._thread.start()

@@ -2,7 +2,8 @@
 
 ``ray start --head`` and then ``ray start --address HEAD`` once per further node, each
 with ``--num-cpus 1``, so that a stage's parts must spread over the nodes to run two at
-a time. The cluster lives in its own temporary directory; stopping it kills the
+a time. Ray's token authentication is off (the cluster lives for one test, on this
+machine) and it lives in its own temporary directory; stopping it kills the
 processes whose command line names that directory or the head's port (and their children), not every Ray
 on the machine as ``ray stop`` would.
 """
@@ -63,7 +64,10 @@ def running_ray_cluster(nodes: int = 2) -> Iterator[RayNodes]:
     """Start a Ray cluster of ``nodes`` one-CPU nodes; yields it (``.address``: ``127.0.0.1:PORT``)."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = _free_port()
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    # Token authentication off, said explicitly: Ray 2.60 turns it on for `ray start --head` when
+    # ~/.ray/auth_token exists (a `ray.init()` of a new local Ray writes one), and the second node,
+    # or a driver whose Ray read its settings at import, would then be refused.
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     common = ["--num-cpus=1", "--disable-usage-stats"]
 
     def start(*args: str) -> None:

@@ -8,12 +8,13 @@ file for file whichever engine ran it (tested).
 
 Design decisions:
 
-- Ray core, not a scheduler of our own: one Ray task per part (``num_cpus=1``, spread
-  over the nodes), at most ``workers`` in flight (0: as many as the cluster has CPUs).
-  Ray's own task retries are off (``max_retries=0``) so that a dead worker comes back
-  here as ``WorkerCrashedError`` / ``NodeDiedError`` / ``OutOfMemoryError``; this engine
-  then logs the part by name and resubmits it alone, as the local engine does, and
-  records it in ``meta.execution.retried_parts``.
+- Ray core, not a scheduler of our own: one Ray task per part (``num_cpus=1``, placed
+  by Ray's default scheduler on a node with a free CPU), at most ``workers`` in flight
+  (0: as many as the cluster has CPUs). Ray's own task retries are off
+  (``max_retries=0``) so that a dead worker comes back here as ``WorkerCrashedError``,
+  ``NodeDiedError`` or ``OutOfMemoryError``; this engine then logs the part by name and
+  resubmits it alone, as the local engine does, and records it in
+  ``meta.execution.retried_parts``.
 - Per-part Ray tasks, not per-part Prefect tasks: a Common Crawl ingest has tens of
   thousands of parts per stage, and a Prefect task run per part would put that many rows
   in the Prefect database and the UI per stage. The stage stays one Prefect task (cached,
@@ -38,8 +39,6 @@ from ray import exceptions as ray_errors
 
 from tasks.parts.core import Part, run_part, switches, take_switches
 from tasks.stage import StageError
-
-log = logging.getLogger("lmforge.parts")
 
 WORKER_DEATHS = (ray_errors.WorkerCrashedError, ray_errors.NodeDiedError, ray_errors.OutOfMemoryError)
 _connected: str | None = None  # the address this process joined
@@ -106,7 +105,7 @@ class RayCluster:
         connect(address, stage)
         self.workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.nodes: set[str] = set()  # the nodes that ran a part
-        self._task = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")(_run_part_on_node)
+        self._task = ray.remote(num_cpus=1, max_retries=0)(_run_part_on_node)
         self._running: dict[Any, tuple[Part, int]] = {}
 
     def close(self, kill: bool = False) -> None:

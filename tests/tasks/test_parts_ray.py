@@ -87,9 +87,12 @@ def test_an_address_where_no_cluster_answers_fails_fast(tmp_path):
         Execution(engine="ray", address="host:1 --evil")
 
 
-def test_no_address_starts_ray_on_this_machine(tmp_path):
+def test_no_address_starts_ray_on_this_machine(tmp_path, monkeypatch):
     """``address: ''``: Ray starts inside the run (one node, this machine's cores), for trying the engine."""
     parts_ray = pytest.importorskip("tasks.parts.ray_cluster")
+    # Not Ray's default token authentication: it writes ~/.ray/auth_token, which every later `ray start`
+    # on this machine would pick up (see tests/ray_cluster.py).
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     try:
         local = dedup_on(tmp_path / "local", Execution(workers=1))
         on_ray = dedup_on(tmp_path / "ray", Execution(engine="ray"))

@@ -186,11 +186,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from storage.artifact import Store
     from storage.gc import collect
 
-    root = Path(args.store)
+    store = Store(args.store)
+    root = store.root
     if not root.is_dir():
         print(f"lmforge gc: {root} is not a directory", file=sys.stderr)
         return 2
-    done = collect(Store(root), dry_run=args.dry_run)
+    done = collect(store, dry_run=args.dry_run)
     for path, size in done.removed:
         print(f"{'would remove' if args.dry_run else 'removed'} {path} ({size / 1e6:.1f} MB)")
     for path in done.kept_busy:
@@ -327,13 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--history", action="store_true", help="print the target's deploy ledger and exit")
     d.set_defaults(fn=cmd_deploy)
     c = sub.add_parser("gc", help="remove what no artifact or running job needs from a store (and say how much)")
-    c.add_argument("--store", required=True, help="the store directory, e.g. .lmforge/demo")
+    c.add_argument(
+        "--store",
+        required=True,
+        help="the store, e.g. .lmforge/demo (s3://...: this machine's copy of it; the bucket is kept)",
+    )
     c.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     c.set_defaults(fn=cmd_gc)
     k = sub.add_parser("catalog", help="the DuckDB catalog of a store (an index over it)")
     ks = k.add_subparsers(dest="catalog_command", required=True)
     kr = ks.add_parser("rebuild", help="recreate the catalog from the store's manifests, indexes and deploy ledgers")
-    kr.add_argument("--store", required=True, help="the store directory, e.g. .lmforge/demo")
+    kr.add_argument("--store", required=True, help="the store, e.g. .lmforge/demo or s3://bucket/prefix")
     kr.set_defaults(fn=cmd_catalog_rebuild)
     v = sub.add_parser("serve", help="serve an exported model with an OpenAI-compatible API (continuous batching)")
     v.add_argument("--model", help="exported model directory (e.g. runs/demo/model)")

@@ -23,6 +23,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from storage.documents import SplitConfig
+from storage.object_store import is_object_store, parse_url
 from tasks.augment import AugmentConfig
 from tasks.compare import DeployConfig
 from tasks.dedup import DedupConfig
@@ -52,7 +53,7 @@ class PipelineConfig(StageConfig):
     store: str = Field(
         ".lmforge/store",
         min_length=1,
-        description="Root directory of artifacts and the DuckDB catalog (relative to the working directory). Use shared storage when workers run on several hosts.",
+        description="Where artifacts live: a directory (relative to the working directory) or an object store, s3://bucket/prefix (credentials and endpoint from the AWS_* environment). Use an object store or shared storage when workers run on several hosts.",
     )
     execution: Execution = Field(
         default_factory=Execution,
@@ -87,6 +88,8 @@ class PipelineConfig(StageConfig):
     def _store_named(cls, value: str) -> str:
         if not value.strip() or "\x00" in value:
             raise ValueError("store must name a directory")
+        if is_object_store(value):
+            parse_url(value)  # ValueError naming what is wrong
         return value
 
     @model_validator(mode="after")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from storage.object_store import cache_dir, is_object_store
+
 
 def prepare_environment(store: Path) -> None:
     """Prefect settings for a command-line run: offline, lmforge's logs in the run log, records in the store."""
@@ -21,7 +23,8 @@ def prepare_environment(store: Path) -> None:
 
 
 def store_of(config_path: str | Path, relative_to: Path | None = None) -> Path:
-    """The absolute store a profile names (``relative_to`` for a relative one, default the cwd).
+    """The absolute local store a profile names (``relative_to`` for a relative one, default
+    the cwd; for an ``s3://`` store, this machine's copy of it).
 
     Read with plain YAML, before the heavy config models import: it only places Prefect's
     result storage, and a profile that does not parse fails later with the full error.
@@ -33,5 +36,10 @@ def store_of(config_path: str | Path, relative_to: Path | None = None) -> Path:
     except (OSError, yaml.YAMLError):
         raw = {}
     value = raw.get("store") if isinstance(raw, dict) else None
+    if is_object_store(value):
+        try:
+            return cache_dir(value)  # this machine's copy of the bucket's store
+        except ValueError:
+            pass  # the profile's validation says what is wrong with the URL
     store = Path(value if isinstance(value, str) and value.strip() else ".lmforge/store").expanduser()
     return (relative_to / store if relative_to is not None else store).resolve()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -32,8 +33,10 @@ import pyarrow.parquet as pq
 
 from storage.atomic import fsync_file, new_temp_dir, publish_dir
 from storage.faults import pause_point
+from storage.object_store import ObjectStore, cache_dir, is_object_store
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("lmforge.store")
 FORMAT_VERSION = "1"
 
 
@@ -141,13 +144,29 @@ def _sha256_file(path: Path) -> str:
 
 
 class Store:
-    """A root directory of artifacts plus the DuckDB catalog beside them."""
+    """A root directory of artifacts plus the DuckDB catalog beside them.
 
-    def __init__(self, root: str | os.PathLike[str]):
+    ``Store("s3://bucket/prefix")`` is a store on object storage: ``root`` is then this
+    machine's local copy of it (:func:`storage.object_store.cache_dir`, or ``cache``), every
+    artifact published here is uploaded, and one missing here is fetched from the bucket
+    when it is there (:mod:`storage.object_store` says why this shape). ``url`` names the
+    store either way: the bucket URL, or the local root.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None):
+        self.remote: ObjectStore | None = None
+        if is_object_store(root):
+            self.remote = ObjectStore(str(root))
+            root = cache or cache_dir(self.remote.url)
         self.root = Path(root).expanduser().resolve()
+        self.url = self.remote.url if self.remote else str(self.root)
+        self._in_remote: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"Store({str(self.root)!r})"
+        return f"Store({self.url!r})"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_in_remote": set()}
 
     @property
     def catalog_path(self) -> Path:
@@ -179,15 +198,87 @@ class Store:
         Every file the manifest lists must be a relative path inside the artifact.
         """
         mpath = self.artifact_dir(stage, key) / MANIFEST
-        if not mpath.exists():
+        if not mpath.exists() and not (self.remote is not None and self._fetch(stage, key)):
             return None
-        m = Manifest.from_dict(json.loads(mpath.read_text()))
+        m = self._parse_manifest(stage, key, mpath.read_bytes())
+        m.root = str(self.root)
+        if self.remote is not None and m.ref not in self._in_remote:
+            self.upload(m)  # published here but not (all) uploaded: an earlier upload failed
+        return m
+
+    def is_published(self, stage: str, key: str) -> bool:
+        """Whether the artifact exists, here or in the bucket, without fetching it."""
+        if (self.artifact_dir(stage, key) / MANIFEST).exists():
+            return True
+        return self.remote is not None and self.remote.exists(f"{stage}/{key}/{MANIFEST}")
+
+    def refs(self) -> list[tuple[str, str]]:
+        """``(stage, key)`` of every artifact directory here and in the bucket, sorted."""
+        found = set()
+        for stage_dir in (p for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []:
+            if _NAME.fullmatch(stage_dir.name) and not stage_dir.name.startswith("_"):
+                found.update(
+                    (stage_dir.name, k.name) for k in stage_dir.iterdir() if k.is_dir() and _NAME.fullmatch(k.name)
+                )
+        if self.remote is not None:
+            for stage in self.remote.list_dirs():
+                if _NAME.fullmatch(stage) and not stage.startswith("_"):
+                    found.update((stage, k) for k in self.remote.list_dirs(stage) if _NAME.fullmatch(k))
+        return sorted(found)
+
+    @staticmethod
+    def _parse_manifest(stage: str, key: str, raw: bytes) -> Manifest:
+        m = Manifest.from_dict(json.loads(raw))
         if (m.stage, m.key) != (stage, key):
             raise ArtifactError(f"artifact {stage}/{key}: its manifest names {m.stage}/{m.key}")
         for f in m.files:
             safe_relative(f.path, f"artifact {m.ref}")
-        m.root = str(self.root)
         return m
+
+    def _fetch(self, stage: str, key: str) -> bool:
+        """Copy ``stage/key`` from the bucket into this machine's copy; False when the bucket has none.
+
+        Every file is checked against the manifest before the one rename that publishes it
+        here, so a corrupt object never becomes a local artifact.
+        """
+        raw = self.remote.read_bytes(f"{stage}/{key}/{MANIFEST}")
+        if raw is None:
+            return False
+        m = self._parse_manifest(stage, key, raw)
+        final = self.artifact_dir(stage, key)
+        tmp = new_temp_dir(final)
+        try:
+            for f in m.files:
+                dst = tmp / f.path
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                self.remote.get(f"{stage}/{key}/{f.path}", dst)
+                if dst.stat().st_size != f.bytes or _sha256_file(dst) != f.sha256:
+                    raise ArtifactError(
+                        f"artifact {m.ref} in {self.remote.url}: file {f.path} does not match its checksum"
+                        f" (a damaged object); delete {self.remote.url}/{stage}/{key}/{MANIFEST} to build it again"
+                    )
+            (tmp / MANIFEST).write_bytes(raw)
+            publish_dir(tmp, final, replace=False)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._in_remote.add(m.ref)
+        log.info("store: fetched %s from %s (%d files)", m.ref, self.remote.url, len(m.files))
+        return True
+
+    def upload(self, manifest: Manifest) -> None:
+        """Put a published artifact into the bucket: its files, then its manifest (so a
+        manifest there means every file is there). Nothing to do for a local store, or for
+        an artifact the bucket already has."""
+        if self.remote is None or manifest.ref in self._in_remote:
+            return
+        base = f"{manifest.stage}/{manifest.key}"
+        if not self.remote.exists(f"{base}/{MANIFEST}"):
+            for f in manifest.files:
+                self.remote.put(manifest.path(f.path), f"{base}/{f.path}")
+            self.remote.put(manifest.dir / MANIFEST, f"{base}/{MANIFEST}")
+            log.info("store: uploaded %s to %s (%d files)", manifest.ref, self.remote.url, len(manifest.files))
+        self._in_remote.add(manifest.ref)
 
     def problem(self, manifest: Manifest) -> str | None:
         """Why ``manifest`` is not a usable artifact of this store (missing, a file gone or
@@ -334,6 +425,7 @@ class ArtifactWriter:
         (self.dir / MANIFEST).write_text(json.dumps(d, indent=2, default=str))
         if publish_dir(self.dir, self.store.artifact_dir(self.stage, self.key), replace=False):
             self.manifest = manifest
+            self.store.upload(manifest)
             return
         # Same key means same content: another run published it first. Keep theirs.
         existing = self.store.load(self.stage, self.key)

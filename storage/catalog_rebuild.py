@@ -7,7 +7,8 @@ lost or damaged, or to check that it says what the store says, this recreates al
 
 - ``artifacts``: every published manifest under ``<store>/<stage>/<key>/`` (unpublished
   temporary directories and the store's own ``_work``, ``_locks``, ``_deploy`` are not
-  artifacts);
+  artifacts); on an object store, every artifact in the bucket too, fetched to this
+  machine (a new machine's catalog is one rebuild away);
 - ``documents`` and ``token_shards``: every shards artifact whose index files are there;
 - ``promotions``: every deploy target's ledger under ``<store>/_deploy/``.
 
@@ -35,7 +36,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from storage.artifact import ArtifactError, Manifest, Store
-from storage.atomic import TMP_PREFIX
 from storage.catalog import TABLES, Catalog, CatalogBusy, CatalogError
 from storage.promotions import DEPLOY_DIR, PromotionError, ledger
 
@@ -58,15 +58,14 @@ class Rebuilt:
 def published(store: Store, skipped: list[str]) -> list[Manifest]:
     """Every published artifact of the store, by stage then key; unloadable ones go to ``skipped``."""
     out = []
-    for stage_dir in sorted(p for p in store.root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
-        for key_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX)):
-            try:
-                m = store.load(stage_dir.name, key_dir.name)
-            except (ArtifactError, ValueError, TypeError, KeyError) as e:
-                skipped.append(f"{stage_dir.name}/{key_dir.name}: its manifest does not load ({e})")
-                continue
-            if m is not None:
-                out.append(m)
+    for stage, key in store.refs():  # on an object store: the bucket's too, fetched here
+        try:
+            m = store.load(stage, key)
+        except (ArtifactError, ValueError, TypeError, KeyError) as e:
+            skipped.append(f"{stage}/{key}: its manifest does not load ({e})")
+            continue
+        if m is not None:
+            out.append(m)
     return out
 
 
@@ -99,7 +98,9 @@ def _open(path: Path, out: Rebuilt) -> Catalog:
 
 def rebuild_catalog(store: Store) -> Rebuilt:
     """Recreate ``store``'s catalog from its manifests, index files and deploy ledgers (see the module docstring)."""
-    if not store.root.is_dir():
+    if store.remote is not None:
+        store.root.mkdir(parents=True, exist_ok=True)  # a machine that has no copy of the bucket yet
+    elif not store.root.is_dir():
         raise CatalogError(f"no store at {store.root}")
     out = Rebuilt()
     manifests = published(store, out.skipped)

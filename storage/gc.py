@@ -55,7 +55,7 @@ def collect(store: Store, dry_run: bool = False) -> Collected:
     work = store.root / "_work"
     for stage_dir in sorted(p for p in work.iterdir() if p.is_dir()) if work.is_dir() else []:
         for key_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
-            if store.load(stage_dir.name, key_dir.name) is None:
+            if not store.is_published(stage_dir.name, key_dir.name):
                 continue  # not published yet: a killed run resumes from here
             with exclusive_if_free(store.lock_path(stage_dir.name, key_dir.name)) as free:  # held while deleting
                 if free:

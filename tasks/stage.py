@@ -160,7 +160,7 @@ class Stage:
 
     def cache_key(self, store: Store, cfg: BaseModel, **inputs: Any) -> str:
         """Prefect's cache key: the artifact key, in this store (records may be shared by stores)."""
-        where = hashlib.sha256(str(store.root).encode()).hexdigest()[:12]
+        where = hashlib.sha256(store.url.encode()).hexdigest()[:12]
         return f"{self.name}-{self.key(cfg, **inputs)}-{where}"
 
     def begin(self, store: Store, cfg: BaseModel, **inputs: Any) -> Begun:

@@ -13,11 +13,12 @@ import contextlib
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from tests.ports import free_port
 
 
 def _binary(name: str) -> str:
@@ -29,12 +30,6 @@ def _binary(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_postgres(database: str = "prefect") -> Iterator[str]:
     """Start a throwaway PostgreSQL with an empty ``database``; yields its ``postgresql+asyncpg://`` URL."""
@@ -42,7 +37,7 @@ def running_postgres(database: str = "prefect") -> Iterator[str]:
     data = Path(tempfile.mkdtemp(prefix="lmforge-pg-"))
     if as_user:
         shutil.chown(data, "postgres", "postgres")
-    port = _free_port()
+    port = free_port()
     user = "postgres" if as_user else os.environ.get("USER", "postgres")
 
     def run(*cmd: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,13 +23,9 @@ from typing import Iterator
 
 import psutil
 
+from tests.ports import free_port
+
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,7 @@ def _stop(nodes: RayNodes) -> None:
 def running_ray_cluster(nodes: int = 2) -> Iterator[RayNodes]:
     """Start a Ray cluster of ``nodes`` one-CPU nodes; yields it (``.address``: ``127.0.0.1:PORT``)."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    port = _free_port()
+    port = free_port()
     # Token authentication off, said explicitly: Ray 2.60 turns it on for `ray start --head` when
     # ~/.ray/auth_token exists (a `ray.init()` of a new local Ray writes one), and the second node,
     # or a driver whose Ray read its settings at import, would then be refused.
@@ -83,7 +78,7 @@ def running_ray_cluster(nodes: int = 2) -> Iterator[RayNodes]:
             "--include-dashboard=false",
             f"--port={port}",
             f"--temp-dir={temp_dir}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--ray-client-server-port={free_port()}",
         )
         for _ in range(nodes - 1):
             start(f"--address={address}")

@@ -50,6 +50,7 @@ import yaml
 
 from flows.server import csrf_headers, open_retrying, processes_with_env
 from tests.e2e.site import build_site, serve
+from tests.ports import free_port
 from tests.postgres import query, running_postgres
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,12 +74,6 @@ CHAIN = {  # automation -> (the event it follows, the deployment it starts, its 
 CHROMIUM = "/usr/bin/chromium"
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -176,7 +171,7 @@ def operated(tmp_path_factory, database):
     config["store"] = str(tmp / "store")
     config["ingest"]["crawl"]["seeds"] = [url]
     (tmp / "smoke.yaml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     env = _own_prefect_env()
     env.update(
         {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from storage import promotions
 from storage.artifact import Store
 from storage.catalog import Catalog
 from tests.e2e.site import build_site, serve
+from tests.ports import free_port
 from tests.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,7 +126,7 @@ def _check_deploys(tmp: Path, url: str, store: Path, first: dict, recovered: dic
     assert promotions.promoted(Store(store), "smoke") == better
     assert rebuilt["deploy"]["action"] == ("unchanged" if better == x else "refuse")
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", "--promoted", "--store", str(store), "--port", str(port)]
         + ["--poll-seconds", "0.2", "--threads", "1"],
@@ -225,12 +225,6 @@ def _check_continued_pretraining(tmp: Path, url: str, store: Path, rebuilt: dict
     first_loss = next(r["loss"] for r in rows if r.get("loss") is not None)
     # From scratch the first steps cost about ln(vocabulary) nats; from the promoted weights far less.
     assert first_loss < 0.8 * math.log(tok.meta["vocab_size"]), first_loss
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(config: Path, out: Path) -> dict:

@@ -7,7 +7,6 @@ The 2 workers run exactly what torchrun runs (torchrun's environment variables, 
 
 import json
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from model.distributed import DistInfo
 from model.gpt import GPT
 from model.launch import Rendezvous, launch
 from model.train import TrainSpec, main, run
+from tests.ports import free_port
 
 torch.set_num_threads(1)
 
@@ -87,7 +87,7 @@ def test_ddp_matches_single_process(tmp_path):
     (np.arange(4000) * 5 % 23).astype("<u2").tofile(tmp_path / "train.bin")
     (np.arange(800) * 5 % 23).astype("<u2").tofile(tmp_path / "val.bin")
     spec_for(tmp_path, "ddp", MICRO).save(tmp_path / "ddp.json")
-    mp.spawn(_worker, args=(2, str(tmp_path), _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path), free_port()), nprocs=2, join=True)
 
     torch.manual_seed(0)
     model = GPT(TINY)
@@ -111,18 +111,12 @@ def test_ddp_matches_single_process(tmp_path):
     assert len(ckpt["rng_cpu"]) == 2 and not torch.equal(ckpt["rng_cpu"][0], ckpt["rng_cpu"][1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_torchrun_nodes_give_one_process_losses(tmp_path):
     """Two launchers, as two hosts would run them: torchrun's c10d rendezvous, one gloo process each."""
     (np.arange(4000) * 5 % 23).astype("<u2").tofile(tmp_path / "train.bin")
     (np.arange(800) * 5 % 23).astype("<u2").tofile(tmp_path / "val.bin")
     spec_for(tmp_path, "nodes", MICRO).save(tmp_path / "nodes.json")
-    meet = Rendezvous(f"127.0.0.1:{_free_port()}", nnodes=2, job_id="lmforge-test")
+    meet = Rendezvous(f"127.0.0.1:{free_port()}", nnodes=2, job_id="lmforge-test")
     lines: list[list[str]] = [[], []]
     with ThreadPoolExecutor(2) as pool:
         nodes = [

@@ -2,7 +2,6 @@
 
 import http.client
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -17,15 +16,10 @@ from model.serving.api import create_app
 from model.serving.engine import Engine, Overloaded
 from model.serving.switch import Follower, ServedModel
 from tests.model.tiny import export_tiny
+from tests.ports import free_port
 
 KEY = "test-key"
 NAME = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Running:

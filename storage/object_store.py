@@ -1,0 +1,181 @@
+"""A store on object storage: ``store: s3://bucket/prefix`` (AWS S3 or any S3-compatible server).
+
+Design decisions:
+- The bucket is the source of truth and every machine keeps a local copy of what it
+  reads and writes (the *cache*, ``$LMFORGE_STORE_CACHE/<hash of the URL>``, default
+  ``~/.cache/lmforge/stores``). Stages, torch, DuckDB and onnxruntime keep reading plain
+  local files; only publishing and fetching an artifact talk to the bucket. This is how
+  the Hugging Face hub cache and DVC remotes work, and it keeps ``storage/`` one code
+  path: an artifact is published locally first (:mod:`storage.atomic`), then uploaded.
+- The bucket mirrors the local layout, ``<prefix>/<stage>/<key>/<file>``, and
+  ``manifest.json`` is uploaded last: an artifact whose manifest is in the bucket has
+  every file there, so a reader that finds the manifest trusts it, exactly like the
+  atomic rename locally. A killed upload leaves files without a manifest, which nobody
+  reads and the next publish overwrites (same key, same content).
+- A fetch checks every file's size and sha256 against the manifest in a temporary
+  directory and publishes it into the cache with one rename: a corrupt or truncated
+  object is an error naming it, and nothing half-fetched is ever read.
+- The connection comes from the standard AWS settings (``AWS_ACCESS_KEY_ID``,
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``
+  for MinIO, Ceph, moto or any other S3-compatible server), never from the profile: a
+  profile names a place, not a secret. pyarrow's own S3 client does the transfers (no
+  extra dependency).
+- What stays on the machine: ``_work`` (scratch, checkpoints of a running stage), the
+  lock files, the DuckDB catalog (an index; ``lmforge catalog rebuild`` recreates it from
+  the bucket) and Prefect's records.
+
+Standard library at import time: the profile code asks :func:`is_object_store` before any
+heavy import; pyarrow is imported on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+SCHEMES = ("s3://",)
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_PREFIX_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]{0,254}")
+CHUNK = 8 << 20
+
+
+class ObjectStoreError(OSError):
+    """The object store cannot be reached or refused an operation; the message names the URL and the object."""
+
+
+def is_object_store(store: str | os.PathLike[str]) -> bool:
+    """Whether ``store`` names an object store (``s3://...``) rather than a local directory."""
+    return isinstance(store, str) and store.strip().lower().startswith(SCHEMES)
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` of ``s3://bucket[/prefix]``; ValueError saying what is wrong otherwise."""
+    text = url.strip()
+    if not text.lower().startswith("s3://"):
+        raise ValueError(f"store {url!r}: an object store URL starts with s3://")
+    bucket, _, prefix = text[5:].partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise ValueError(f"store {url!r}: {bucket!r} is not a bucket name (3-63 lowercase letters, digits, '.', '-')")
+    parts = [p for p in prefix.split("/") if p]
+    for p in parts:
+        if not _PREFIX_PART.fullmatch(p) or p in (".", ".."):
+            raise ValueError(
+                f"store {url!r}: prefix part {p!r} is not a plain name (letters, digits, '_', '-', '.', '=')"
+            )
+    return bucket, "/".join(parts)
+
+
+def endpoint() -> str:
+    """The S3 endpoint this process uses: ``AWS_ENDPOINT_URL``, or AWS itself ("")."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+
+def cache_dir(url: str) -> Path:
+    """This machine's local copy of the store at ``url`` (see the module docstring).
+
+    Keyed by the URL and the endpoint: the same bucket name on another server is another store.
+    """
+    bucket, prefix = parse_url(url)
+    base = os.environ.get("LMFORGE_STORE_CACHE") or "~/.cache/lmforge/stores"
+    digest = hashlib.sha256(f"{endpoint()}|{bucket}/{prefix}".encode()).hexdigest()[:16]
+    return Path(base).expanduser().resolve() / f"{bucket}-{digest}"
+
+
+class ObjectStore:
+    """Objects under ``s3://bucket/prefix``, addressed by their path relative to it.
+
+    Picklable (a Store crosses into Prefect task runs and worker processes): the client is
+    made on first use in each process.
+    """
+
+    def __init__(self, url: str):
+        self.bucket, self.prefix = parse_url(url)
+        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self._fs = None
+
+    def __reduce__(self):
+        return (ObjectStore, (self.url,))
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.url!r})"
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            from pyarrow import fs as pafs
+
+            options = {
+                "connect_timeout": 10,
+                "request_timeout": 120,
+                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=4),
+            }
+            if endpoint():
+                options["endpoint_override"] = endpoint()
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            if region:
+                options["region"] = region
+            self._fs = pafs.S3FileSystem(**options)
+        return self._fs
+
+    def _path(self, rel: str) -> str:
+        return "/".join(p for p in (self.bucket, self.prefix, rel) if p)
+
+    def _fail(self, what: str, rel: str, e: Exception) -> ObjectStoreError:
+        return ObjectStoreError(f"object store {self.url}: cannot {what} {rel or '(the store)'}: {e}")
+
+    def exists(self, rel: str) -> bool:
+        """Whether the object ``rel`` exists."""
+        from pyarrow import fs as pafs
+
+        try:
+            return self.fs.get_file_info(self._path(rel)).type == pafs.FileType.File
+        except OSError as e:
+            raise self._fail("look up", rel, e) from None
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """The content of a small object (a manifest), or None when there is none."""
+        if not self.exists(rel):
+            return None
+        try:
+            with self.fs.open_input_stream(self._path(rel)) as f:
+                return f.read()
+        except OSError as e:
+            raise self._fail("read", rel, e) from None
+
+    def get(self, rel: str, dest: Path) -> None:
+        """Download ``rel`` to the local file ``dest`` (its folder must exist)."""
+        try:
+            with self.fs.open_input_stream(self._path(rel)) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+        except FileNotFoundError:
+            raise ObjectStoreError(f"object store {self.url}: {rel} is missing") from None
+        except OSError as e:
+            raise self._fail("download", rel, e) from None
+
+    def put(self, src: Path, rel: str) -> None:
+        """Upload the local file ``src`` as ``rel`` (pyarrow uploads large files in parts)."""
+        try:
+            with open(src, "rb") as f, self.fs.open_output_stream(self._path(rel)) as out:
+                shutil.copyfileobj(f, out, CHUNK)
+        except OSError as e:
+            raise self._fail("upload", rel, e) from None
+
+    def put_bytes(self, data: bytes, rel: str) -> None:
+        try:
+            with self.fs.open_output_stream(self._path(rel)) as out:
+                out.write(data)
+        except OSError as e:
+            raise self._fail("upload", rel, e) from None
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        """The names of the "folders" directly under ``rel`` (empty when there are none)."""
+        from pyarrow import fs as pafs
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel), allow_not_found=True))
+        except OSError as e:
+            raise self._fail("list", rel, e) from None
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)

@@ -34,6 +34,7 @@ import hashlib
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMES = ("s3://",)
@@ -179,3 +180,85 @@ class ObjectStore:
         except OSError as e:
             raise self._fail("list", rel, e) from None
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+_MAGIC = re.compile(r"[*?\[]")
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A key glob as a regex: ``*`` and ``?`` stay within one path part, ``**`` crosses parts."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in pattern[i + 2 :]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1 : end].replace("\\", "\\\\")
+            out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One object an input pattern matched: its URL, size and modification time (a key's fingerprint)."""
+
+    url: str
+    size: int
+    mtime_ns: int
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+def matching_objects(pattern: str) -> list[RemoteFile]:
+    """The objects whose URL matches ``pattern`` (``s3://bucket/key``, the key a glob), sorted by URL.
+
+    ValueError for a pattern that is not an s3:// URL of a bucket; ObjectStoreError when the
+    store cannot be listed. An empty list when nothing matches (the caller says why that is wrong).
+    """
+    bucket, _, key = pattern.strip()[5:].partition("/") if is_object_store(pattern) else ("", "", "")
+    if not _BUCKET.fullmatch(bucket) or not key or any(p in ("", ".", "..") for p in key.split("/")):
+        raise ValueError(f"{pattern!r} is not s3://bucket/key (a key or a glob of keys, no empty, '.' or '..' parts)")
+    from pyarrow import fs as pafs
+
+    store = ObjectStore(f"s3://{bucket}")
+    magic = _MAGIC.search(key)
+    base = key if magic is None else key[: magic.start()].rpartition("/")[0]
+    try:
+        if magic is None:
+            infos = [store.fs.get_file_info(f"{bucket}/{key}")]
+        else:
+            where = f"{bucket}/{base}".rstrip("/")
+            infos = store.fs.get_file_info(pafs.FileSelector(where, recursive=True, allow_not_found=True))
+        if not infos and store.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise ObjectStoreError(f"object store s3://{bucket}: no such bucket (or these credentials cannot see it)")
+    except ObjectStoreError:
+        raise
+    except OSError as e:
+        raise store._fail("list", base, e) from None
+    wanted = _glob_regex(key)
+    found = [
+        RemoteFile(f"s3://{i.path}", i.size, i.mtime_ns or 0)
+        for i in infos
+        if i.type == pafs.FileType.File and wanted.fullmatch(i.path[len(bucket) + 1 :])
+    ]
+    return sorted(found, key=lambda f: f.url)
+
+
+def download(url: str, dest: Path) -> None:
+    """Copy the object at ``url`` (``s3://bucket/key``) to the local file ``dest``."""
+    bucket, _, key = url[5:].partition("/")
+    ObjectStore(f"s3://{bucket}").get(key, dest)

@@ -12,7 +12,7 @@ Design decisions:
   ``extract`` on.
 - A crawl also leaves ``crawl-00000.warc.gz`` (request/response pairs of the kept
   pages) in the artifact: a faithful archive that kind ``warc`` can re-ingest.
-- Local inputs (``files``, ``warc``) are fingerprinted by name, size and mtime
+- Inputs (``files``, ``warc``, WARC objects in a bucket: :mod:`tasks.inputs`) are fingerprinted by name, size and mtime
   (:func:`local_inputs`, the stage's declared external input), so changed files give a new key. A crawl's key is its
   config alone: set ``snapshot`` (e.g. the date) to fetch the web again.
 - The sources are engines of :mod:`tasks.text`: the crawler (:mod:`tasks.text.crawl`),
@@ -39,6 +39,8 @@ Design decisions:
 from __future__ import annotations
 
 import hashlib
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
@@ -46,13 +48,14 @@ from pydantic import Field, model_validator
 
 from storage.artifact import Manifest, PartBuffer, Store, read_table
 from storage.documents import Funnel, make_doc_id
+from tasks.inputs import InputFile, fingerprint, local_copies, resolve_warcs
 from tasks.prefect_task import stage_task
 from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, stage_logger
 from tasks.text.crawl import CrawlConfig, Crawler
 from tasks.text.files import FilesConfig, files_under, read_files
 from tasks.text.pages import Drop, Page, SourceError, Unchanged, Validator
 from tasks.text.settings import PartSize
-from tasks.text.warc import FileDone, WarcConfig, read_warcs, warc_paths
+from tasks.text.warc import FileDone, WarcConfig, read_warcs
 
 WARC_NAME = "crawl-00000.warc.gz"
 PART_ROWS = 20_000  # dropped pages and validators: small rows, not mapped over
@@ -119,16 +122,21 @@ class IngestConfig(StageConfig):
 
 
 def local_inputs(cfg: IngestConfig, **_: object) -> str:
-    """The external inputs of a WARC or folder ingest: names, sizes and mtimes of its files ('' for a crawl)."""
+    """The external inputs of a WARC or folder ingest: names, sizes and mtimes of its files
+    (objects in a bucket too; '' for a crawl)."""
     try:
-        paths = warc_paths(cfg.warc) if cfg.kind == "warc" else files_under(cfg.files) if cfg.kind == "files" else []
+        if cfg.kind == "warc":
+            return fingerprint(resolve_warcs(cfg.warc.paths))
+        if cfg.kind == "files":
+            return fingerprint([_local(p) for p in files_under(cfg.files)])
     except SourceError as e:
         return f"unresolved: {e}"
-    h = hashlib.sha256()
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p}\x00{st.st_size}\x00{st.st_mtime_ns}\n".encode())
-    return h.hexdigest() if paths else ""
+    return ""
+
+
+def _local(path):
+    st = path.stat()
+    return InputFile(str(path), st.st_size, st.st_mtime_ns, path=path)
 
 
 STAGE = Stage("ingest", __name__, external=local_inputs)
@@ -176,8 +184,8 @@ def run(
     known = read_validators(previous)
     funnel = Funnel()
     try:
-        with STAGE.writer(store, b) as w:
-            meta = _ingest(cfg, known, w, funnel, previous, progress)
+        with STAGE.writer(store, b) as w, tempfile.TemporaryDirectory(dir=store.work_dir(STAGE.name, b.key)) as tmp:
+            meta = _ingest(cfg, known, w, funnel, previous, progress, Path(tmp))
     except _NothingNew:
         log.info(
             "ingest: no new or changed page since %s (%s); nothing published", previous.ref, dict(funnel.dropped_docs)
@@ -196,9 +204,16 @@ def run(
 
 
 def _ingest(
-    cfg: IngestConfig, known: dict[str, Validator], w, funnel: Funnel, previous: Manifest | None, progress: Progress
+    cfg: IngestConfig,
+    known: dict[str, Validator],
+    w,
+    funnel: Funnel,
+    previous: Manifest | None,
+    progress: Progress,
+    scratch: Path,
 ) -> dict:
-    """Fill the writer ``w``; returns the meta it recorded (plus a description, ``what``)."""
+    """Fill the writer ``w``; returns the meta it recorded (plus a description, ``what``).
+    ``scratch`` holds a WARC file from a bucket while it is read."""
     meta: dict = {"kind": cfg.kind}
     if cfg.kind == "crawl":
         crawler = Crawler(cfg.crawl, known)
@@ -209,13 +224,13 @@ def _ingest(
         )
         meta["warc"] = WARC_NAME
     elif cfg.kind == "warc":
-        paths = warc_paths(cfg.warc)
+        files = resolve_warcs(cfg.warc.paths)
         items, what, total = (
-            read_warcs(paths, cfg.warc.verify_digests, cfg.warc.max_bytes),
-            f"{len(paths)} WARC file(s)",
+            read_warcs(local_copies(files, scratch), cfg.warc.verify_digests, cfg.warc.max_bytes),
+            f"{len(files)} WARC file(s)",
             None,
         )
-        meta["files"] = len(paths)
+        meta["files"] = len(files)
     else:
         paths = files_under(cfg.files)
         items, what, total = read_files(paths, cfg.files.max_bytes), f"folder {cfg.files.root}", len(paths)

@@ -19,7 +19,7 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from fastwarc.warc import ArchiveIterator, WarcRecord, WarcRecordType, has_block_digest
 from pydantic import Field
@@ -34,7 +34,9 @@ class WarcConfig(Settings):
     """Local WARC or WET files to read."""
 
     paths: list[str] = Field(
-        ..., min_length=1, description="WARC/WET files or glob patterns (gzip, zstd, lz4 or plain)."
+        ...,
+        min_length=1,
+        description="WARC/WET files or glob patterns (gzip, zstd, lz4 or plain); s3://bucket/key globs read objects (credentials from the AWS_* environment).",
     )
     verify_digests: bool = Field(True, description="Drop records whose WARC-Block-Digest does not match their bytes.")
     max_bytes: int = Field(
@@ -42,10 +44,10 @@ class WarcConfig(Settings):
     )
 
 
-def warc_paths(cfg: WarcConfig) -> list[Path]:
-    """The files named by ``cfg.paths``, globs expanded, in a stable order."""
+def warc_paths(patterns: list[str]) -> list[Path]:
+    """The local files named by ``patterns`` (``WarcConfig.paths``), globs expanded, in a stable order."""
     out: list[Path] = []
-    for pattern in cfg.paths:
+    for pattern in patterns:
         pattern = os.path.expanduser(pattern)
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
@@ -142,8 +144,12 @@ class FileDone:
     path: Path
 
 
-def read_warcs(paths: list[Path], verify: bool, max_bytes: int = 5_000_000) -> Iterator[Page | Drop | FileDone]:
-    """The pages of ``paths`` in order, then :class:`FileDone` for each file; a URL read before is a Drop."""
+def read_warcs(paths: Iterable[Path], verify: bool, max_bytes: int = 5_000_000) -> Iterator[Page | Drop | FileDone]:
+    """The pages of ``paths`` in order, then :class:`FileDone` for each file; a URL read before is a Drop.
+
+    ``paths`` is iterated one file at a time: a generator may fetch each file just before it
+    is read and remove it after (the ingest of objects from a bucket).
+    """
     seen: set[str] = set()
     for path in paths:
         log.info("reading %s", path)

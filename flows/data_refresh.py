@@ -82,7 +82,13 @@ class Link:
 
 CHAIN = (
     Link("ingest", ingest.task),
-    Link("extract", extract.task, {"raw": "ingest"}, when_empty="no text kept from the {n} new or changed pages"),
+    Link(
+        "extract",
+        extract.task,
+        {"raw": "ingest"},
+        parts=True,
+        when_empty="no text kept from the {n} new or changed pages",
+    ),
     Link(
         "dedup",
         dedup.task,

@@ -9,7 +9,7 @@ from tasks.code_version import PACKAGES, ROOT, imported_modules, module_file
 from tests.stages import OPTIONAL_STAGES, STAGES
 
 ENGINES = sorted(p.stem for p in (ROOT / "tasks" / "text").glob("*.py") if p.stem != "__init__")
-SHARED = ["__init__", "stage", "code_version", "prefect_task", "cache_records"]
+SHARED = ["__init__", "stage", "code_version", "prefect_task", "cache_records", "inputs"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -68,11 +68,19 @@ class PartMap:
         return [self.step_dir(step) / f"{p.index:05d}" for p in parts]
 
     def map(
-        self, step: str, fn: Callable, parts: Sequence[Part], *args: Any, progress: Progress | None = None
+        self,
+        step: str,
+        fn: Callable,
+        parts: Sequence[Part],
+        *args: Any,
+        progress: Progress | None = None,
+        isolate: bool = False,
     ) -> list[Any]:
         """``fn(part, out_dir, *args)`` for every part not already finished; every part's result, in order.
 
         ``progress`` (default: the map's own) hears the fraction of this step's parts done.
+        ``isolate``: always in a worker process, never in this one, even for one part or one
+        worker (a step that may end its own process, as extract's watchdog does).
         """
         progress = progress or self.progress
         step_dir = self.step_dir(step)
@@ -98,7 +106,7 @@ class PartMap:
             if finished % every == 0 or finished == total:
                 self.log.info("%s: %s: %d of %d parts done", self.stage, step, finished, total)
 
-        if self.engine.name == "local" and (self.workers == 1 or len(todo) <= 1):
+        if self.engine.name == "local" and not isolate and (self.workers == 1 or len(todo) <= 1):
             for p in todo:
                 report(p, self._in_process(step, fn, p, step_dir, args))
         elif todo:

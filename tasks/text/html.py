@@ -1,5 +1,4 @@
-"""Text of HTML pages: decoding, main-content extraction, and a pool of worker processes
-that bounds the time spent on any one page.
+"""Text of HTML pages: decoding and main-content extraction.
 
 Design decisions:
 
@@ -12,25 +11,18 @@ Design decisions:
   if none works the first candidate decodes leniently, and the page is ``undecodable``
   when more than ``max_bad_char_ratio`` of its characters are replacement or control
   characters (binary served as HTML, a wrong charset beyond repair).
-- A time limit per document: resiliparse is C++ and cannot be interrupted from Python,
-  so ``workers`` forked processes each extract one document at a time. A worker past
-  ``timeout_seconds`` is killed and replaced, and its document dropped as
-  ``extract_timeout``; a worker that dies (a crash in C++) costs its document only
-  (``extract_error``). Fork starts a worker in milliseconds with the modules already
-  loaded; workers only extract and talk over their pipe.
+- A time limit per document: resiliparse is C++ holding the GIL and cannot be
+  interrupted from Python; :mod:`tasks.text.extract_parts` enforces it from outside.
 - text/plain bodies (files, WET records) are decoded and passed through.
 """
 
 from __future__ import annotations
 
 import codecs
-import multiprocessing
+import logging
 import re
-import time
-from collections import deque
-from multiprocessing.connection import Connection, wait
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from resiliparse.extract.html2text import extract_plain_text
 from resiliparse.parse.encoding import detect_encoding, map_encoding_to_html5
 
@@ -43,7 +35,18 @@ _BAD_CHARS = re.compile("[\x00-\x08\x0b\x0e-\x1f\ufffd]")
 class ExtractConfig(Settings):
     """How text is taken out of the raw pages."""
 
-    workers: int = Field(2, ge=1, le=64, description="Extraction processes; each handles one document at a time.")
+    @model_validator(mode="before")
+    @classmethod
+    def _workers_moved(cls, data):
+        """``workers`` went to ``execution.workers`` (extraction maps over parts like dedup
+        and filter); a profile that still sets it loads, and the value is not used."""
+        if isinstance(data, dict) and "workers" in data:
+            logging.getLogger("lmforge.extract").warning(
+                "extract.workers is no longer used: extraction runs on execution.workers' part workers"
+            )
+            data = {k: v for k, v in data.items() if k != "workers"}
+        return data
+
     part_size: PartSize = Field(
         default_factory=PartSize,
         description="Size of the parts written: dedup, filter and the later stages run one part per worker.",
@@ -52,7 +55,7 @@ class ExtractConfig(Settings):
         5.0,
         gt=0.0,
         le=600.0,
-        description="Time limit per document (decoding + extraction); a slower one is dropped as extract_timeout.",
+        description="Time limit per document (decoding + extraction): a document gets at least this long, at most twice this; a slower one is dropped as extract_timeout.",
     )
     min_chars: int = Field(
         200, ge=0, description="Shortest extracted text kept, in characters; shorter is dropped as too_short."
@@ -131,8 +134,8 @@ def extract_document(body: bytes, content_type: str, charset: str | None, cfg: E
     ).strip()
 
 
-def _outcome(job: tuple, cfg: ExtractConfig) -> tuple[str | None, str, str]:
-    """(drop reason or None, text, detail) for one (body, content_type, charset) job."""
+def outcome(job: tuple, cfg: ExtractConfig) -> tuple[str | None, str, str]:
+    """(drop reason or None, text, detail) for one (body, content_type, charset) job; never raises."""
     try:
         return None, extract_document(*job, cfg), ""
     except Undecodable as e:
@@ -141,97 +144,17 @@ def _outcome(job: tuple, cfg: ExtractConfig) -> tuple[str | None, str, str]:
         return "extract_error", "", f"{type(e).__name__}: {e}"[:500]
 
 
-def _serve(conn: Connection, cfg: ExtractConfig) -> None:
-    """Worker loop: one job in, one outcome out, until a None job (not EOF: later workers
-    inherit the parent's end of this pipe, so closing it there is not an EOF here)."""
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:
-            return
-        if job is None:
-            return
-        conn.send(_outcome(job, cfg))
-
-
-class _Worker:
-    def __init__(self, cfg: ExtractConfig):
-        self.conn, child = multiprocessing.get_context("fork").Pipe()
-        self.proc = multiprocessing.get_context("fork").Process(
-            target=_serve, args=(child, cfg), daemon=True, name="lmforge-extract"
-        )
-        self.proc.start()
-        child.close()
-
-    def stop(self, kill: bool = False) -> None:
-        if kill:
-            self.proc.kill()
-        else:
-            try:
-                self.conn.send(None)
-            except OSError:
-                pass
-        self.conn.close()
-        self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-
-
-class ExtractorPool:
-    """``cfg.workers`` extraction processes with a per-document time limit."""
-
-    def __init__(self, cfg: ExtractConfig):
-        self.cfg = cfg
-        self.restarts = 0
-        self._idle: list[_Worker] = []
-
-    def __enter__(self) -> "ExtractorPool":
-        self._idle = [_Worker(self.cfg) for _ in range(self.cfg.workers)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for w in self._idle:
-            w.stop()
-
-    def _replace(self, w: _Worker) -> _Worker:
-        w.stop(kill=True)
-        self.restarts += 1
-        return _Worker(self.cfg)
-
-    def map(self, jobs: list[tuple]) -> list[tuple[str | None, str, str]]:
-        """Outcomes of ``jobs`` in order; never raises for one bad document."""
-        results: list = [None] * len(jobs)
-        todo = deque(range(len(jobs)))
-        busy: dict[Connection, tuple[_Worker, int, float]] = {}
-        try:
-            while todo or busy:
-                while self._idle and todo:
-                    w, i = self._idle.pop(), todo.popleft()
-                    try:
-                        w.conn.send(jobs[i])
-                    except OSError:
-                        self._idle.append(self._replace(w))
-                        todo.appendleft(i)
-                        continue
-                    busy[w.conn] = (w, i, time.monotonic() + self.cfg.timeout_seconds)
-                soonest = min(deadline for _, _, deadline in busy.values())
-                for conn in wait(list(busy), timeout=max(0.0, soonest - time.monotonic())):
-                    w, i, _ = busy.pop(conn)
-                    try:
-                        results[i] = conn.recv()
-                        self._idle.append(w)
-                    except (EOFError, OSError):
-                        w.proc.join(1)
-                        results[i] = ("extract_error", "", f"extraction process died (exit code {w.proc.exitcode})")
-                        self._idle.append(self._replace(w))
-                now = time.monotonic()
-                for conn, (w, i, deadline) in list(busy.items()):
-                    if now >= deadline:
-                        del busy[conn]
-                        results[i] = ("extract_timeout", "", f"no result within {self.cfg.timeout_seconds}s")
-                        self._idle.append(self._replace(w))
-        finally:
-            for w, _, _ in busy.values():
-                w.stop(kill=True)
-        return results
+def judge_text(reason: str | None, text: str, detail: str, cfg: ExtractConfig) -> tuple[str | None, str]:
+    """The page's drop reason and detail once its text is known: extraction's own, or the
+    text's length and longest word against the limits of ``cfg``."""
+    if reason is not None:
+        return reason, detail
+    if not text:
+        return "empty_text", "no text left after extraction"
+    if len(text) < cfg.min_chars:
+        return "too_short", f"{len(text)} characters < min_chars={cfg.min_chars}"
+    if len(text) > cfg.max_chars:
+        return "too_long", f"{len(text)} characters > max_chars={cfg.max_chars}"
+    if (longest := longest_word(text)) > cfg.max_word_chars:
+        return "word_too_long", f"a word of {longest} characters > max_word_chars={cfg.max_word_chars}"
+    return None, ""

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import logging
 import random
 import time
 
 import pyarrow as pa
 import pytest
 
-from storage.artifact import Store, read_table
+from storage.artifact import ArtifactWriter, Store, read_table
 from storage.documents import count_words, make_doc_id
 from tasks import extract
 from tasks.ingest import RAW_SCHEMA
+from tasks.parts.core import Execution
 from tasks.stage import StageError
 from tasks.text import html
+from tasks.text.extract_parts import CRASH_SWITCH
 from tasks.text.html import ExtractConfig, decode_body
 
 PARAS = [
@@ -83,7 +85,7 @@ def outcome(m) -> tuple[dict, dict]:
 def test_main_content_is_kept_and_navigation_removed(tmp_path):
     store = Store(tmp_path)
     raw = raw_artifact(store, [("http://h.org/apt.html", docbook_page(), "text/html", "utf-8")])
-    m = extract.run(store, ExtractConfig(workers=1), raw)
+    m = extract.run(store, ExtractConfig(), raw)
     text = read_table(m).to_pylist()[0]["text"]
     assert text.startswith("6.2. aptitude, apt-get, and apt Commands")
     for p in PARAS:
@@ -113,7 +115,7 @@ def test_every_page_is_kept_or_dropped_with_its_reason(tmp_path):
         ("http://h.org/short", html_of("Hello there.").encode(), "text/html", "utf-8"),
         ("http://h.org/empty", b"<html><body><script>var x = 1;</script></body></html>", "text/html", "utf-8"),
     ]
-    m = extract.run(store, ExtractConfig(workers=2), raw_artifact(store, pages))
+    m = extract.run(store, ExtractConfig(), raw_artifact(store, pages), execution=Execution(workers=2))
     kept, dropped = outcome(m)
     assert list(kept) == [
         "http://h.org/latin1-header",
@@ -148,55 +150,58 @@ def test_decode_body_order():
         decode_body(b"\x00\x01\x02\x03 binary", None, 0.01)
 
 
-real_extract = html.extract_document
+def nested_page(depth: int) -> bytes:
+    """Unclosed nested tags: resiliparse's time grows with the square of the depth (8,000: seconds)."""
+    return html_of("<div><p>word " * depth).encode()
 
 
-def slow_or_crashing(body, content_type, charset, cfg):
-    if b"SLOW" in body:
-        time.sleep(60)
-    if b"CRASH" in body:
-        os._exit(3)
-    return real_extract(body, content_type, charset, cfg)
-
-
-def test_time_limit_and_crashes_cost_one_document_each(tmp_path, monkeypatch):
-    monkeypatch.setattr(html, "extract_document", slow_or_crashing)  # forked workers inherit it
+def test_time_limit_and_crashes_cost_one_document_each(tmp_path, monkeypatch, caplog):
+    """A page past the time limit (real: resiliparse on 20,000 nested tags takes minutes) and a
+    page that crashes its worker are dropped; the part's other pages are kept, in order."""
+    caplog.set_level(logging.WARNING, logger="lmforge.extract")
+    monkeypatch.setenv(CRASH_SWITCH, "CRASH")  # the part workers take LMFORGE_* switches with every job
     store = Store(tmp_path)
     good = [(f"http://h.org/{i}", docbook_page(), "text/html", "utf-8") for i in range(6)]
     pages = (
         good[:2]
-        + [("http://h.org/slow", docbook_page(PARAS + ["SLOW"]), "text/html", "utf-8")]
+        + [("http://h.org/slow", nested_page(20_000), "text/html", "utf-8")]
         + good[2:4]
         + [("http://h.org/crash", docbook_page(PARAS + ["CRASH"]), "text/html", "utf-8")]
         + good[4:]
     )
-    m = extract.run(store, ExtractConfig(workers=2, timeout_seconds=2.0), raw_artifact(store, pages))
+    started = time.monotonic()
+    m = extract.run(store, ExtractConfig(timeout_seconds=1.0), raw_artifact(store, pages))
+    assert time.monotonic() - started < 60
     kept, dropped = outcome(m)
     assert list(kept) == [u for u, *_ in good]
     assert dropped == {"http://h.org/slow": "extract_timeout", "http://h.org/crash": "extract_error"}
-    crash = next(r for r in read_table(m, "dropped").to_pylist() if r["url"] == "http://h.org/crash")
-    assert "exit code 3" in crash["detail"]
-    assert m.meta["worker_restarts"] == 2
+    details = {r["url"]: r["detail"] for r in read_table(m, "dropped").to_pylist()}
+    assert details["http://h.org/slow"] == "no result within 1s"
+    assert details["http://h.org/crash"] == "the extraction process died on this page twice"
+    # the timeout costs one death of the part's worker, the crash two; each one logged
+    assert m.meta["execution"]["retried_parts"] == ["text part-00000.parquet"] * 3
+    assert m.meta["dropped_unread"] == 2
+    assert "the worker on part-00000.parquet died (exit code 3)" in caplog.text
 
 
 def test_rerun_returns_the_same_artifact(tmp_path):
     store = Store(tmp_path)
     raw = raw_artifact(store, [("http://h.org/a", docbook_page(), "text/html", "utf-8")])
-    first = extract.run(store, ExtractConfig(workers=1), raw)
-    again = extract.run(store, ExtractConfig(workers=1), raw)
+    first = extract.run(store, ExtractConfig(), raw)
+    again = extract.run(store, ExtractConfig(), raw)
     assert (again.key, again.created_at, again.files) == (first.key, first.created_at, first.files)
-    assert extract.run(store, ExtractConfig(workers=1, min_chars=10), raw).key != first.key
+    assert extract.run(store, ExtractConfig(min_chars=10), raw).key != first.key
 
 
 def test_parts_close_at_the_configured_rows_or_size(tmp_path):
     """Five kept pages: parts of 2 rows give 2 + 2 + 1; a 1 MiB ceiling on 600 KB texts gives a part per 2 pages."""
     store = Store(tmp_path)
     pages = [(f"http://h.org/{i}", docbook_page(), "text/html", "utf-8") for i in range(5)]
-    m = extract.run(store, ExtractConfig(workers=1, part_size={"rows": 2}), raw_artifact(store, pages))
+    m = extract.run(store, ExtractConfig(part_size={"rows": 2}), raw_artifact(store, pages))
     assert [f.rows for f in m.files_with_prefix("part-")] == [2, 2, 1]
     big = html_of(" ".join(["word"] * 120_000)).encode()  # 600,000 characters of text
     pages = [(f"http://h.org/big{i}", big, "text/html", "utf-8") for i in range(5)]
-    m = extract.run(store, ExtractConfig(workers=1, part_size={"mb": 1}), raw_artifact(store, pages))
+    m = extract.run(store, ExtractConfig(part_size={"mb": 1}), raw_artifact(store, pages))
     assert [f.rows for f in m.files_with_prefix("part-")] == [2, 2, 1]
 
 
@@ -210,17 +215,18 @@ def test_failures_publish_nothing(tmp_path, monkeypatch):
         ],
     )
     with pytest.raises(StageError, match=r"no text kept out of 2 pages \(too_short: 2\)"):
-        extract.run(store, ExtractConfig(workers=1, min_chars=100_000), raw)
+        extract.run(store, ExtractConfig(min_chars=100_000), raw)
 
-    batches = extract.iter_batches
+    added = ArtifactWriter.add_file
 
-    def failing(*args, **kwargs):
-        yield from batches(*args, **kwargs)
-        raise OSError("disk full")
+    def failing(self, *args, **kwargs):
+        if self.stage == "extract":
+            raise OSError("disk full")
+        return added(self, *args, **kwargs)
 
-    monkeypatch.setattr(extract, "iter_batches", failing)
+    monkeypatch.setattr(ArtifactWriter, "add_file", failing)
     with pytest.raises(OSError, match="disk full"):
-        extract.run(store, ExtractConfig(workers=1), raw)
+        extract.run(store, ExtractConfig(), raw)
     assert list((store.root / "extract").iterdir()) == []
 
 
@@ -236,7 +242,7 @@ def test_runaway_texts_are_dropped_in_every_language(tmp_path):
         ("http://h.org/blob", docbook_page(PARAS + [blob]), "text/html", "utf-8"),
         ("http://h.org/ja", html_of("日本語の文章です。" * 100 + blob).encode(), "text/html", "utf-8"),
     ]
-    m = extract.run(store, ExtractConfig(workers=1), raw_artifact(store, pages))
+    m = extract.run(store, ExtractConfig(), raw_artifact(store, pages))
     kept, dropped = outcome(m)
     assert list(kept) == ["http://h.org/ok", "http://h.org/ja-ok"]
     assert dropped == {
@@ -244,3 +250,29 @@ def test_runaway_texts_are_dropped_in_every_language(tmp_path):
         "http://h.org/blob": "word_too_long",
         "http://h.org/ja": "word_too_long",
     }
+
+
+def test_parts_give_the_same_files_on_one_worker_or_two_with_one_killed(tmp_path, monkeypatch, caplog):
+    """Three ingest parts: output files numbered in input order, byte for byte the same on one
+    worker and on two, one of which is SIGKILLed with part 1 done but not published."""
+    caplog.set_level(logging.WARNING, logger="lmforge.extract")
+    pages = [(f"http://h.org/{i}", docbook_page(PARAS[i % 3 :]), "text/html", "utf-8") for i in range(7)]
+    pages.insert(3, ("http://h.org/short", html_of("Hello there.").encode(), "text/html", "utf-8"))
+
+    def run(where: str, execution: Execution):
+        store = Store(tmp_path / where)
+        rows = raw_artifact(store, pages)
+        with store.writer("ingest", "three-parts") as w:
+            for chunk in (slice(0, 3), slice(3, 6), slice(6, None)):
+                w.write_table(read_table(rows).slice(chunk.start, (chunk.stop or 8) - chunk.start))
+        return extract.run(store, ExtractConfig(part_size={"rows": 2}), w.manifest, execution=execution)
+
+    one = run("one", Execution(workers=1))
+    monkeypatch.setenv("LMFORGE_KILL_AT", "extract/text/1")
+    monkeypatch.setenv("LMFORGE_KILL_MARKER", str(tmp_path / "killed"))
+    two = run("two", Execution(workers=2))
+    assert [(f.path, f.sha256, f.rows) for f in two.files] == [(f.path, f.sha256, f.rows) for f in one.files]
+    assert [f.rows for f in one.files_with_prefix("part-")] == [2, 1, 2, 2]  # 3, 2 and 2 kept
+    assert [r["url"] for r in read_table(one).to_pylist()] == [u for u, *_ in pages if u != "http://h.org/short"]
+    assert two.meta["execution"]["retried_parts"] == ["text part-00001.parquet"]
+    assert "the worker on part-00001.parquet died (exit code -9)" in caplog.text

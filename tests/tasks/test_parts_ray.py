@@ -1,4 +1,4 @@
-"""The Ray engine: dedup and filter on a two-node Ray cluster started here give the local engine's files.
+"""The Ray engine: extract, dedup and filter on a two-node Ray cluster started here give the local engine's files.
 
 The cluster is real (``ray start`` twice, one CPU per node: see ``tests/ray_cluster.py``);
 these tests are slow (about 20 s to start it) and run in ``make test``.
@@ -100,3 +100,22 @@ def test_no_address_starts_ray_on_this_machine(tmp_path, monkeypatch):
         parts_ray.shutdown()
     assert on_ray.digest() == local.digest()
     assert (on_ray.meta["execution"]["engine"], on_ray.meta["execution"]["nodes"]) == ("ray", 1)
+
+
+def test_extract_on_ray_holds_the_time_limit_and_publishes_the_local_files(cluster, tmp_path):
+    """A page past the time limit ends its Ray worker (the watchdog is a C thread); the part is
+    retried, the page dropped as extract_timeout, the other pages kept: the local engine's files."""
+    from tasks import extract
+    from tests.tasks import test_extract as te
+
+    pages = [(f"http://h.org/{i}", te.docbook_page(), "text/html", "utf-8") for i in range(3)]
+    pages.insert(1, ("http://h.org/slow", te.nested_page(20_000), "text/html", "utf-8"))
+    cfg = extract.ExtractConfig(timeout_seconds=1.0)
+    runs = []
+    for where, execution in (("local", Execution(workers=1)), ("ray", Execution(engine="ray", address=cluster))):
+        store = Store(tmp_path / where)
+        runs.append(extract.run(store, cfg, te.raw_artifact(store, pages), execution=execution))
+    local, on_ray = runs
+    assert on_ray.digest() == local.digest()
+    assert te.outcome(on_ray)[1] == {"http://h.org/slow": "extract_timeout"}
+    assert on_ray.meta["execution"]["retried_parts"] == ["text part-00000.parquet"]

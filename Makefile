@@ -77,8 +77,12 @@ postgres:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else echo "lmforge: please install the Debian package 'postgresql' (needs root)"; exit 1; fi
 
+# Two pytest workers (pytest-xdist), a test file each at a time (module fixtures stay in one
+# process): the end-to-end tests wait on servers and subprocesses about half the time, so
+# the suite takes about 12.5 minutes instead of 19.5 on a 2-core machine.
+TEST_WORKERS ?= 2
 test: setup browser postgres
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The unit tests only: no end-to-end pipeline, no server, no browser (those are marked slow).
 test-fast: setup

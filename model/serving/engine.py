@@ -255,12 +255,12 @@ class Engine:
 
     def _finish(self, done: Completion, reason: str) -> None:
         self._live.pop(done.generation.id, None)
-        with self._lock:
-            self._admitted -= 1
         latency = time.monotonic() - done.submitted
         self.metrics.latency.observe(latency)
         status = {"timeout": "504", "cancelled": "499", "error": "500"}.get(reason, "200")
         self.metrics.requests.labels(status=status).inc()
+        with self._lock:  # counted before it leaves the queue: an empty queue has its metrics
+            self._admitted -= 1
         self._post(done, ("end", reason))
 
 

@@ -179,23 +179,48 @@ def test_a_missing_or_wrong_key_is_401(served):
     assert e.value.code == 401
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot(served):
+class SlowDecode:
+    """The real batch cache, each decode step 0.1 s longer: the client's hang-up lands mid-generation
+    (the tiny model would otherwise finish its 25 tokens before the server notices)."""
+
+    def __init__(self, cache):
+        self._cache = cache
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    def decode(self, ids):
+        time.sleep(0.1)
+        return self._cache.decode(ids)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(model_dir):
     import httpx
 
-    with httpx.stream(
-        "POST",
-        served.url + "/v1/completions",
-        json={"prompt": "the cat", "max_tokens": 25, "temperature": 1.0, "stream": True},
-        headers={"Authorization": f"Bearer {KEY}"},
-        timeout=30,
-    ) as resp:
-        assert resp.status_code == 200
-        next(resp.iter_lines())  # one event, then hang up
-    deadline = time.monotonic() + 10
-    while served.engine.queue_depth and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert served.engine.queue_depth == 0
-    assert 'lmforge_requests_total{status="499"}' in served.metrics()  # counted as a client that left
+    engine = Engine(model_dir, threads=1, max_batch=8)
+    real = engine.new_cache
+    engine.new_cache = lambda rows: SlowDecode(real(rows))
+    engine.batcher = engine._new_batcher()
+    served = Running(engine.start())
+    try:
+        with httpx.stream(
+            "POST",
+            served.url + "/v1/completions",
+            json={"prompt": "the cat", "max_tokens": 25, "temperature": 0, "stream": True},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=30,
+        ) as resp:
+            assert resp.status_code == 200
+            next(resp.iter_lines())  # one event, then hang up
+        deadline = time.monotonic() + 10
+        while served.engine.queue_depth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert served.engine.queue_depth == 0
+        metrics = served.metrics()
+    finally:
+        served.close()
+    assert 'lmforge_requests_total{status="499"}' in metrics  # counted as a client that left
+    assert 'lmforge_requests_total{status="200"}' not in metrics
 
 
 def test_a_full_queue_is_429_with_retry_after(model_dir):

@@ -36,11 +36,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -48,72 +45,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
+
+from bench.measure import TreeMeter, machine  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 PART_ROWS = 20_000
 WORDS = 300
 PLANTED = 0.10
-
-
-def machine() -> dict:
-    return {
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "model": _cpu_model(),
-        "cores": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-class PeakMemory:
-    """The largest memory of this process and all its descendants, sampled every 50 ms (or more:
-    see ``_sample``).
-
-    Each process counts its proportional set size (PSS: pages shared by n processes count
-    1/n in each), so forked workers sharing their parent's pages are not counted twice.
-    """
-
-    def __init__(self, pid: int | None = None, also=None):
-        self.proc = psutil.Process(pid)
-        self.also = also  # a function giving more processes to count (a Ray cluster's), looked up every sample
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            started = time.perf_counter()
-            total = 0
-            procs = [self.proc, *self.proc.children(recursive=True), *(self.also() if self.also else [])]
-            for p in {p.pid: p for p in procs}.values():
-                try:
-                    total += p.memory_full_info().pss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            # Reading PSS is not free (a Ray cluster is some 20 processes): sampling at least 10x
-            # as long as a sample takes keeps the sampler under a tenth of a core.
-            self._stop.wait(max(0.05, 10 * (time.perf_counter() - started)))
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def build_corpus(n: int) -> Path:
@@ -183,7 +122,7 @@ def run_lmforge(root: Path, workers: int, memory_mb: int, engine: str = "local",
     shutil.rmtree(root / "dedup", ignore_errors=True)
     shutil.rmtree(root / "_work", ignore_errors=True)
     docs = store.load("extract", "synthetic")
-    with PeakMemory() as mem:
+    with TreeMeter() as mem:
         t0 = time.perf_counter()
         execution = Execution(workers=workers, memory_mb=memory_mb, engine=engine, address=address)
         out = dedup.run(store, dedup.DedupConfig(), docs=docs, execution=execution)
@@ -246,7 +185,7 @@ def run_datatrove(python: str, root: Path, workers: int, planted: int) -> dict:
     proc = subprocess.Popen(
         [python, "-c", DATATROVE, str(data), str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    with PeakMemory(proc.pid) as mem:
+    with TreeMeter(proc.pid) as mem:
         out, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"datatrove failed:\n{err[-3000:]}")
@@ -275,7 +214,7 @@ def run_on_ray(root: Path, memory_mb: int) -> dict:
         cmd = [sys.executable, __file__, "--root", str(root), "--one-workers", "2", "--memory-mb", str(memory_mb)]
         cmd += ["--engine", "ray", "--address", cluster.address]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        with PeakMemory(proc.pid, also=cluster.processes) as mem:
+        with TreeMeter(proc.pid, also=cluster.processes) as mem:
             out, err = proc.communicate()
     if proc.returncode:
         raise SystemExit(f"lmforge dedup on Ray failed:\n{err[-3000:]}")

@@ -115,6 +115,9 @@ def build_corpus(files: int) -> dict:
                 w = writers[n % files]
                 w.write_record(w.create_warc_record(url, "response", payload=BytesIO(body), http_headers=headers))
                 n += 1
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written corpus left beside the cached ones
+        raise
     finally:
         for s in streams:
             s.close()
@@ -170,7 +173,10 @@ def run_chain(args: argparse.Namespace) -> dict:
             result = run(store, getattr(config, link.stage), **kwargs)
         out[link.stage] = result
         first = next(iter(inputs.values()), None)
-        in_bytes = sum(p.stat().st_size for p in warcs.glob("*.warc.gz")) if first is None else first_bytes(first)
+        if first is None:  # ingest reads the WARC files
+            in_bytes = sum(p.stat().st_size for p in warcs.glob("*.warc.gz"))
+        else:
+            in_bytes = sum(f.bytes for f in first.files)
         docs_in = result.counters.get("docs_in", first.counters.get("docs_out") if first else None)
         rows.append(
             {
@@ -188,10 +194,6 @@ def run_chain(args: argparse.Namespace) -> dict:
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return {"stages": rows, "tokens": out["shards"].counters.get("tokens_out")}
-
-
-def first_bytes(manifest) -> int:
-    return sum(f.bytes for f in manifest.files)
 
 
 def run_lmforge(corpus: dict, workers: int, engine: str = "local", cluster=None) -> dict:
@@ -236,7 +238,8 @@ def report(result: dict) -> str:
         f"{c['pages']:,} HTML pages of {', '.join(c['packages'])} in {c['files']} gzipped WARC files "
         f"({c['warc_bytes'] / 1e6:,.0f} MB). lmforge: the data chain with the demo profile's stage settings; "
         "cores busy: CPU seconds of the process tree per wall second; peak: PSS of the tree (Ray's processes "
-        "included on Ray).",
+        "included on Ray). **all**: seconds are the stages' sum; cores busy and peak are the whole child "
+        "process's, its start-up included.",
         "",
         "| run | stage | seconds | docs in | docs out | MB in | docs/s | MB/s | cores busy | peak MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -15,10 +15,17 @@ docs/s, MB/s, cores busy (CPU seconds of the process tree, Ray's processes inclu
 per wall second) and peak memory (PSS of the tree). Every run's artifacts must have the
 same content digests: the engine and the worker count change nothing.
 
-The tool a user would pick instead, datatrove, is only in ``bench/dedup_scale.py`` so far
-(its four MinHash stages): its whole pipeline on these files is still to be added here.
+The tool a user would pick instead, datatrove, with ``--datatrove-python`` (the Python of a
+virtualenv with datatrove installed: see ``bench/datatrove_pipeline.py``, its closest
+pipeline to lmforge's data path) on the same files with the same worker counts, one task
+per WARC file, measured the same way (wall, cores busy, peak PSS of its process tree). Its
+tokenizer is the one lmforge's first run trained, its language model the one lmforge uses.
 
-    python bench/scale.py [--files 10] [--workers 1,2] [--ray]
+``--repeat N`` runs every local configuration N times, interleaved (lmforge 1, 2 workers,
+datatrove 1, 2, then again), since these machines are noisy: the report quotes medians
+and ratios of medians; the per-stage rows are those of the median run.
+
+    python bench/scale.py [--files 10] [--workers 1,2] [--ray] [--datatrove-python DT_VENV/bin/python] [--repeat 3]
 
 Writes ``bench/results/scale.json`` and ``bench/results/scale.md``.
 """
@@ -220,6 +227,52 @@ def run_lmforge(corpus: dict, workers: int, engine: str = "local", cluster=None)
     }
 
 
+def run_datatrove(corpus: dict, workers: int, python: str) -> dict:
+    """datatrove's pipeline (bench/datatrove_pipeline.py) on the corpus, in its own virtualenv, measured."""
+    from tasks.text.langid import model_path
+
+    tokenizers = sorted((CORPUS / "stores").glob("local-*/tokenizer/*/tokenizer.json"))
+    if not tokenizers:
+        raise SystemExit("datatrove needs the tokenizer of an lmforge run: run lmforge first (--workers)")
+    work = CORPUS / "datatrove" / f"w{workers}"
+    cmd = [python, str(ROOT / "bench" / "datatrove_pipeline.py"), "--warcs", corpus["dir"], "--work", str(work)]
+    cmd += ["--tasks", str(corpus["files"]), "--workers", str(workers)]
+    cmd += ["--lid-model", str(model_path()), "--tokenizer", str(tokenizers[0])]
+    with TreeMeter() as meter:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"datatrove's pipeline failed ({workers} workers); its log is above")
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "workers": workers,
+        "seconds": round(r["seconds"], 2),
+        "process_seconds": round(meter.seconds, 2),
+        "peak_mib": meter.peak_mib,
+        "cores_busy": round(meter.cores_busy, 2),
+        "stages": [
+            {
+                "stage": st["name"],
+                "seconds": st["seconds"],
+                "docs_in": st.get("docs_in"),
+                "docs_out": st.get("docs_out"),
+            }
+            for st in r["stages"]
+        ],
+        "datatrove": r.get("datatrove"),
+        "extractor": r.get("extractor"),
+    }
+
+
+def median_runs(runs: list[dict]) -> dict:
+    """The run of median total seconds (the lower middle one of an even count), with every run's seconds."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return ordered[(len(ordered) - 1) // 2] | {
+        "runs_seconds": [r["seconds"] for r in runs],
+        "runs_digests": [[s.get("digest") for s in r["stages"]] for r in runs],
+    }
+
+
 def run_on_ray(corpus: dict) -> dict:
     from tests.ray_cluster import running_ray_cluster
 
@@ -256,6 +309,15 @@ def report(result: dict) -> str:
         lines.append(
             f"| {name} | **all** | **{r['seconds']:.1f}** | | | | | | {r['cores_busy']:.2f} | {r['peak_mib']:,} |"
         )
+    for r in result.get("datatrove", []):
+        name = f"datatrove {r['datatrove']}, {r['workers']} worker{'s' if r['workers'] > 1 else ''}"
+        for s in r["stages"]:
+            lines.append(
+                f"| {name} | {s['stage']} | {s['seconds']:.1f} | {_n(s['docs_in'])} | {_n(s['docs_out'])} | | | | | |"
+            )
+        lines.append(
+            f"| {name} | **all** | **{r['seconds']:.1f}** | | | | | | {r['cores_busy']:.2f} | {r['peak_mib']:,} |"
+        )
     return "\n".join(lines + [""] + [f"- {x}" for x in notes(result)]) + "\n"
 
 
@@ -267,15 +329,22 @@ def notes(result: dict) -> list[str]:
     local = {r["workers"]: r for r in result["lmforge"] if r["engine"] == "local"}
     ray = [r for r in result["lmforge"] if r["engine"] == "ray"]
     out = []
-    digests = {tuple(s["digest"] for s in r["stages"]) for r in result["lmforge"]}
+    every = [d for r in result["lmforge"] for d in r.get("runs_digests", [[s["digest"] for s in r["stages"]]])]
+    digests = {tuple(d) for d in every}
     out.append(
-        f"every lmforge run published the same artifacts (content digests, all {len(result['lmforge'])} runs)"
+        f"every lmforge run published the same artifacts (content digests, all {len(every)} runs)"
         if len(digests) == 1
         else "the lmforge runs published DIFFERENT artifacts"
     )
     if 1 in local and 2 in local:
+        runs = len(local[2].get("runs_seconds", [1]))
         out.append(
             f"the data path on 2 workers takes {local[2]['seconds'] / local[1]['seconds']:.2f}x its 1-worker time"
+            + (
+                f" (medians of {runs} runs: 1 worker {local[1]['runs_seconds']}, 2 workers {local[2]['runs_seconds']})"
+                if runs > 1
+                else ""
+            )
         )
         by_stage = {s["stage"]: s for s in local[1]["stages"]}
         for s in local[2]["stages"]:
@@ -283,6 +352,14 @@ def notes(result: dict) -> list[str]:
             out.append(
                 f"{s['stage']}: 2 workers {s['seconds'] / one['seconds']:.2f}x the 1-worker time, "
                 f"{s['cores_busy']:.2f} cores busy"
+            )
+    for r in result.get("datatrove", []):
+        if r["workers"] in local:
+            ours = local[r["workers"]]
+            out.append(
+                f"datatrove ({r['extractor']} extraction) on {r['workers']} worker(s): {r['seconds']:.1f} s, "
+                f"{r['seconds'] / ours['seconds']:.2f}x lmforge's {ours['seconds']:.1f} s"
+                + (f" (medians of {len(r['runs_seconds'])} runs)" if len(r.get("runs_seconds", [])) > 1 else "")
             )
     if ray and 2 in local:
         out.append(
@@ -296,6 +373,10 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=10, help="WARC files the corpus is written into")
     ap.add_argument("--workers", default="1,2", help="local worker counts to run lmforge with")
     ap.add_argument("--ray", action="store_true", help="also run on a two-node Ray cluster started here")
+    ap.add_argument(
+        "--datatrove-python", default="", help="Python of a virtualenv with datatrove: also run its pipeline"
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each local configuration; the report quotes medians")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--name", default="scale", help="results file name, without .json/.md")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -315,9 +396,19 @@ def main() -> None:
     corpus = build_corpus(args.files)
     print(f"corpus: {corpus['pages']:,} pages, {corpus['warc_bytes'] / 1e6:,.0f} MB ({time.perf_counter() - t0:.0f} s)")
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "corpus": corpus, "lmforge": []}
-    for w in (int(x) for x in args.workers.split(",")):
-        result["lmforge"].append(run_lmforge(corpus, w))
-        print(f"lmforge, {w} worker(s): {result['lmforge'][-1]['seconds']:.1f} s", flush=True)
+    counts = [int(x) for x in args.workers.split(",")]
+    ours: dict[int, list] = {w: [] for w in counts}
+    theirs: dict[int, list] = {w: [] for w in counts}
+    for repeat in range(args.repeat):
+        for w in counts:
+            ours[w].append(run_lmforge(corpus, w))
+            print(f"lmforge, {w} worker(s), run {repeat + 1}: {ours[w][-1]['seconds']:.1f} s", flush=True)
+        for w in counts if args.datatrove_python else ():
+            theirs[w].append(run_datatrove(corpus, w, args.datatrove_python))
+            print(f"datatrove, {w} worker(s), run {repeat + 1}: {theirs[w][-1]['seconds']:.1f} s", flush=True)
+    result["lmforge"] = [median_runs(ours[w]) for w in counts]
+    if args.datatrove_python:
+        result["datatrove"] = [median_runs(theirs[w]) for w in counts]
     if args.ray:
         result["lmforge"].append(run_on_ray(corpus))
         print(f"lmforge on Ray: {result['lmforge'][-1]['seconds']:.1f} s", flush=True)

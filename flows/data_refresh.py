@@ -81,7 +81,7 @@ class Link:
 
 
 CHAIN = (
-    Link("ingest", ingest.task),
+    Link("ingest", ingest.task, parts=True),
     Link(
         "extract",
         extract.task,

@@ -114,6 +114,14 @@ class Funnel:
         self.dropped_docs[reason] += 1
         self.dropped_words[reason] += count_words(text or "")
 
+    def unkeep(self, reason: str, docs: int, words: int = 0) -> None:
+        """Move ``docs`` documents counted as kept to dropped for ``reason``: a global step
+        (ingest's grouping of URLs across files) dropped them after their part kept them."""
+        self.docs_out -= docs
+        self.words_out -= words
+        self.dropped_docs[reason] += docs
+        self.dropped_words[reason] += words
+
     def absorb(self, other: "Funnel | dict") -> None:
         """Add another funnel's counts to this one (a stage's funnel is the sum of its parts').
 

@@ -19,6 +19,12 @@ Design decisions:
   the WARC reader (:mod:`tasks.text.warc`: one bad record is dropped as
   ``malformed_record``, not the file) and the folder reader (:mod:`tasks.text.files`).
   A missing or unreadable input file fails the stage, naming it.
+- A WARC ingest maps over its files on every core or a Ray cluster (:mod:`tasks.parts`,
+  ``execution``), one file per step (:mod:`tasks.text.warc_parts`); file N's parts come
+  before file N+1's. What needs every file is one grouping step in DuckDB
+  (:mod:`tasks.text.warc_group`): a URL already read in an earlier file is dropped as
+  ``duplicate_url``, an unchanged body as ``unchanged``, and the validators are written
+  from it. A crawl and a folder are read page by page in this process.
 - Incremental refresh: ``previous`` is an earlier ingest artifact of the same sources.
   Every artifact holds ``validators-*.parquet`` (url, etag, last_modified, sha256 of
   the body, links): one row per page this ingest fetched, read, or confirmed unchanged.
@@ -39,23 +45,28 @@ Design decisions:
 from __future__ import annotations
 
 import hashlib
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from storage.artifact import Manifest, PartBuffer, Store, read_table
 from storage.documents import Funnel, make_doc_id
-from tasks.inputs import InputFile, fingerprint, local_copies, resolve_warcs
+from tasks.inputs import InputFile, fingerprint, input_parts, read_warc_part, resolve_warcs
+from tasks.parts.core import Execution
+from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
 from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, stage_logger
 from tasks.text.crawl import CrawlConfig, Crawler
 from tasks.text.files import FilesConfig, files_under, read_files
 from tasks.text.pages import Drop, Page, SourceError, Unchanged, Validator
 from tasks.text.settings import PartSize
-from tasks.text.warc import FileDone, WarcConfig, read_warcs
+from tasks.text.warc import WarcConfig
+from tasks.text.warc_group import PageGrouping
+from tasks.text.warc_parts import DROPPED, PAGES, part_name, settle_part
 
 WARC_NAME = "crawl-00000.warc.gz"
 PART_ROWS = 20_000  # dropped pages and validators: small rows, not mapped over
@@ -170,29 +181,39 @@ def _check_previous(previous: Manifest | None) -> None:
 
 
 def run(
-    store: Store, cfg: IngestConfig, previous: Manifest | None = None, progress: Progress = no_progress
+    store: Store,
+    cfg: IngestConfig,
+    previous: Manifest | None = None,
+    execution: Execution | None = None,
+    progress: Progress = no_progress,
 ) -> Manifest | None:
     """Fetch or read raw pages into an artifact of undecoded bodies plus a dropped table.
 
     With ``previous`` (an earlier ingest), only new or changed pages are kept; None
-    (nothing published) when there is none.
+    (nothing published) when there is none. ``execution`` sets the workers of a WARC
+    ingest (one file per step); the artifact is the same whatever it says.
     """
     _check_previous(previous)
     b = STAGE.begin(store, cfg, previous=previous)
     if b.done:
         return b.done
-    known = read_validators(previous)
     funnel = Funnel()
+    work = store.work_dir(STAGE.name, b.key)
     try:
-        with STAGE.writer(store, b) as w, tempfile.TemporaryDirectory(dir=store.work_dir(STAGE.name, b.key)) as tmp:
-            meta = _ingest(cfg, known, w, funnel, previous, progress, Path(tmp))
+        with STAGE.writer(store, b) as w:
+            if cfg.kind == "warc":
+                meta = _ingest_warcs(cfg, w, funnel, previous, execution or Execution(), progress, work)
+            else:
+                meta = _ingest(cfg, read_validators(previous), w, funnel, previous, progress)
     except _NothingNew:
+        shutil.rmtree(work, ignore_errors=True)
         log.info(
             "ingest: no new or changed page since %s (%s); nothing published", previous.ref, dict(funnel.dropped_docs)
         )
         return None
     except SourceError as e:
         raise StageError(STAGE.name, e.input, e.reason, e.hint) from e
+    shutil.rmtree(work, ignore_errors=True)
     log.info(
         "ingest %s: %d kept, %d dropped %s",
         meta["what"],
@@ -210,10 +231,9 @@ def _ingest(
     funnel: Funnel,
     previous: Manifest | None,
     progress: Progress,
-    scratch: Path,
 ) -> dict:
-    """Fill the writer ``w``; returns the meta it recorded (plus a description, ``what``).
-    ``scratch`` holds a WARC file from a bucket while it is read."""
+    """A crawl or a folder into the writer ``w``, page by page; returns the meta it recorded
+    (plus a description, ``what``)."""
     meta: dict = {"kind": cfg.kind}
     if cfg.kind == "crawl":
         crawler = Crawler(cfg.crawl, known)
@@ -223,14 +243,6 @@ def _ingest(
             cfg.crawl.max_pages,
         )
         meta["warc"] = WARC_NAME
-    elif cfg.kind == "warc":
-        files = resolve_warcs(cfg.warc.paths)
-        items, what, total = (
-            read_warcs(local_copies(files, scratch), cfg.warc.verify_digests, cfg.warc.max_bytes),
-            f"{len(files)} WARC file(s)",
-            None,
-        )
-        meta["files"] = len(files)
     else:
         paths = files_under(cfg.files)
         items, what, total = read_files(paths, cfg.files.max_bytes), f"folder {cfg.files.root}", len(paths)
@@ -243,9 +255,6 @@ def _ingest(
     body_bytes = 0
     first_drop: Drop | None = None  # quoted when nothing is kept: the reason in words, not only a count
     for item in items:
-        if isinstance(item, FileDone):  # a part per WARC file (or more, past the part size): N files, N parts
-            kept.flush()
-            continue
         funnel.seen("")
         if isinstance(item, Page) and cfg.kind != "crawl":  # the crawler compares bodies itself
             item = _compare_body(item, known, validators)
@@ -288,18 +297,7 @@ def _ingest(
     progress(1.0)
     if cfg.kind == "crawl":
         validators = crawler.validators
-    unchanged = funnel.dropped_docs["not_modified"] + funnel.dropped_docs["unchanged"]
-    if funnel.docs_out == 0 and previous is not None and unchanged:
-        raise _NothingNew()
-    if funnel.docs_out == 0:
-        reasons = ", ".join(f"{r}: {n}" for r, n in funnel.dropped_docs.most_common(5)) or "nothing found"
-        example = f"; first: {first_drop.url}: {first_drop.detail[:300]}" if first_drop is not None else ""
-        raise StageError(
-            STAGE.name,
-            what,
-            f"no page kept out of {funnel.docs_in} ({reasons}){example}",
-            "check the seeds or paths, robots.txt and the network",
-        )
+    _check_kept(funnel, previous, what, first_drop and (first_drop.url, first_drop.detail))
     kept.flush()
     dropped.flush()
     rows = PartBuffer(w, "validators", VALIDATORS_SCHEMA, max_rows=PART_ROWS)
@@ -320,6 +318,100 @@ def _ingest(
     return {**meta, "what": what}
 
 
+def _check_kept(funnel: Funnel, previous: Manifest | None, what: str, first_drop: tuple[str, str] | None) -> None:
+    """Raise when nothing was kept: _NothingNew for a refresh whose pages all were unchanged
+    (nothing is published), else the stage's error, with the first page given up and why."""
+    unchanged = funnel.dropped_docs["not_modified"] + funnel.dropped_docs["unchanged"]
+    if funnel.docs_out == 0 and previous is not None and unchanged:
+        raise _NothingNew()
+    if funnel.docs_out == 0:
+        reasons = ", ".join(f"{r}: {n}" for r, n in funnel.dropped_docs.most_common(5)) or "nothing found"
+        example = f"; first: {first_drop[0]}: {first_drop[1][:300]}" if first_drop is not None else ""
+        raise StageError(
+            STAGE.name,
+            what,
+            f"no page kept out of {funnel.docs_in} ({reasons}){example}",
+            "check the seeds or paths, robots.txt and the network",
+        )
+
+
+def _ingest_warcs(
+    cfg: IngestConfig,
+    w,
+    funnel: Funnel,
+    previous: Manifest | None,
+    execution: Execution,
+    progress: Progress,
+    work: Path,
+) -> dict:
+    """WARC files into the writer ``w``, one file per step on the engine ``execution`` names
+    (:mod:`tasks.text.warc_parts`), then the grouping over all of them
+    (:mod:`tasks.text.warc_group`); returns the meta it recorded (plus ``what``)."""
+    files = resolve_warcs(cfg.warc.paths)
+    what = f"{len(files)} WARC file(s)"
+    parts = input_parts(files)
+    with PartMap(STAGE.name, work, execution=execution, log=log, progress=progress) as pm:
+        read = pm.map("read", read_warc_part, parts, cfg.warc, cfg.part_size, RAW_SCHEMA, DROPPED_SCHEMA)
+        for result in read:
+            funnel.absorb(result["funnel"])
+        previous_validators = (
+            [str(previous.path(f.path)) for f in previous.files_with_prefix("validators-")] if previous else []
+        )
+        with PageGrouping(work / "group", memory_mb=execution.memory_mb, threads=pm.workers) as group:
+            group.decide([str(d / PAGES) for d in pm.outputs("read", parts)], previous_validators)
+            removed = group.removals(work / "removals")
+            for reasons in removed.values():
+                for reason, n in reasons.items():
+                    funnel.unkeep(reason, n)
+            first = next((r["first_drop"] for r in read if r["first_drop"]), None)
+            _check_kept(funnel, previous, what, first)
+            touched = [p for p in parts if p.index in removed]
+            settled = pm.map(
+                "settle",
+                settle_part,
+                touched,
+                str(pm.step_dir("read")),
+                str(work / "removals"),
+                DROPPED_SCHEMA,
+                make_doc_id,
+                progress=no_progress,
+            )
+            outputs = dict(zip((p.index for p in parts), zip(pm.outputs("read", parts), read)))
+            outputs |= dict(zip((p.index for p in touched), zip(pm.outputs("settle", touched), settled)))
+            _add_outputs(w, [outputs[p.index] for p in parts])
+            rows = PartBuffer(w, "validators", VALIDATORS_SCHEMA, max_rows=PART_ROWS)
+            for batch in group.validators(VALIDATORS_SCHEMA, PART_ROWS):
+                rows.add_table(pa.Table.from_batches([batch]))
+            rows.flush()
+            new, body_bytes = group.kept_totals()
+        meta = {
+            "kind": cfg.kind,
+            "files": len(files),
+            "new": new,
+            "changed": funnel.docs_out - new,
+            "body_bytes": body_bytes,
+            "previous": previous.ref if previous is not None else None,
+            "execution": {"parts": len(parts), **pm.describe()},
+        }
+    w.counters.update(funnel.as_counters())
+    w.meta.update(meta)
+    return {**meta, "what": what}
+
+
+def _add_outputs(w, outputs: list[tuple[Path, dict]]) -> None:
+    """Every file's parts and drops into the artifact, numbered across files in file order,
+    so the artifact does not depend on the number of workers."""
+    n_part = n_dropped = 0
+    for folder, result in outputs:
+        for i, rows in enumerate(result["parts"]):
+            w.add_file(folder / part_name(i), f"part-{n_part:05d}.parquet", rows)
+            n_part += 1
+        dropped = pq.ParquetFile(folder / DROPPED).metadata.num_rows
+        if dropped:
+            w.add_file(folder / DROPPED, f"dropped-{n_dropped:05d}.parquet", dropped)
+            n_dropped += 1
+
+
 def _compare_body(page: Page, known: dict[str, Validator], validators: dict[str, Validator]) -> Page | Unchanged:
     """A file or WARC page, or Unchanged when its bytes are those ``known`` recorded for its URL."""
     sha = hashlib.sha256(page.body).hexdigest()
@@ -338,4 +430,4 @@ def _compare_body(page: Page, known: dict[str, Validator], validators: dict[str,
     return page
 
 
-task = stage_task(STAGE, run, retries=2, progress="ingest: pages attempted")
+task = stage_task(STAGE, run, retries=2, progress="ingest: pages attempted (crawl, folder) or WARC files read")

@@ -7,22 +7,29 @@ Design decisions:
   it, as for a local glob.
 - An input's fingerprint (part of the ingest key) is its name, size and modification
   time, local or remote alike, so a changed object gives a new key without reading it.
-- A remote file is downloaded just before it is read and removed just after
-  (:func:`local_copies`): the WARC reader wants a local file (it maps it into memory),
-  and a crawl of thousands of files never needs more than one of them on disk.
+- A WARC ingest maps over its input files, one part each (:func:`input_parts`,
+  :func:`read_warc_part`). A remote file is downloaded by the worker that reads it, just
+  before, and removed just after: the WARC reader wants a local file (it maps it into
+  memory), and a crawl of thousands of files never needs more than one per worker on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
+import pyarrow as pa
+
+from storage.documents import make_doc_id
 from storage.object_store import ObjectStoreError, RemoteFile, download, is_object_store, matching_objects
+from tasks.parts.core import Part
 from tasks.text.pages import SourceError
-from tasks.text.warc import warc_paths
+from tasks.text.settings import PartSize
+from tasks.text.warc import WarcConfig, warc_paths
+from tasks.text.warc_parts import read_file
 
 log = logging.getLogger("lmforge.ingest")
 
@@ -66,21 +73,44 @@ def fingerprint(files: list[InputFile]) -> str:
     return h.hexdigest() if files else ""
 
 
-def local_copies(files: list[InputFile], scratch: Path) -> Iterator[Path]:
-    """Each file as a local path, in order: remote ones fetched into ``scratch`` one at a
-    time and deleted once the consumer asks for the next one."""
-    for i, f in enumerate(files):
-        if f.path is not None:
-            yield f.path
-            continue
-        dest = scratch / f"{i:05d}" / f.remote.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        log.info("downloading %s (%.1f MB)", f.name, f.size / 1e6)
-        try:
-            download(f.name, dest)
-        except ObjectStoreError as e:
-            raise SourceError(f.name, f"cannot download the WARC file: {e}", "check the AWS_* settings") from None
-        try:
-            yield dest
-        finally:
-            dest.unlink(missing_ok=True)
+def input_parts(files: list[InputFile]) -> list[Part]:
+    """One part per input file, in order: what a WARC ingest maps over."""
+    return [Part(i, Path(f.name).name, f.name, 0, 0) for i, f in enumerate(files)]
+
+
+def read_warc_part(
+    part: Part, out: Path, warc: WarcConfig, part_size: PartSize, raw_schema: pa.Schema, dropped_schema: pa.Schema
+) -> dict:
+    """ingest's per-file step: WARC file ``part`` into ``out`` (:func:`tasks.text.warc_parts.read_file`).
+
+    A file in a bucket is downloaded into ``out`` first, by the worker that reads it (on
+    whichever machine: a Ray node needs no shared disk for its inputs), and removed once read.
+    """
+    if not is_object_store(part.path):
+        return _read(Path(part.path), part, out, warc, part_size, raw_schema, dropped_schema)
+    dest = out / "_download" / part.name
+    dest.parent.mkdir()
+    log.info("downloading %s", part.path)
+    try:
+        download(part.path, dest)
+    except ObjectStoreError as e:
+        raise SourceError(part.path, f"cannot download the WARC file: {e}", "check the AWS_* settings") from None
+    try:
+        return _read(dest, part, out, warc, part_size, raw_schema, dropped_schema)
+    finally:
+        shutil.rmtree(dest.parent, ignore_errors=True)
+
+
+def _read(path: Path, part: Part, out: Path, warc: WarcConfig, size: PartSize, raw_schema, dropped_schema) -> dict:
+    return read_file(
+        path,
+        part.index,
+        out,
+        verify=warc.verify_digests,
+        max_record=warc.max_bytes,
+        part_rows=size.rows,
+        part_bytes=size.max_bytes,
+        raw_schema=raw_schema,
+        dropped_schema=dropped_schema,
+        make_doc_id=make_doc_id,
+    )

@@ -126,17 +126,22 @@ def read_result(part_dir: Path) -> Any:
     return json.loads((part_dir / RESULT).read_text())
 
 
-SWITCHES = "LMFORGE_"
+SWITCHES = ("LMFORGE_",)
 """Environment variables a worker takes from its parent at every job (the fault switches of
 :mod:`storage.faults` among them): a worker's own environment is fixed when it starts."""
 
+LOCAL_ENV = (*SWITCHES, "AWS_")
+"""What a local worker also takes: the object-store settings (a WARC ingest's worker
+downloads its file from the bucket). A Ray node keeps its own: it may be elsewhere, with
+other credentials."""
 
-def switches() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(SWITCHES)}
+
+def switches(prefixes: tuple[str, ...] = SWITCHES) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
 
 
-def take_switches(given: dict[str, str]) -> None:
-    """Make this worker's ``LMFORGE_*`` variables the parent's, as sent with a job."""
-    for k in [k for k in os.environ if k.startswith(SWITCHES) and k not in given]:
+def take_switches(given: dict[str, str], prefixes: tuple[str, ...] = SWITCHES) -> None:
+    """Make this worker's variables of ``prefixes`` the parent's, as sent with a job."""
+    for k in [k for k in os.environ if k.startswith(prefixes) and k not in given]:
         del os.environ[k]
     os.environ.update(given)

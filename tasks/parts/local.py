@@ -13,7 +13,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Callable
 
-from tasks.parts.core import Part, run_part, switches, take_switches
+from tasks.parts.core import LOCAL_ENV, Part, run_part, switches, take_switches
 
 
 def _serve(conn: Connection) -> None:
@@ -23,7 +23,7 @@ def _serve(conn: Connection) -> None:
         if job is None:
             return
         given, job = job
-        take_switches(given)
+        take_switches(given, LOCAL_ENV)
         try:
             conn.send(("ok", run_part(*job)))
         except Exception as e:  # sent back to the parent, which raises it naming the part
@@ -102,7 +102,7 @@ class LocalProcesses:
             while idle and queue:
                 w, p = idle.pop(), queue.popleft()
                 try:
-                    w.conn.send((switches(), (pm.stage, step, fn, p, str(step_dir), args)))
+                    w.conn.send((switches(LOCAL_ENV), (pm.stage, step, fn, p, str(step_dir), args)))
                 except OSError:  # the worker died while idle: a new one, and the part goes back
                     idle.append(self._replace(w))
                     queue.appendleft(p)

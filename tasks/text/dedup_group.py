@@ -1,8 +1,8 @@
 """Dedup's global step: from every part's hashes and band keys to one decision per dropped document.
 
 It runs in DuckDB on a database file in the stage's work directory, under a memory
-ceiling (``memory_limit``) past which DuckDB spills to that directory, so its memory does
-not grow with the corpus; Python holds only the candidate pairs (duplicates, not
+ceiling past which DuckDB spills to that directory (:mod:`tasks.text.spill_db`), so its
+memory does not grow with the corpus; Python holds only the candidate pairs (duplicates, not
 documents). The steps, all keyed by a document's ordinal (its position in the artifact):
 
 1. exact twins: group the content hashes (or, without exact dedup, the doc_ids); a
@@ -23,15 +23,14 @@ documents). The steps, all keyed by a document's ordinal (its position in the ar
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.text import minhash
+from tasks.text.spill_db import SpillingDuckDB, sql_path
 
 # The earlier document a new one matches: its own doc_id if that matches (a changed page), else the least.
 _EARLIER_MATCH = "coalesce(max(e.doc_id) FILTER (WHERE e.doc_id = n.doc_id), min(e.doc_id))"
@@ -43,30 +42,15 @@ class Grouping:
 
     def __init__(self, work: Path, *, memory_mb: int, threads: int):
         self.work = Path(work)
-        db = self.work / "group.duckdb"
-        db.unlink(missing_ok=True)  # a killed run's: the grouping is redone from the part outputs
-        Path(f"{db}.wal").unlink(missing_ok=True)
-        shutil.rmtree(self.work / "spill", ignore_errors=True)
-        (self.work / "spill").mkdir(parents=True)
-        self.con = duckdb.connect(
-            str(db),
-            config={
-                "memory_limit": f"{memory_mb}MB",
-                "temp_directory": str(self.work / "spill"),
-                "threads": max(1, threads),
-                "preserve_insertion_order": False,
-            },
-        )
+        self.db = SpillingDuckDB(self.work, memory_mb=memory_mb, threads=threads)
+        self.con = self.db.con
         self.stats: dict = {}
 
     def __enter__(self) -> "Grouping":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.con.close()
-        for name in ("group.duckdb", "group.duckdb.wal"):
-            (self.work / name).unlink(missing_ok=True)
-        shutil.rmtree(self.work / "spill", ignore_errors=True)
+        self.db.close()
 
     def exact(self, hash_files: list[str], by: str | None) -> None:
         """Step 1: the ``docs`` (ord, doc_id, hash) and ``twin`` (ord, first) tables; ``by`` is
@@ -167,7 +151,7 @@ class Grouping:
                   UNION ALL
                   SELECT m.ord, 'near_duplicate', r.doc_id, r.doc_id FROM moved m JOIN docs r ON r.ord = m.root
                   ORDER BY ord
-                ) TO '{_sql_path(out)}' (FORMAT parquet, ROW_GROUP_SIZE 65536)"""
+                ) TO '{sql_path(out)}' (FORMAT parquet, ROW_GROUP_SIZE 65536)"""
         )
         size = """count(*) + max(CASE WHEN dropped_reason LIKE 'seen_%' THEN 0 ELSE 1 END)"""
         clusters, largest = self.con.execute(
@@ -176,10 +160,6 @@ class Grouping:
             {"f": str(out)},
         ).fetchone()
         self.stats.update(clusters=clusters, largest_cluster=largest)
-
-
-def _sql_path(path: Path) -> str:
-    return str(path).replace("'", "''")
 
 
 def components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

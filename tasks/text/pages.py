@@ -32,6 +32,7 @@ class Page:
     content_type: str
     charset: str | None
     body: bytes
+    where: str = ""  # where in its source it was read (a WARC file and offset), for messages
 
 
 @dataclass

@@ -17,9 +17,8 @@ import glob
 import logging
 import mmap
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from fastwarc.warc import ArchiveIterator, WarcRecord, WarcRecordType, has_block_digest
 from pydantic import Field
@@ -137,53 +136,40 @@ def _records(path: Path, verify: bool, max_bytes: int) -> Iterator[tuple[WarcRec
                     start = data.find(boundary, last + 1)
 
 
-@dataclass(frozen=True)
-class FileDone:
-    """Yielded by :func:`read_warcs` after the last record of each file: where a reader may close a part."""
-
-    path: Path
-
-
-def read_warcs(paths: Iterable[Path], verify: bool, max_bytes: int = 5_000_000) -> Iterator[Page | Drop | FileDone]:
-    """The pages of ``paths`` in order, then :class:`FileDone` for each file; a URL read before is a Drop.
-
-    ``paths`` is iterated one file at a time: a generator may fetch each file just before it
-    is read and remove it after (the ingest of objects from a bucket).
-    """
+def read_warc(path: Path, verify: bool, max_bytes: int = 5_000_000) -> Iterator[Page | Drop]:
+    """The pages of one WARC/WET file in order; a URL read before in the same file is a Drop
+    (across files, ingest's grouping decides: :mod:`tasks.text.warc_parts`)."""
     seen: set[str] = set()
-    for path in paths:
-        log.info("reading %s", path)
-        for item in _records(path, verify, max_bytes):
-            if isinstance(item, Drop):
-                yield item
+    log.info("reading %s", path)
+    for item in _records(path, verify, max_bytes):
+        if isinstance(item, Drop):
+            yield item
+            continue
+        rec, payload = item
+        url = rec.headers.get("WARC-Target-URI") or ""
+        fetched_at = iso_time(rec.record_date)
+        where = f"{path.name} offset {rec.stream_pos}"
+        if not url:
+            yield Drop(f"{path.as_uri()}#offset={rec.stream_pos}", "malformed_record", f"{where}: no WARC-Target-URI")
+            continue
+        if rec.record_type == WarcRecordType.conversion:
+            page = Page(url, fetched_at, None, "text/plain", "utf-8", payload, where)
+        else:
+            status = rec.http_headers.status_code if rec.http_headers is not None else None
+            if status is None:
+                yield Drop(url, "malformed_record", f"{where}: unparseable HTTP response header", fetched_at)
                 continue
-            rec, payload = item
-            url = rec.headers.get("WARC-Target-URI") or ""
-            fetched_at = iso_time(rec.record_date)
-            where = f"{path.name} offset {rec.stream_pos}"
-            if not url:
-                yield Drop(
-                    f"{path.as_uri()}#offset={rec.stream_pos}", "malformed_record", f"{where}: no WARC-Target-URI"
-                )
+            if not 200 <= status < 300:
+                yield Drop(url, f"http_{status}", f"{where}: HTTP {status}", fetched_at, status)
                 continue
-            if rec.record_type == WarcRecordType.conversion:
-                page = Page(url, fetched_at, None, "text/plain", "utf-8", payload)
-            else:
-                status = rec.http_headers.status_code if rec.http_headers is not None else None
-                if status is None:
-                    yield Drop(url, "malformed_record", f"{where}: unparseable HTTP response header", fetched_at)
-                    continue
-                if not 200 <= status < 300:
-                    yield Drop(url, f"http_{status}", f"{where}: HTTP {status}", fetched_at, status)
-                    continue
-                ctype = (rec.http_content_type or "").lower()
-                if ctype not in HTML_TYPES:
-                    yield Drop(url, "not_html", f"{where}: Content-Type {ctype or 'missing'}", fetched_at, status)
-                    continue
-                page = Page(url, fetched_at, status, ctype, (rec.http_charset or "").lower() or None, payload)
-            if url in seen:
-                yield Drop(url, "duplicate_url", f"{where}: URL already read", fetched_at, page.http_status)
+            ctype = (rec.http_content_type or "").lower()
+            if ctype not in HTML_TYPES:
+                yield Drop(url, "not_html", f"{where}: Content-Type {ctype or 'missing'}", fetched_at, status)
                 continue
-            seen.add(url)
-            yield page
-        yield FileDone(path)
+            charset = (rec.http_charset or "").lower() or None
+            page = Page(url, fetched_at, status, ctype, charset, payload, where)
+        if url in seen:
+            yield Drop(url, "duplicate_url", f"{where}: URL already read", fetched_at, page.http_status)
+            continue
+        seen.add(url)
+        yield page

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from io import BytesIO
 from pathlib import Path
@@ -15,6 +16,7 @@ from warcio.warcwriter import WARCWriter
 from storage.artifact import Store, read_table
 from storage.documents import make_doc_id
 from tasks import ingest
+from tasks.parts.core import Execution
 from tasks.stage import StageError
 
 HTML = b"<html><body><p>A page about package management.</p></body></html>"
@@ -260,3 +262,82 @@ def test_a_record_that_lies_about_its_length_or_is_too_large_is_dropped_and_read
         "http://example.org/big": "too_large",
         "http://example.org/bomb": "too_large",
     }
+
+
+# --- many WARC files: one step per file, on any number of workers ------------------------------------------
+
+
+def many_warcs(root: Path) -> Path:
+    """Four WARC files; /shared is in a.warc and c.warc (and twice in c.warc), /moved in b.warc and d.warc."""
+    root.mkdir(parents=True, exist_ok=True)
+    pages = {
+        "a": ["a0", "shared", "a1"],
+        "b": ["b0", "moved", "b1", "b2"],
+        "c": ["shared", "c0", "shared"],
+        "d": ["d0", "moved"],
+    }
+    for name, urls in pages.items():
+        body = lambda u: HTML.replace(b"package management", f"{name}: {u}".encode())  # noqa: E731
+        (root / f"{name}.warc").write_bytes(b"".join(record(f"http://example.org/{u}", body(u)) for u in urls))
+    (root / "b.warc").write_bytes((root / "b.warc").read_bytes() + record("http://example.org/404", status="404 No"))
+    return root
+
+
+def test_warc_files_on_one_or_two_workers_one_killed_give_the_same_artifact(tmp_path, monkeypatch, caplog):
+    """The first reading of a URL, in file order, is the one kept: on 1 worker or 2, and when the
+    worker reading file 1 is SIGKILLed before it publishes (that file alone is read again)."""
+    caplog.set_level(logging.WARNING, logger="lmforge.ingest")
+    cfg = ingest.IngestConfig(kind="warc", warc={"paths": [str(many_warcs(tmp_path / "in") / "*.warc")]})
+    one = ingest.run(Store(tmp_path / "one"), cfg, execution=Execution(workers=1))
+    monkeypatch.setenv("LMFORGE_KILL_AT", "ingest/read/1")
+    monkeypatch.setenv("LMFORGE_KILL_MARKER", str(tmp_path / "killed"))
+    two = ingest.run(Store(tmp_path / "two"), cfg, execution=Execution(workers=2))
+    assert (tmp_path / "killed").exists()
+    assert [(f.path, f.sha256, f.rows) for f in two.files] == [(f.path, f.sha256, f.rows) for f in one.files]
+    assert two.meta["execution"]["retried_parts"] == ["read b.warc"]
+    assert "the worker on b.warc died (exit code -9)" in caplog.text
+
+    kept = [r["url"].rsplit("/", 1)[1] for r in read_table(one).to_pylist()]
+    assert kept == ["a0", "shared", "a1", "b0", "moved", "b1", "b2", "c0", "d0"]
+    assert [f.rows for f in one.files_with_prefix("part-")] == [3, 4, 1, 1]  # a part per file, c and d less repeats
+    assert b"a: shared" in read_table(one).to_pylist()[1]["body"]
+    dropped = {
+        (r["url"].rsplit("/", 1)[1], r["dropped_reason"], r["detail"]) for r in read_table(one, "dropped").to_pylist()
+    }
+    assert {(u, why) for u, why, _ in dropped} == {
+        ("404", "http_404"),
+        ("shared", "duplicate_url"),
+        ("moved", "duplicate_url"),
+    }
+    details = [d for u, why, d in dropped if why == "duplicate_url"]
+    assert "c.warc offset 0: URL already read in an earlier file" in details  # a.warc had it
+    assert [d for d in details if d.startswith("c.warc") and d.endswith(": URL already read")]  # twice in c.warc
+    assert [d for d in details if d.startswith("d.warc offset ") and d.endswith("in an earlier file")]
+    assert one.counters["docs_in"] == 13 and one.counters["docs_out"] == 9
+    assert one.counters["dropped"]["duplicate_url"]["docs"] == 3
+    assert [r["url"].rsplit("/", 1)[1] for r in read_table(one, "validators").to_pylist()] == kept
+    assert one.meta["files"] == 4 and (one.meta["new"], one.meta["changed"]) == (9, 0)
+    assert not (Store(tmp_path / "two").root / "_work" / "ingest").exists() or not any(
+        (Store(tmp_path / "two").root / "_work" / "ingest").rglob("*.parquet")
+    )
+
+
+def test_a_warc_refresh_keeps_only_new_or_changed_pages_whichever_file_they_are_in(tmp_path):
+    root = many_warcs(tmp_path / "in")
+    store = Store(tmp_path / "store")
+    cfg = ingest.IngestConfig(kind="warc", warc={"paths": [str(root / "*.warc")]})
+    first = ingest.run(store, cfg, execution=Execution(workers=2))
+    assert ingest.run(store, cfg.model_copy(update={"snapshot": "2"}), previous=first) is None
+
+    # a1 changes, e.warc brings a new page and an old one (a0, same body, another file): only a1 and e0 are kept
+    body = lambda text: HTML.replace(b"package management", text)  # noqa: E731
+    urls = {"a0": b"a: a0", "shared": b"a: shared", "a1": b"a: a1, rewritten"}
+    (root / "a.warc").write_bytes(b"".join(record(f"http://example.org/{u}", body(t)) for u, t in urls.items()))
+    (root / "e.warc").write_bytes(record("http://example.org/a0", body(b"a: a0")) + record("http://example.org/e0"))
+    second = ingest.run(store, cfg.model_copy(update={"snapshot": "3"}), previous=first, execution=Execution(workers=2))
+    assert [r["url"] for r in read_table(second).to_pylist()] == ["http://example.org/a1", "http://example.org/e0"]
+    assert (second.meta["new"], second.meta["changed"]) == (1, 1)
+    reasons = [r["dropped_reason"] for r in read_table(second, "dropped").to_pylist()]
+    assert reasons.count("unchanged") == 8 and reasons.count("duplicate_url") == 4  # a0 in e.warc: a repeat
+    assert second.counters["docs_out"] == 2 and second.counters["dropped"]["unchanged"]["docs"] == 8
+    assert read_table(second, "validators").num_rows == 10  # every URL read, unchanged ones carried forward

@@ -1,4 +1,4 @@
-"""The Ray engine: extract, dedup and filter on a two-node Ray cluster started here give the local engine's files.
+"""The Ray engine: ingest, extract, dedup and filter on a two-node Ray cluster started here give the local engine's files.
 
 The cluster is real (``ray start`` twice, one CPU per node: see ``tests/ray_cluster.py``);
 these tests are slow (about 20 s to start it) and run in ``make test``.
@@ -9,12 +9,12 @@ import logging
 import pytest
 
 from storage.artifact import Store
-from tasks import dedup
+from tasks import dedup, ingest
 from tasks import filter as filter_
 from tasks.parts.core import Execution
 from tasks.stage import StageError
 from tests.ray_cluster import running_ray_cluster
-from tests.tasks import test_dedup, test_filter
+from tests.tasks import test_dedup, test_filter, test_ingest
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +119,12 @@ def test_extract_on_ray_holds_the_time_limit_and_publishes_the_local_files(clust
     assert on_ray.digest() == local.digest()
     assert te.outcome(on_ray)[1] == {"http://h.org/slow": "extract_timeout"}
     assert on_ray.meta["execution"]["retried_parts"] == ["text part-00000.parquet"]
+
+
+def test_ingest_of_warc_files_on_ray_publishes_the_local_files(cluster, tmp_path):
+    warcs = test_ingest.many_warcs(tmp_path / "in")
+    cfg = ingest.IngestConfig(kind="warc", warc={"paths": [str(warcs / "*.warc")]})
+    local = ingest.run(Store(tmp_path / "local"), cfg, execution=Execution(workers=1))
+    on_ray = ingest.run(Store(tmp_path / "ray"), cfg, execution=Execution(engine="ray", address=cluster))
+    assert on_ray.key == local.key and on_ray.digest() == local.digest()
+    assert on_ray.meta["execution"]["nodes"] == 2 and on_ray.counters["dropped"]["duplicate_url"]["docs"] == 3

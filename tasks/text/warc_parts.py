@@ -1,0 +1,224 @@
+"""ingest's per-file steps: one WARC file's pages into Parquet parts, in that file's worker.
+
+Design decisions:
+
+- A WARC ingest maps over its input files (:mod:`tasks.parts`), one file per step, so
+  reading, decompressing and checking digests use every core (one process read every file
+  before, at about 80 MB/s of gzipped WARC). File N's parts come before file N+1's in the
+  artifact whatever the number of workers.
+- :func:`read_file` does what one file decides alone: records kept or dropped with their
+  reason (:mod:`tasks.text.warc`), a URL repeated inside the file. Kept pages are written
+  as ``part-NNNNN.parquet`` closing at the part size (rows, or bytes of body), drops as
+  ``dropped.parquet``, and every kept page is listed in ``pages.parquet`` (file, seq,
+  url, sha256 and size of the body, its part and position there, the place it was read) for what needs every file.
+- What needs every file is ingest's grouping (:mod:`tasks.text.warc_group`): a URL read
+  in an earlier file (``duplicate_url``: the first in file order wins, as one reader
+  would have done) and a body identical to the previous ingest's (``unchanged``). Only
+  files that lose pages that way are rewritten, by :func:`settle_part`: their parts
+  without those rows, their drops with those rows appended.
+- ``seq`` is a record's position in its file (drops included), so "first" means the same
+  thing on one worker or sixty-four.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.text.pages import Drop
+from tasks.text.warc import read_warc
+from tasks.text.warc_group import removal_folder
+
+PAGES = "pages.parquet"
+DROPPED = "dropped.parquet"
+SOURCE = "warc"
+
+PAGES_SCHEMA = pa.schema(
+    [
+        pa.field("file", pa.int32()),
+        pa.field("seq", pa.int64()),
+        pa.field("url", pa.string()),
+        pa.field("sha256", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("part", pa.int32()),
+        pa.field("pos", pa.int32()),
+        pa.field("place", pa.string()),
+    ]
+)
+
+
+def part_name(n: int) -> str:
+    return f"part-{n:05d}.parquet"
+
+
+class _Chunks:
+    """Kept pages written as parts that close at ``rows`` rows or once ``max_bytes`` of body is reached."""
+
+    def __init__(self, out: Path, schema: pa.Schema, rows: int, max_bytes: int):
+        self.out, self.schema, self.max_rows, self.max_bytes = out, schema, rows, max_bytes
+        self.rows: list[dict] = []
+        self.bytes = 0
+        self.counts: list[int] = []
+
+    def add(self, row: dict) -> tuple[int, int]:
+        """Buffer ``row``; returns its (part, row) position."""
+        where = (len(self.counts), len(self.rows))
+        self.rows.append(row)
+        self.bytes += len(row["body"])
+        if len(self.rows) >= self.max_rows or self.bytes >= self.max_bytes:
+            self.flush()
+        return where
+
+    def flush(self) -> None:
+        if self.rows:
+            table = pa.Table.from_pylist(self.rows, schema=self.schema)
+            pq.write_table(table, self.out / part_name(len(self.counts)), compression="zstd")
+            self.counts.append(len(self.rows))
+            self.rows, self.bytes = [], 0
+
+
+def _drop_row(make_doc_id, url: str, reason: str, detail: str, fetched_at: str, status: int | None) -> dict:
+    return {
+        "doc_id": make_doc_id(url),
+        "url": url,
+        "source": SOURCE,
+        "fetched_at": fetched_at,
+        "http_status": status,
+        "dropped_reason": reason,
+        "detail": detail,
+    }
+
+
+def read_file(
+    path: Path,
+    index: int,
+    out: Path,
+    *,
+    verify: bool,
+    max_record: int,
+    part_rows: int,
+    part_bytes: int,
+    raw_schema: pa.Schema,
+    dropped_schema: pa.Schema,
+    make_doc_id,
+) -> dict:
+    """Read WARC file number ``index`` at ``path`` into ``out`` (see the module docstring).
+
+    Returns ``funnel`` (documents in, kept, dropped by reason: words are counted from
+    extract on), ``parts`` (rows of each part), ``pages``, ``body_bytes`` and
+    ``first_drop`` ([url, detail] of the first record given up, or None).
+    """
+    chunks = _Chunks(out, raw_schema, part_rows, part_bytes)
+    pages: list[dict] = []
+    dropped: list[dict] = []
+    reasons: dict[str, int] = {}
+    body_bytes, first_drop = 0, None
+    for seq, item in enumerate(read_warc(path, verify, max_record)):
+        if isinstance(item, Drop):
+            reasons[item.reason] = reasons.get(item.reason, 0) + 1
+            first_drop = first_drop or [item.url, item.detail]
+            dropped.append(
+                _drop_row(make_doc_id, item.url, item.reason, item.detail, item.fetched_at, item.http_status)
+            )
+            continue
+        body_bytes += len(item.body)
+        chunk, row = chunks.add(
+            {
+                "doc_id": make_doc_id(item.url),
+                "url": item.url,
+                "source": SOURCE,
+                "fetched_at": item.fetched_at,
+                "http_status": item.http_status,
+                "content_type": item.content_type,
+                "charset": item.charset,
+                "body": item.body,
+            }
+        )
+        pages.append(
+            {
+                "file": index,
+                "seq": seq,
+                "url": item.url,
+                "sha256": hashlib.sha256(item.body).hexdigest(),
+                "size": len(item.body),
+                "part": chunk,
+                "pos": row,
+                "place": item.where or path.name,
+            }
+        )
+    chunks.flush()
+    pq.write_table(pa.Table.from_pylist(pages, schema=PAGES_SCHEMA), out / PAGES)
+    pq.write_table(pa.Table.from_pylist(dropped, schema=dropped_schema), out / DROPPED)
+    docs_in = len(pages) + len(dropped)
+    return {
+        "funnel": {
+            "docs_in": docs_in,
+            "words_in": 0,
+            "docs_out": len(pages),
+            "words_out": 0,
+            "dropped_docs": reasons,
+            "dropped_words": {},
+        },
+        "parts": chunks.counts,
+        "pages": len(pages),
+        "body_bytes": body_bytes,
+        "first_drop": first_drop,
+    }
+
+
+DETAILS = {
+    "duplicate_url": "{where}: URL already read in an earlier file",
+    "unchanged": "{where}: body identical to the previous ingest's",
+}
+
+
+def settle_part(part, out: Path, read_step: str, removals: str, dropped_schema: pa.Schema, make_doc_id) -> dict:
+    """File ``part``'s outputs of the read step (under ``read_step``) less the pages that the
+    grouping listed for it under ``removals`` (seq, part, pos, reason, place), into ``out``:
+    parts renumbered without empty ones (an untouched part is linked, not copied), the
+    removed pages appended to the drops in file order.
+
+    Returns ``parts`` (rows of each part) and ``dropped`` (rows of ``dropped.parquet``).
+    """
+    read_dir = Path(read_step) / f"{part.index:05d}"
+    by_chunk: dict[int, dict[int, dict]] = {}
+    for gone in pq.read_table(removal_folder(removals, part.index)).to_pylist():
+        by_chunk.setdefault(gone["part"], {})[gone["pos"]] = gone
+    counts: list[int] = []
+    new_drops: dict[int, dict] = {}  # seq -> drop row
+    n = 0
+    while (src := read_dir / part_name(n)).exists():
+        removed, dst = by_chunk.get(n, {}), out / part_name(len(counts))
+        if not removed:
+            _link(src, dst)
+            counts.append(pq.ParquetFile(src).metadata.num_rows)
+        else:
+            table = pq.read_table(src)
+            heads = table.select(["url", "fetched_at", "http_status"])
+            for row, gone in removed.items():
+                page = heads.slice(row, 1).to_pylist()[0]
+                detail = DETAILS[gone["reason"]].format(where=gone["place"])
+                new_drops[gone["seq"]] = _drop_row(
+                    make_doc_id, page["url"], gone["reason"], detail, page["fetched_at"], page["http_status"]
+                )
+            kept = table.filter(pa.array([i not in removed for i in range(table.num_rows)]))
+            if kept.num_rows:
+                pq.write_table(kept, dst, compression="zstd")
+                counts.append(kept.num_rows)
+        n += 1
+    added = pa.Table.from_pylist([new_drops[s] for s in sorted(new_drops)], schema=dropped_schema)
+    dropped = pa.concat_tables([pq.read_table(read_dir / DROPPED), added])
+    pq.write_table(dropped, out / DROPPED)
+    return {"parts": counts, "dropped": dropped.num_rows}
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

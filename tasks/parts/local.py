@@ -6,6 +6,7 @@ with a pipe and one part at a time, so when one dies the parent knows which part
 
 from __future__ import annotations
 
+import pickle
 import traceback
 from collections import deque
 from multiprocessing import get_context
@@ -28,8 +29,9 @@ def _serve(conn: Connection) -> None:
             conn.send(("ok", run_part(*job)))
         except Exception as e:  # sent back to the parent, which raises it naming the part
             try:
+                pickle.loads(pickle.dumps(e))  # one that pickles but cannot be rebuilt would break the parent
                 conn.send(("error", e, traceback.format_exc()))
-            except Exception:  # the exception does not pickle: its text does
+            except Exception:  # the exception does not travel: its text does
                 conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}"), traceback.format_exc()))
 
 

@@ -21,6 +21,9 @@ class SourceError(ValueError):
         super().__init__(f"{input}: {reason}")
         self.input, self.reason, self.hint = input, reason, hint
 
+    def __reduce__(self):  # raised in a worker process, re-raised in the parent: pickled with its fields
+        return SourceError, (self.input, self.reason, self.hint)
+
 
 @dataclass
 class Page:

@@ -15,6 +15,7 @@ file, seq, url, sha256, size, part, pos, place) and the previous ingest's ``vali
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -63,6 +64,7 @@ class PageGrouping:
             "SELECT file, reason, count(*) FROM verdict WHERE reason IS NOT NULL GROUP BY ALL ORDER BY ALL"
         ).fetchall():
             counts.setdefault(file, {})[reason] = n
+        shutil.rmtree(folder, ignore_errors=True)  # a killed run's: written again, whole
         if counts:
             self.con.execute(
                 f"COPY (SELECT file, seq, part, pos, reason, place FROM verdict WHERE reason IS NOT NULL) "

@@ -145,6 +145,16 @@ def test_a_part_per_warc_file_and_more_past_the_part_size(tmp_path):
         ingest.IngestConfig(kind="warc", warc={"paths": ["x"]}, part_size={"rows": 0})
 
 
+def test_an_unreadable_warc_file_fails_the_stage_naming_it(tmp_path):
+    many_warcs(tmp_path / "in")
+    (tmp_path / "in" / "e.warc").mkdir()  # matched by the glob, cannot be read as a file
+    cfg = ingest.IngestConfig(kind="warc", warc={"paths": [str(tmp_path / "in" / "*.warc")]})
+    store = Store(tmp_path / "store")
+    with pytest.raises(StageError, match=r"\[ingest\] e.warc \(.*/in/e.warc\): read failed: .*cannot open WARC file"):
+        ingest.run(store, cfg, execution=Execution(workers=2))
+    assert list((store.root / "ingest").iterdir()) == []
+
+
 def test_missing_or_unmatched_warc_input_names_it(tmp_path):
     with pytest.raises(StageError, match="nope.warc.gz: WARC file not found"):
         run_warc(tmp_path, str(tmp_path / "nope.warc.gz"))

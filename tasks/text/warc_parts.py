@@ -4,13 +4,14 @@ Design decisions:
 
 - A WARC ingest maps over its input files (:mod:`tasks.parts`), one file per step, so
   reading, decompressing and checking digests use every core (one process read every file
-  before, at about 80 MB/s of gzipped WARC). File N's parts come before file N+1's in the
+  before: 16 MB/s of gzipped WARC on the build machine, ``bench/scale.py``). File N's parts come before file N+1's in the
   artifact whatever the number of workers.
 - :func:`read_file` does what one file decides alone: records kept or dropped with their
   reason (:mod:`tasks.text.warc`), a URL repeated inside the file. Kept pages are written
   as ``part-NNNNN.parquet`` closing at the part size (rows, or bytes of body), drops as
   ``dropped.parquet``, and every kept page is listed in ``pages.parquet`` (file, seq,
-  url, sha256 and size of the body, its part and position there, the place it was read) for what needs every file.
+  url, sha256 and size of the body, its part and position there, the place it was read)
+  for what needs every file.
 - What needs every file is ingest's grouping (:mod:`tasks.text.warc_group`): a URL read
   in an earlier file (``duplicate_url``: the first in file order wins, as one reader
   would have done) and a body identical to the previous ingest's (``unchanged``). Only

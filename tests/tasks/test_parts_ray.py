@@ -127,4 +127,5 @@ def test_ingest_of_warc_files_on_ray_publishes_the_local_files(cluster, tmp_path
     local = ingest.run(Store(tmp_path / "local"), cfg, execution=Execution(workers=1))
     on_ray = ingest.run(Store(tmp_path / "ray"), cfg, execution=Execution(engine="ray", address=cluster))
     assert on_ray.key == local.key and on_ray.digest() == local.digest()
-    assert on_ray.meta["execution"]["nodes"] == 2 and on_ray.counters["dropped"]["duplicate_url"]["docs"] == 3
+    # Which nodes ran these tiny files is Ray's choice (one may finish all four): the engine, not the node count.
+    assert on_ray.meta["execution"]["engine"] == "ray" and on_ray.counters["dropped"]["duplicate_url"]["docs"] == 3

@@ -50,19 +50,18 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from storage.artifact import Manifest, PartBuffer, Store, read_table
 from storage.documents import Funnel, make_doc_id
-from tasks.inputs import InputFile, fingerprint, input_parts, read_warc_part, resolve_warcs
+from tasks.inputs import InputFile, file_parts, fingerprint, read_warc_part, resolve_warcs
 from tasks.parts.core import Execution
 from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
 from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, stage_logger
 from tasks.text.crawl import CrawlConfig, Crawler
 from tasks.text.files import FilesConfig, files_under, read_files
-from tasks.text.pages import Drop, Page, SourceError, Unchanged, Validator
+from tasks.text.pages import Drop, Page, SourceError, Unchanged, Validator, drop_row, page_row
 from tasks.text.settings import PartSize
 from tasks.text.warc import WarcConfig
 from tasks.text.warc_group import PageGrouping
@@ -262,34 +261,13 @@ def _ingest(
             funnel.dropped(item.reason)
             if first_drop is None and isinstance(item, Drop):
                 first_drop = item
-            dropped.add(
-                {
-                    "doc_id": make_doc_id(item.url),
-                    "url": item.url,
-                    "source": cfg.kind,
-                    "fetched_at": item.fetched_at,
-                    "http_status": item.http_status,
-                    "dropped_reason": item.reason,
-                    "detail": item.detail,
-                }
-            )
+            dropped.add(drop_row(item, make_doc_id(item.url), cfg.kind))
             if isinstance(item, Unchanged):
                 validators[item.url] = item.validator
         else:
             funnel.kept("")
             body_bytes += len(item.body)
-            kept.add(
-                {
-                    "doc_id": make_doc_id(item.url),
-                    "url": item.url,
-                    "source": cfg.kind,
-                    "fetched_at": item.fetched_at,
-                    "http_status": item.http_status,
-                    "content_type": item.content_type,
-                    "charset": item.charset,
-                    "body": item.body,
-                }
-            )
+            kept.add(page_row(item, make_doc_id(item.url), cfg.kind))
         if funnel.docs_in % 1000 == 0:
             log.info("%d pages attempted, %d kept", funnel.docs_in, funnel.docs_out)
         if total:
@@ -349,7 +327,7 @@ def _ingest_warcs(
     (:mod:`tasks.text.warc_group`); returns the meta it recorded (plus ``what``)."""
     files = resolve_warcs(cfg.warc.paths)
     what = f"{len(files)} WARC file(s)"
-    parts = input_parts(files)
+    parts = file_parts(files)
     with PartMap(STAGE.name, work, execution=execution, log=log, progress=progress) as pm:
         read = pm.map("read", read_warc_part, parts, cfg.warc, cfg.part_size, RAW_SCHEMA, DROPPED_SCHEMA)
         for result in read:
@@ -406,9 +384,8 @@ def _add_outputs(w, outputs: list[tuple[Path, dict]]) -> None:
         for i, rows in enumerate(result["parts"]):
             w.add_file(folder / part_name(i), f"part-{n_part:05d}.parquet", rows)
             n_part += 1
-        dropped = pq.ParquetFile(folder / DROPPED).metadata.num_rows
-        if dropped:
-            w.add_file(folder / DROPPED, f"dropped-{n_dropped:05d}.parquet", dropped)
+        if result["dropped"]:
+            w.add_file(folder / DROPPED, f"dropped-{n_dropped:05d}.parquet", result["dropped"])
             n_dropped += 1
 
 

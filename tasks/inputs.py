@@ -7,7 +7,7 @@ Design decisions:
   it, as for a local glob.
 - An input's fingerprint (part of the ingest key) is its name, size and modification
   time, local or remote alike, so a changed object gives a new key without reading it.
-- A WARC ingest maps over its input files, one part each (:func:`input_parts`,
+- A WARC ingest maps over its input files, one part each (:func:`file_parts`,
   :func:`read_warc_part`). A remote file is downloaded by the worker that reads it, just
   before, and removed just after: the WARC reader wants a local file (it maps it into
   memory), and a crawl of thousands of files never needs more than one per worker on disk.
@@ -73,7 +73,7 @@ def fingerprint(files: list[InputFile]) -> str:
     return h.hexdigest() if files else ""
 
 
-def input_parts(files: list[InputFile]) -> list[Part]:
+def file_parts(files: list[InputFile]) -> list[Part]:
     """One part per input file, in order: what a WARC ingest maps over."""
     return [Part(i, Path(f.name).name, f.name, 0, 0) for i, f in enumerate(files)]
 

@@ -76,3 +76,30 @@ def iso_time(ts: float | _dt.datetime) -> str:
     """A POSIX time or a datetime as ISO 8601 UTC, to the second."""
     when = ts if isinstance(ts, _dt.datetime) else _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
     return when.astimezone(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def page_row(page: Page, doc_id: str, source: str) -> dict:
+    """A kept page as a row of an ingest artifact's ``part-*`` (its undecoded body included)."""
+    return {
+        "doc_id": doc_id,
+        "url": page.url,
+        "source": source,
+        "fetched_at": page.fetched_at,
+        "http_status": page.http_status,
+        "content_type": page.content_type,
+        "charset": page.charset,
+        "body": page.body,
+    }
+
+
+def drop_row(drop: Drop | Unchanged, doc_id: str, source: str) -> dict:
+    """A page given up, or unchanged, as a row of an ingest artifact's ``dropped-*``."""
+    return {
+        "doc_id": doc_id,
+        "url": drop.url,
+        "source": source,
+        "fetched_at": drop.fetched_at,
+        "http_status": drop.http_status,
+        "dropped_reason": drop.reason,
+        "detail": drop.detail,
+    }

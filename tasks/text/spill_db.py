@@ -16,7 +16,7 @@ import duckdb
 
 
 class SpillingDuckDB:
-    """``with SpillingDuckDB(work, memory_mb=..., threads=...) as con:`` a connection to a fresh database under ``work``."""
+    """A connection (``.con``) to a fresh database under ``work``; :meth:`close` removes it and its spill."""
 
     def __init__(self, work: Path, *, memory_mb: int, threads: int, name: str = "group.duckdb"):
         self.work, self.name = Path(work), name
@@ -37,15 +37,9 @@ class SpillingDuckDB:
             (self.work / name).unlink(missing_ok=True)
         shutil.rmtree(self.work / "spill", ignore_errors=True)
 
-    def __enter__(self) -> duckdb.DuckDBPyConnection:
-        return self.con
-
     def close(self) -> None:
         self.con.close()
         self._clean()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def sql_path(path: Path) -> str:

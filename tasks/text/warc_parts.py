@@ -31,7 +31,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.text.pages import Drop
+from tasks.text.pages import Drop, drop_row, page_row
+from tasks.text.tally import part_funnel
 from tasks.text.warc import read_warc
 from tasks.text.warc_group import removal_folder
 
@@ -83,18 +84,6 @@ class _Chunks:
             self.rows, self.bytes = [], 0
 
 
-def _drop_row(make_doc_id, url: str, reason: str, detail: str, fetched_at: str, status: int | None) -> dict:
-    return {
-        "doc_id": make_doc_id(url),
-        "url": url,
-        "source": SOURCE,
-        "fetched_at": fetched_at,
-        "http_status": status,
-        "dropped_reason": reason,
-        "detail": detail,
-    }
-
-
 def read_file(
     path: Path,
     index: int,
@@ -111,35 +100,22 @@ def read_file(
     """Read WARC file number ``index`` at ``path`` into ``out`` (see the module docstring).
 
     Returns ``funnel`` (documents in, kept, dropped by reason: words are counted from
-    extract on), ``parts`` (rows of each part), ``pages``, ``body_bytes`` and
-    ``first_drop`` ([url, detail] of the first record given up, or None).
+    extract on), ``parts`` (rows of each part), ``dropped`` (rows of ``dropped.parquet``)
+    and ``first_drop`` ([url, detail] of the first record given up, or None).
     """
     chunks = _Chunks(out, raw_schema, part_rows, part_bytes)
     pages: list[dict] = []
     dropped: list[dict] = []
-    reasons: dict[str, int] = {}
-    body_bytes, first_drop = 0, None
+    reasons: list[str | None] = []  # per record: None kept, else why not
+    first_drop = None
     for seq, item in enumerate(read_warc(path, verify, max_record)):
         if isinstance(item, Drop):
-            reasons[item.reason] = reasons.get(item.reason, 0) + 1
+            reasons.append(item.reason)
             first_drop = first_drop or [item.url, item.detail]
-            dropped.append(
-                _drop_row(make_doc_id, item.url, item.reason, item.detail, item.fetched_at, item.http_status)
-            )
+            dropped.append(drop_row(item, make_doc_id(item.url), SOURCE))
             continue
-        body_bytes += len(item.body)
-        chunk, row = chunks.add(
-            {
-                "doc_id": make_doc_id(item.url),
-                "url": item.url,
-                "source": SOURCE,
-                "fetched_at": item.fetched_at,
-                "http_status": item.http_status,
-                "content_type": item.content_type,
-                "charset": item.charset,
-                "body": item.body,
-            }
-        )
+        reasons.append(None)
+        chunk, row = chunks.add(page_row(item, make_doc_id(item.url), SOURCE))
         pages.append(
             {
                 "file": index,
@@ -155,19 +131,10 @@ def read_file(
     chunks.flush()
     pq.write_table(pa.Table.from_pylist(pages, schema=PAGES_SCHEMA), out / PAGES)
     pq.write_table(pa.Table.from_pylist(dropped, schema=dropped_schema), out / DROPPED)
-    docs_in = len(pages) + len(dropped)
     return {
-        "funnel": {
-            "docs_in": docs_in,
-            "words_in": 0,
-            "docs_out": len(pages),
-            "words_out": 0,
-            "dropped_docs": reasons,
-            "dropped_words": {},
-        },
+        "funnel": part_funnel([None] * len(reasons), reasons),
         "parts": chunks.counts,
-        "pages": len(pages),
-        "body_bytes": body_bytes,
+        "dropped": len(dropped),
         "first_drop": first_drop,
     }
 
@@ -204,9 +171,8 @@ def settle_part(part, out: Path, read_step: str, removals: str, dropped_schema: 
             for row, gone in removed.items():
                 page = heads.slice(row, 1).to_pylist()[0]
                 detail = DETAILS[gone["reason"]].format(where=gone["place"])
-                new_drops[gone["seq"]] = _drop_row(
-                    make_doc_id, page["url"], gone["reason"], detail, page["fetched_at"], page["http_status"]
-                )
+                drop = Drop(page["url"], gone["reason"], detail, page["fetched_at"], page["http_status"])
+                new_drops[gone["seq"]] = drop_row(drop, make_doc_id(drop.url), SOURCE)
             kept = table.filter(pa.array([i not in removed for i in range(table.num_rows)]))
             if kept.num_rows:
                 pq.write_table(kept, dst, compression="zstd")

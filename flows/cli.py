@@ -283,11 +283,11 @@ def _promoted_resolver(args: argparse.Namespace):
     if not args.store:
         raise ValueError("--promoted needs --store (the store the deploy flow promotes in)")
     store = Store(args.store)
-    if not store.root.is_dir():
+    if store.remote is None and not store.root.is_dir():
         raise FileNotFoundError(f"no store at {store.root}")
     target = args.target
     if target is None:
-        targets = sorted(p.name for p in (store.root / promotions.DEPLOY_DIR).glob("*") if p.is_dir())
+        targets = promotions.targets(store)
         if len(targets) != 1:
             raise ValueError(
                 f"the store has deploy targets {targets or 'none'}: name one with --target"
@@ -299,8 +299,13 @@ def _promoted_resolver(args: argparse.Namespace):
 
     def resolve():
         pointer = promotions.current(store, target)
-        # The export's directory under this store's root as this host sees it (the store may be mounted elsewhere).
-        return (pointer["export"], store.artifact_dir(*pointer["export"].split("/", 1))) if pointer else None
+        if pointer is None:
+            return None
+        # The export's directory as this host sees it: under its mount of the store, or
+        # fetched from the bucket into this machine's copy.
+        stage, key = pointer["export"].split("/", 1)
+        manifest = store.load(stage, key) if store.remote is not None else None
+        return pointer["export"], manifest.dir if manifest is not None else store.artifact_dir(stage, key)
 
     return resolve, target
 

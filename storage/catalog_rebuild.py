@@ -10,7 +10,7 @@ lost or damaged, or to check that it says what the store says, this recreates al
   artifacts); on an object store, every artifact in the bucket too, fetched to this
   machine (a new machine's catalog is one rebuild away);
 - ``documents`` and ``token_shards``: every shards artifact whose index files are there;
-- ``promotions``: every deploy target's ledger under ``<store>/_deploy/``.
+- ``promotions``: every deploy target's ledger under ``<store>/_deploy/`` (and in the bucket).
 
 Design decisions:
 
@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from storage.artifact import ArtifactError, Manifest, Store
 from storage.catalog import TABLES, Catalog, CatalogBusy, CatalogError
-from storage.promotions import DEPLOY_DIR, PromotionError, ledger
+from storage.promotions import PromotionError, ledger, targets
 
 log = logging.getLogger("lmforge.catalog")
 
@@ -104,8 +104,7 @@ def rebuild_catalog(store: Store) -> Rebuilt:
         raise CatalogError(f"no store at {store.root}")
     out = Rebuilt()
     manifests = published(store, out.skipped)
-    deploy = store.root / DEPLOY_DIR
-    targets = sorted(p.name for p in deploy.iterdir() if p.is_dir()) if deploy.is_dir() else []
+    deploy_targets = targets(store)
     with _open(store.catalog_path, out) as cat, cat.transaction():
         for table in TABLES:
             cat.con.execute(f"DELETE FROM {table}")
@@ -121,7 +120,7 @@ def rebuild_catalog(store: Store) -> Rebuilt:
                 continue
             out.documents += cat.index_documents(m)
             out.datasets += 1
-        for target in targets:
+        for target in deploy_targets:
             try:
                 decisions = [d.to_dict() for d in ledger(store, target)]
             except PromotionError as e:

@@ -18,11 +18,12 @@ Design decisions:
 - The connection comes from the standard AWS settings (``AWS_ACCESS_KEY_ID``,
   ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``
   for MinIO, Ceph, moto or any other S3-compatible server), never from the profile: a
-  profile names a place, not a secret. pyarrow's own S3 client does the transfers (no
-  extra dependency).
+  profile names a place, not a secret. pyarrow's own S3 client does the transfers; boto3
+  sends the one request pyarrow cannot, a conditional create (:meth:`ObjectStore.put_new`),
+  which the deploy ledger (:mod:`storage.promotions`) takes its sequence numbers with.
 - What stays on the machine: ``_work`` (scratch, checkpoints of a running stage), the
   lock files, the DuckDB catalog (an index; ``lmforge catalog rebuild`` recreates it from
-  the bucket) and Prefect's records.
+  the bucket) and Prefect's records. Deploy decisions go to the bucket as well.
 
 Standard library at import time: the profile code asks :func:`is_object_store` before any
 heavy import; pyarrow is imported on first use.
@@ -121,8 +122,11 @@ class ObjectStore:
             self._fs = pafs.S3FileSystem(**options)
         return self._fs
 
+    def _key(self, rel: str) -> str:
+        return "/".join(p for p in (self.prefix, rel) if p)
+
     def _path(self, rel: str) -> str:
-        return "/".join(p for p in (self.bucket, self.prefix, rel) if p)
+        return f"{self.bucket}/{self._key(rel)}".rstrip("/")
 
     def _fail(self, what: str, rel: str, e: Exception) -> ObjectStoreError:
         return ObjectStoreError(f"object store {self.url}: cannot {what} {rel or '(the store)'}: {e}")
@@ -171,15 +175,50 @@ class ObjectStore:
         except OSError as e:
             raise self._fail("upload", rel, e) from None
 
+    def put_new(self, data: bytes, rel: str) -> bool:
+        """Create the object ``rel`` only if it does not exist yet; False when it does (left as it was).
+
+        S3's conditional write (``If-None-Match: *``): of two machines creating one key at
+        once, exactly one succeeds, which an exists-then-put cannot promise. It goes through
+        boto3, since pyarrow's client does not send the condition.
+        """
+        client = self._boto3()
+        try:
+            client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, IfNoneMatch="*")
+        except Exception as e:  # botocore's ClientError, or a connection error
+            code = getattr(e, "response", {}).get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise self._fail("create", rel, e) from None
+        return True
+
+    def _boto3(self):
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as e:
+            raise ObjectStoreError(f"object store {self.url}: boto3 is needed for a conditional write ({e})") from None
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        config = Config(connect_timeout=10, read_timeout=120, retries={"max_attempts": 4, "mode": "standard"})
+        return boto3.client("s3", endpoint_url=endpoint() or None, region_name=region, config=config)
+
+    def list_files(self, rel: str) -> list[str]:
+        """The names of the objects directly under ``rel`` (empty when there are none)."""
+        return self._list(rel, directories=False)
+
     def list_dirs(self, rel: str = "") -> list[str]:
         """The names of the "folders" directly under ``rel`` (empty when there are none)."""
+        return self._list(rel, directories=True)
+
+    def _list(self, rel: str, directories: bool) -> list[str]:
         from pyarrow import fs as pafs
 
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel), allow_not_found=True))
         except OSError as e:
             raise self._fail("list", rel, e) from None
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        kind = pafs.FileType.Directory if directories else pafs.FileType.File
+        return sorted(i.base_name for i in infos if i.type == kind)
 
 
 _MAGIC = re.compile(r"[*?\[]")

@@ -19,6 +19,15 @@ Design decisions:
 - Each ledger file is written to a temporary name, fsynced, and linked to its final name
   without replacing: a crash leaves the ledger as it was, and two writers cannot take one
   sequence number.
+- In an ``s3://`` store the bucket holds the ledger, under the same names: machines that
+  deploy to one target share no file system, so no file lock spans them. An entry is
+  created there first, with a conditional write (:meth:`storage.object_store.ObjectStore.put_new`)
+  that fails when the number is taken, then copied into the machine's local copy; a
+  reader first copies the entries it lacks (they never change, so the copy is a cache).
+  Two machines deciding at once: one takes the number, the other gets a PromotionError
+  (deploy again) instead of overwriting it. ``current.json`` is uploaded after every
+  decision, and :func:`current` reads the bucket's, so ``lmforge serve --promoted`` on any
+  machine follows what any machine promoted.
 - Nothing here imports torch or Prefect; the entries name artifacts by ref.
 """
 
@@ -40,6 +49,7 @@ from storage.atomic import exclusive, fsync_dir, fsync_file
 DEPLOY_DIR = "_deploy"
 TARGET_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ACTIONS = ("promote", "refuse", "rollback")
+_ENTRY = re.compile(r"[0-9]{6,}\.json")
 
 
 class PromotionError(RuntimeError):
@@ -85,9 +95,24 @@ def target_dir(store: Store, target: str) -> Path:
     return store.root / DEPLOY_DIR / check_target(target)
 
 
+def targets(store: Store) -> list[str]:
+    """The deploy targets that have a ledger in ``store`` (here, or in its bucket)."""
+    local = store.root / DEPLOY_DIR
+    found = {p.name for p in local.iterdir() if p.is_dir()} if local.is_dir() else set()
+    if store.remote is not None:
+        found.update(store.remote.list_dirs(DEPLOY_DIR))
+    return sorted(t for t in found if TARGET_PATTERN.match(t))
+
+
+def _remote(target: str, name: str) -> str:
+    """Where ``name`` (``ledger/000001.json``, ``current.json``) of ``target`` is in a store's bucket."""
+    return f"{DEPLOY_DIR}/{target}/{name}"
+
+
 @contextmanager
 def decision_lock(store: Store, target: str) -> Iterator[None]:
-    """Hold the target's lock: one deploy decision at a time, across processes and hosts."""
+    """Hold the target's lock: one deploy decision at a time, across processes and the hosts
+    that share the store's file system (an ``s3://`` store's hosts: see the module docstring)."""
     with exclusive(store.lock_path("deploy", check_target(target))):
         yield
 
@@ -95,6 +120,8 @@ def decision_lock(store: Store, target: str) -> Iterator[None]:
 def ledger(store: Store, target: str) -> list[Decision]:
     """Every decision of ``target``, oldest first (empty when nothing was ever deployed)."""
     folder = target_dir(store, target) / "ledger"
+    if store.remote is not None:
+        _copy_new_entries(store, target, folder)
     if not folder.is_dir():
         return []
     out = []
@@ -104,6 +131,33 @@ def ledger(store: Store, target: str) -> list[Decision]:
         except (ValueError, TypeError) as e:
             raise PromotionError(f"deploy ledger entry {path} is unreadable: {e}") from None
     return out
+
+
+def _copy_new_entries(store: Store, target: str, folder: Path) -> None:
+    """Copy the bucket's ledger entries that this machine's copy lacks (entries never change)."""
+    names = [n for n in store.remote.list_files(_remote(target, "ledger")) if _ENTRY.fullmatch(n)]
+    missing = [n for n in names if not (folder / n).exists()]
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+    for name in missing:
+        data = store.remote.read_bytes(_remote(target, f"ledger/{name}"))
+        if data is not None:
+            _write_new(folder, name, data)
+
+
+def _write_new(folder: Path, name: str, data: bytes) -> bool:
+    """Write ``folder/name`` durably unless it exists (False then); never a half-written file."""
+    tmp = folder / f".tmp-{uuid.uuid4().hex}"
+    tmp.write_bytes(data)
+    fsync_file(tmp)
+    try:
+        os.link(tmp, folder / name)  # never replaces: a taken number is an error, not an overwrite
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(folder)
+    return True
 
 
 def history(decisions: list[Decision]) -> list[str]:
@@ -181,18 +235,14 @@ def _append(store, target, decisions, action, export, previous, serving, reason,
         decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         run=run,
     )
-    tmp = folder / f".tmp-{uuid.uuid4().hex}"
-    tmp.write_text(json.dumps(entry.to_dict(), indent=2, sort_keys=True))
-    fsync_file(tmp)
-    try:
-        os.link(tmp, folder / f"{seq:06d}.json")  # never replaces: a taken number is an error, not an overwrite
-    except FileExistsError:
-        raise PromotionError(
-            f"deploy target {target!r}: decision {seq} was written by someone else meanwhile; deploy again"
-        ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(folder)
+    name, data = f"{seq:06d}.json", json.dumps(entry.to_dict(), indent=2, sort_keys=True).encode()
+    taken = PromotionError(
+        f"deploy target {target!r}: decision {seq} was written by someone else meanwhile; deploy again"
+    )
+    if store.remote is not None and not store.remote.put_new(data, _remote(target, f"ledger/{name}")):
+        raise taken  # another machine decided in between: the bucket keeps its decision
+    if not _write_new(folder, name, data) and store.remote is None:
+        raise taken
     write_current(store, target, entry)
     return entry
 
@@ -207,17 +257,26 @@ def write_current(store: Store, target: str, entry: Decision) -> None:
     fsync_file(tmp)
     os.replace(tmp, folder / "current.json")
     fsync_dir(folder)
+    if store.remote is not None:
+        store.remote.put_bytes(json.dumps(pointer, indent=2).encode(), _remote(target, "current.json"))
 
 
 def current(store: Store, target: str) -> dict[str, Any] | None:
     """What ``current.json`` says is promoted (``export``, ``seq``), or None when nothing is."""
     path = target_dir(store, target) / "current.json"
     try:
-        pointer = json.loads(path.read_text())
+        if store.remote is not None:  # what any machine promoted last, not what this one saw
+            raw = store.remote.read_bytes(_remote(target, "current.json"))
+            if raw is None:
+                return None
+            where = f"{store.remote.url}/{_remote(target, 'current.json')}"
+        else:
+            raw, where = path.read_bytes(), str(path)
+        pointer = json.loads(raw)
     except FileNotFoundError:
         return None
     except ValueError as e:
-        raise PromotionError(f"{path} is unreadable: {e}") from None
+        raise PromotionError(f"{where} is unreadable: {e}") from None
     return pointer if pointer.get("export") else None
 
 

@@ -105,7 +105,7 @@ CHAIN = (
     ),
     Link("augment", augment.task, {"docs": "filter"}, split=True),
     Link("tokenizer", tokenizer.task, {"docs": "augment"}, split=True),
-    Link("shards", shards.task, {"docs": "augment", "tokenizer": "tokenizer"}, split=True),
+    Link("shards", shards.task, {"docs": "augment", "tokenizer": "tokenizer"}, split=True, parts=True),
 )
 """The data stages, in order: adding one is one line here."""
 

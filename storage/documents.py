@@ -81,14 +81,23 @@ def iter_with_splits(
     An augmented document (non-null ``augmented_from``) takes its source's split, so a
     paraphrase never sits on the other side of the split from its original.
     """
-    names = columns_of(docs)
-    extra = [c for c in ("augmented_from", "url") if c in names]
-    read = list(dict.fromkeys([*columns, "doc_id", *extra]))
-    for batch in iter_batches(docs, batch_size=batch_size, columns=read):
-        ids = batch.column("doc_id").to_pylist()
-        sources = batch.column("augmented_from").to_pylist() if "augmented_from" in extra else [None] * len(ids)
-        urls = batch.column("url").to_pylist() if "url" in extra else [None] * len(ids)
-        yield batch, [split_of(src or doc_id, split, url) for src, doc_id, url in zip(sources, ids, urls)]
+    for batch in iter_batches(docs, batch_size=batch_size, columns=split_columns(docs, columns)):
+        yield batch, batch_splits(batch, split)
+
+
+def split_columns(docs: Manifest, columns: list[str]) -> list[str]:
+    """``columns`` and those :func:`batch_splits` reads, that ``docs`` has."""
+    extra = [c for c in ("augmented_from", "url") if c in columns_of(docs)]
+    return list(dict.fromkeys([*columns, "doc_id", *extra]))
+
+
+def batch_splits(batch: pa.RecordBatch, split: SplitConfig) -> list[str]:
+    """Each row's split (read with :func:`split_columns`' columns): see :func:`iter_with_splits`."""
+    names = batch.schema.names
+    ids = batch.column("doc_id").to_pylist()
+    sources = batch.column("augmented_from").to_pylist() if "augmented_from" in names else [None] * len(ids)
+    urls = batch.column("url").to_pylist() if "url" in names else [None] * len(ids)
+    return [split_of(src or doc_id, split, url) for src, doc_id, url in zip(sources, ids, urls)]
 
 
 class Funnel:

@@ -96,18 +96,21 @@ class TokenShardWriter:
         """Append documents (token ids without EOT); return (shard, start, n_tokens) for each."""
         if not docs:
             return []
-        lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
+        return self.add_flat(*flatten(docs, self.eot_id, self.vocab_size))
+
+    def add_flat(self, flat: np.ndarray, lengths: np.ndarray) -> list[tuple[str, int, int]]:
+        """Append documents already laid out as :func:`flatten` does (each ending with EOT,
+        ``lengths`` counting it): what a worker encoded ahead, copied without a Python loop per token."""
+        if not len(lengths):
+            return []
+        lengths = np.asarray(lengths, dtype=np.int64)
         ends = np.cumsum(lengths)
-        flat = np.fromiter(
-            chain.from_iterable(chain(d, (self.eot_id,)) for d in docs), dtype=np.int64, count=int(ends[-1])
-        )
-        if flat.min() < 0 or flat.max() >= self.vocab_size:
-            bad = int(flat[(flat < 0) | (flat >= self.vocab_size)][0])
-            raise ValueError(f"token id {bad} is outside the vocabulary of {self.vocab_size} ids")
-        flat = flat.astype(self.dtype)
+        if int(ends[-1]) != len(flat):
+            raise ValueError(f"{len(flat)} token ids for documents of {int(ends[-1])} tokens in all")
+        flat = np.asarray(flat).astype(self.dtype, copy=False)
         placed: list[tuple[str, int, int]] = []
         i = 0
-        while i < len(docs):
+        while i < len(lengths):
             base = int(ends[i - 1]) if i else 0
             room = max(self.max_tokens - self._tokens, 0)
             j = int(np.searchsorted(ends, base + room, side="right"))
@@ -148,6 +151,17 @@ class TokenShardWriter:
         offsets.tofile(self.directory / idx_name)
         self.shards.append(ShardInfo(self.split, bin_name, idx_name, len(lengths), int(offsets[-1])))
         self._tokens = 0
+
+
+def flatten(docs: Sequence[Sequence[int]], eot_id: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' ids back to back, each followed by ``eot_id``, in :func:`token_dtype`, and each
+    document's length with its EOT; ValueError naming an id outside the vocabulary."""
+    lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
+    flat = np.fromiter(chain.from_iterable(chain(d, (eot_id,)) for d in docs), dtype=np.int64, count=int(lengths.sum()))
+    if len(flat) and (flat.min() < 0 or flat.max() >= vocab_size):
+        bad = int(flat[(flat < 0) | (flat >= vocab_size)][0])
+        raise ValueError(f"token id {bad} is outside the vocabulary of {vocab_size} ids")
+    return flat.astype(token_dtype(vocab_size)), lengths
 
 
 def _map(path: Path, dtype: np.dtype) -> np.ndarray:

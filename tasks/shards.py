@@ -17,7 +17,12 @@ Design decisions:
   random offsets, so shards need no shuffle and a rebuild is byte-identical.
 - A literal ``<|endoftext|>`` in web text is encoded as text (:func:`load_tokenizer`):
   only the id appended after each document marks a document end.
-- Encoding goes through ``encode_batch_fast`` (Rust, all cores, no offsets computed).
+- Encoding maps over the input's parts (:mod:`tasks.parts`: every core, or a Ray
+  cluster): :func:`encode_part` tokenizes one part with ``encode_batch_fast`` (Rust, no
+  offsets computed) into one flat token file per split and the part's index rows. The
+  driver then copies the parts' tokens into the shards in artifact order, so shard
+  boundaries, offsets and the index are the same bytes whatever the number of workers or
+  the engine (tested), and a killed worker costs one part.
 - An empty train split, or an empty validation split beside a non-empty train split,
   is a StageError: pretraining or evaluation would have nothing to read. A language
   with train documents and no validation document is a warning, listed in the meta
@@ -45,22 +50,28 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from storage.artifact import ArtifactWriter, Manifest, PartBuffer, Store, iter_batches, read_table
 from storage.catalog import DOCUMENT_INDEX
-from storage.documents import Funnel, SplitConfig, iter_with_splits
+from storage.documents import Funnel, SplitConfig, batch_splits, split_columns
 from storage.tokens import DEFAULT_MAX_TOKENS, TokenShard, TokenShardWriter, shard_names, token_dtype
+from tasks.parts.core import Execution, input_parts
+from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
-from tasks.stage import Stage, StageConfig, StageError, require_columns, stage_logger
-from tasks.tokenizer import NO_DOCS_HINT, load_tokenizer
+from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, require_columns, stage_logger
+from tasks.text import encode_parts
+from tasks.tokenizer import NO_DOCS_HINT, TOKENIZER_FILE, load_tokenizer
 
 STAGE = Stage("shards", __name__)
-SPLITS = ("train", "val")
+SPLITS = encode_parts.SPLITS
 INDEX_ROWS = 20_000
 log = stage_logger(STAGE.name)
 METADATA = ["url", "source", "lang", "lang_score", "signals", "cluster_id", "augmented_from"]
@@ -83,61 +94,39 @@ def _as_json(value) -> str | None:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _metadata(batch: pa.RecordBatch, name: str, keep: pa.Array) -> pa.Array:
-    """One metadata column of the kept rows in the index's type (nulls when absent)."""
-    n = pc.sum(keep).as_py() or 0
+def _metadata(table: pa.Table, name: str) -> pa.Array:
+    """One metadata column in the index's type (nulls when absent)."""
     typ = DOCUMENT_INDEX.field(name).type
-    if name not in batch.schema.names:
-        return pa.nulls(n, typ)
-    col = batch.column(name).filter(keep)
+    if name not in table.schema.names:
+        return pa.nulls(table.num_rows, typ)
+    col = table[name].combine_chunks()
     if name == "signals" and not pa.types.is_string(col.type):
         return pa.array([_as_json(v) for v in col.to_pylist(maps_as_pydicts="lossy")], typ)
     return col.cast(typ)
 
 
-def _triage(batch: pa.RecordBatch, splits: list[str], funnel: Funnel) -> list[bool]:
-    """Which rows to tokenize; the others are counted in the funnel with their reason."""
-    texts = batch.column("text").to_pylist()
-    names = batch.schema.names
-    sources = batch.column("augmented_from").to_pylist() if "augmented_from" in names else [None] * len(texts)
-    keep = []
-    for text, s, src in zip(texts, splits, sources):
-        funnel.seen(text)
-        reason = "empty_text" if not text else "augmented_from_val" if src and s == "val" else None
-        if reason:
-            funnel.dropped(reason, text)
-        else:
-            funnel.kept(text)
-        keep.append(reason is None)
-    return keep
-
-
-def _encode(
-    tok, writers: dict[str, TokenShardWriter], texts: list[str], splits: list[str]
-) -> list[tuple[str, int, int]]:
-    """Tokenize texts and append each to its split's shards; (shard, start, n_tokens) per text."""
-    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
-    placed: list = [None] * len(texts)
-    for s, writer in writers.items():
-        rows = [i for i, split in enumerate(splits) if split == s]
-        for i, where in zip(rows, writer.add([encodings[i].ids for i in rows])):
-            placed[i] = where
-    return placed
-
-
-def _index_table(
-    batch: pa.RecordBatch, keep: pa.Array, splits: list[str], placed: list[tuple[str, int, int]]
-) -> pa.Table:
-    shard, start, n_tokens = zip(*placed)
+def _place(part_dir: Path, writers: dict[str, TokenShardWriter], dtype: np.dtype) -> pa.Table:
+    """Copy one encoded part's tokens into the shards (:mod:`tasks.text.encode_parts` wrote
+    them); the part's index rows, with the shard and start of each document."""
+    kept = pq.read_table(part_dir / encode_parts.KEPT)
+    splits = kept["split"].to_numpy(zero_copy_only=False)
+    lengths = kept["n_tokens"].to_numpy()
+    shard, start = np.empty(kept.num_rows, dtype=object), np.zeros(kept.num_rows, dtype=np.int64)
+    for s in SPLITS:
+        rows = np.flatnonzero(splits == s)
+        if len(rows):
+            flat = np.fromfile(part_dir / encode_parts.tokens_file(s), dtype=dtype)
+            names, starts, _ = zip(*writers[s].add_flat(flat, lengths[rows]))
+            shard[rows], start[rows] = names, starts
     return pa.table(
-        {"doc_id": batch.column("doc_id").filter(keep).cast(pa.string())}
-        | {c: _metadata(batch, c, keep) for c in METADATA}
+        {"doc_id": kept["doc_id"].cast(pa.string())}
+        | {c: _metadata(kept, c) for c in METADATA}
         | {
-            "split": pa.array(splits, pa.string()),
-            "shard": pa.array(shard, pa.string()),
+            "split": kept["split"],
+            "shard": pa.array(shard.tolist(), pa.string()),
             "start": pa.array(start, pa.int64()),
-            "n_tokens": pa.array(n_tokens, pa.int64()),
-            "n_bytes": pc.binary_length(batch.column("text").filter(keep)).cast(pa.int64()),
+            "n_tokens": kept["n_tokens"],
+            "n_bytes": kept["n_bytes"],
         },
         schema=DOCUMENT_INDEX,
     )
@@ -253,11 +242,14 @@ def run(
     tokenizer: Manifest,
     split: SplitConfig,
     previous: Manifest | None = None,
+    execution: Execution | None = None,
+    progress: Progress = no_progress,
 ) -> Manifest:
     """Tokenize ``docs`` with ``tokenizer`` into train/val token shards with their document index.
 
     With ``previous`` (a dataset version made with the same tokenizer), the result is a
     new version: the previous documents that ``docs`` do not replace, plus ``docs``.
+    ``execution`` sets the workers that encode the parts; the artifact is the same whatever it says.
     """
     b = STAGE.begin(store, cfg, docs=docs, tokenizer=tokenizer, split=split, previous=previous)
     if b.done:
@@ -267,11 +259,19 @@ def run(
     columns = require_columns(
         STAGE.name, docs, ["doc_id", "text"], upstream="a text stage (filter or augment)", empty_hint=NO_DOCS_HINT
     )
-    tok = load_tokenizer(tokenizer)
-    eot_id, vocab_size = int(tokenizer.meta["eot_id"]), tok.get_vocab_size()
+    eot_id, vocab_size = int(tokenizer.meta["eot_id"]), load_tokenizer(tokenizer).get_vocab_size()
     funnel = Funnel()
     totals = {k: dict.fromkeys(SPLITS, 0) for k in ("docs", "tokens", "bytes")} | {"languages": {}}
-    with STAGE.writer(store, b) as w:
+    parts = input_parts(docs)
+    read = split_columns(docs, ["doc_id", "text", *(c for c in METADATA if c in columns)])
+    work = store.work_dir(STAGE.name, b.key)
+    with (
+        PartMap(STAGE.name, work, execution=execution or Execution(), log=log, progress=progress) as pm,
+        STAGE.writer(store, b) as w,
+    ):
+        dtype = token_dtype(vocab_size)
+        steps = (str(tokenizer.path(TOKENIZER_FILE)), eot_id, dtype.str, partial(batch_splits, split=split), read)
+        results = pm.map("encode", encode_parts.encode_part, parts, *steps, cfg.batch_size)
         writers: dict[str, TokenShardWriter] = {}
         carried = (
             _carry(previous, _replaced(docs), w, writers, cfg, vocab_size, eot_id) if previous is not None else None
@@ -282,17 +282,12 @@ def run(
         for table in carried.index if carried else []:
             index.add_table(table)
             _add_totals(totals, table)
-        wanted = ["doc_id", "text", *(c for c in METADATA if c in columns)]
-        for batch, splits in iter_with_splits(docs, split, wanted, batch_size=cfg.batch_size):
-            keep = _triage(batch, splits, funnel)
-            if not any(keep):
-                continue
-            kept_splits = [s for s, k in zip(splits, keep) if k]
-            mask = pa.array(keep)
-            placed = _encode(tok, writers, batch.column("text").filter(mask).to_pylist(), kept_splits)
-            table = _index_table(batch, mask, kept_splits, placed)
-            index.add_table(table)
-            _add_totals(totals, table)
+        for result, part_dir in zip(results, pm.outputs("encode", parts)):
+            funnel.absorb(result["funnel"])
+            if result["docs"]:
+                table = _place(part_dir, writers, dtype)
+                index.add_table(table)
+                _add_totals(totals, table)
         index.flush()
         for s in SPLITS:
             for info in writers[s].close():
@@ -307,6 +302,8 @@ def run(
             w.meta["languages_without_val"] = unheld
         if carried is not None:
             w.meta["incremental"] = {"previous": previous.ref, "new_docs": funnel.docs_out, **carried.stats}
+        w.meta["execution"] = {"parts": len(parts), **pm.describe()}
+    shutil.rmtree(work, ignore_errors=True)
     log.info("shards: %s tokens, %s documents written", totals["tokens"], totals["docs"])
     return w.manifest
 
@@ -357,4 +354,4 @@ def _check_splits(docs: Manifest, split: SplitConfig, n_docs: dict[str, int], fu
         )
 
 
-task = stage_task(STAGE, run)
+task = stage_task(STAGE, run, progress="shards: parts encoded")

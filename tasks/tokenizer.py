@@ -29,6 +29,7 @@ from storage.artifact import Manifest, Store
 from storage.documents import SplitConfig, iter_with_splits
 from tasks.prefect_task import stage_task
 from tasks.stage import Stage, StageConfig, StageError, require_columns, stage_logger
+from tasks.text.encode_parts import load_tokenizer_file
 
 STAGE = Stage("tokenizer", __name__)
 EOT_TOKEN = "<|endoftext|>"
@@ -146,14 +147,9 @@ def run(store: Store, cfg: TokenizerConfig, docs: Manifest, split: SplitConfig) 
 
 
 def load_tokenizer(tokenizer: Manifest) -> Tokenizer:
-    """The trained tokenizer of a tokenizer artifact, reading ``<|endoftext|>`` in text as text.
-
-    ``encode_special_tokens`` is not saved in ``tokenizer.json``, so it is set here: a web
-    page or a prompt that contains the literal string must not end a document.
-    """
-    tok = Tokenizer.from_file(str(tokenizer.path(TOKENIZER_FILE)))
-    tok.encode_special_tokens = True
-    return tok
+    """The trained tokenizer of a tokenizer artifact, reading ``<|endoftext|>`` in text as text
+    (:func:`tasks.text.encode_parts.load_tokenizer_file` says why)."""
+    return load_tokenizer_file(tokenizer.path(TOKENIZER_FILE))
 
 
 task = stage_task(STAGE, run)

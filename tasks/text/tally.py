@@ -21,3 +21,14 @@ def part_funnel(texts: list[str | None], reasons: list[str | None]) -> dict:
             funnel["dropped_docs"][reason] += 1
             funnel["dropped_words"][reason] += words
     return funnel
+
+
+def sum_funnels(funnels: list[dict]) -> dict:
+    """The :func:`part_funnel` of the concatenated batches, from each batch's."""
+    total = part_funnel([], [])
+    for f in funnels:
+        for k in ("docs_in", "words_in", "docs_out", "words_out"):
+            total[k] += f[k]
+        total["dropped_docs"].update(f["dropped_docs"])
+        total["dropped_words"].update(f["dropped_words"])
+    return total

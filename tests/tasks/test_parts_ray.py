@@ -1,4 +1,4 @@
-"""The Ray engine: ingest, extract, dedup and filter on a two-node Ray cluster started here give the local engine's files.
+"""The Ray engine: ingest, extract, dedup, filter and shards on a two-node Ray cluster started here give the local engine's files.
 
 The cluster is real (``ray start`` twice, one CPU per node: see ``tests/ray_cluster.py``);
 these tests are slow (about 20 s to start it) and run in ``make test``.
@@ -9,12 +9,12 @@ import logging
 import pytest
 
 from storage.artifact import Store
-from tasks import dedup, ingest
+from tasks import dedup, ingest, shards
 from tasks import filter as filter_
 from tasks.parts.core import Execution
 from tasks.stage import StageError
 from tests.ray_cluster import running_ray_cluster
-from tests.tasks import test_dedup, test_filter, test_ingest
+from tests.tasks import test_dedup, test_filter, test_ingest, test_shards
 
 pytestmark = pytest.mark.slow
 
@@ -129,3 +129,12 @@ def test_ingest_of_warc_files_on_ray_publishes_the_local_files(cluster, tmp_path
     assert on_ray.key == local.key and on_ray.digest() == local.digest()
     # Which nodes ran these tiny files is Ray's choice (one may finish all four): the engine, not the node count.
     assert on_ray.meta["execution"]["engine"] == "ray" and on_ray.counters["dropped"]["duplicate_url"]["docs"] == 3
+
+
+def test_shards_on_ray_publish_the_local_bytes(cluster, tmp_path):
+    rows, cfg = test_shards.make_docs(), shards.ShardsConfig(max_tokens_per_shard=2048)
+    local = test_shards.build(Store(tmp_path / "local"), rows, cfg, execution=Execution(workers=1))[2]
+    ray_run = Execution(engine="ray", address=cluster)
+    on_ray = test_shards.build(Store(tmp_path / "ray"), rows, cfg, execution=ray_run)[2]
+    assert {f.path: f.sha256 for f in on_ray.files} == {f.path: f.sha256 for f in local.files}
+    assert (on_ray.meta["execution"]["engine"], on_ray.meta["execution"]["parts"]) == ("ray", 3)

@@ -1,6 +1,7 @@
 """Shards stage: every document's tokens findable from its index row, splits, errors, catalog."""
 
 import json
+import logging
 import random
 
 import numpy as np
@@ -13,6 +14,7 @@ from storage.catalog import Catalog, register_dataset
 from storage.documents import SplitConfig, make_doc_id, split_of
 from storage.tokens import open_split
 from tasks import shards, tokenizer
+from tasks.parts.core import Execution
 from tasks.stage import StageError
 
 SPLIT = SplitConfig(val_fraction=0.2, seed=1)
@@ -66,10 +68,10 @@ def publish(store, rows, key="docs"):
     return w.manifest
 
 
-def build(store, rows, cfg=shards.ShardsConfig(), split=SPLIT):
+def build(store, rows, cfg=shards.ShardsConfig(), split=SPLIT, execution=None):
     docs = publish(store, rows)
     tok = tokenizer.run(store, tokenizer.TokenizerConfig(vocab_size=600), docs=docs, split=split)
-    return docs, tok, shards.run(store, cfg, docs=docs, tokenizer=tok, split=split)
+    return docs, tok, shards.run(store, cfg, docs=docs, tokenizer=tok, split=split, execution=execution)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +181,27 @@ def test_same_documents_give_byte_identical_shards(tmp_path):
     a = build(Store(tmp_path / "a"), rows)[2]
     b = build(Store(tmp_path / "b"), rows)[2]
     assert {f.path: f.sha256 for f in a.files} == {f.path: f.sha256 for f in b.files}
+
+
+def test_the_same_shards_from_any_number_of_workers_and_after_a_killed_worker(tmp_path, monkeypatch, caplog):
+    """Parts are encoded by workers and placed in artifact order: the bytes do not depend on
+    who encoded them, and a worker SIGKILLed with part 1 encoded but not published costs that part."""
+    rows, cfg = make_docs(), shards.ShardsConfig(max_tokens_per_shard=2048, batch_size=64)
+    one = build(Store(tmp_path / "one"), rows, cfg, execution=Execution(workers=1))[2]
+    monkeypatch.setenv("LMFORGE_KILL_AT", "shards/encode/1")
+    monkeypatch.setenv("LMFORGE_KILL_MARKER", str(tmp_path / "killed"))
+    logging.getLogger("lmforge.shards").addHandler(caplog.handler)  # Prefect may stop lmforge loggers propagating
+    try:
+        two = build(Store(tmp_path / "two"), rows, cfg, execution=Execution(workers=2))[2]
+    finally:
+        logging.getLogger("lmforge.shards").removeHandler(caplog.handler)
+    assert (tmp_path / "killed").read_text().startswith("shards/encode/1 ")
+    assert one.meta["execution"]["parts"] == 3 and len(one.files_with_prefix("tokens-train-")) > 2
+    assert {f.path: f.sha256 for f in one.files} == {f.path: f.sha256 for f in two.files}
+    assert (one.meta["execution"]["workers"], two.meta["execution"]["workers"]) == (1, 2)
+    assert two.meta["execution"]["retried_parts"] == ["encode part-00001.parquet"]
+    assert "the worker on part-00001.parquet died (exit code -9); retrying that part alone" in caplog.text
+    assert not (tmp_path / "two" / "_work" / "shards" / two.key).exists()
 
 
 def test_missing_metadata_columns_become_nulls(tmp_path):

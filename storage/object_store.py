@@ -210,6 +210,27 @@ class ObjectStore:
         """The names of the "folders" directly under ``rel`` (empty when there are none)."""
         return self._list(rel, directories=True)
 
+    def list_tree(self, rel: str) -> list[str]:
+        """The paths, relative to ``rel``, of every object under the "folder" ``rel`` (sorted)."""
+        from pyarrow import fs as pafs
+
+        base = self._path(rel)
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        except OSError as e:
+            raise self._fail("list", rel, e) from None
+        return sorted(i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File)
+
+    def delete_tree(self, rel: str) -> None:
+        """Delete every object under the "folder" ``rel`` (nothing when there is none)."""
+        from pyarrow import fs as pafs
+
+        try:
+            if self.fs.get_file_info(self._path(rel)).type == pafs.FileType.Directory:
+                self.fs.delete_dir(self._path(rel))
+        except OSError as e:
+            raise self._fail("delete", rel, e) from None
+
     def _list(self, rel: str, directories: bool) -> list[str]:
         from pyarrow import fs as pafs
 

@@ -168,7 +168,7 @@ def run(
     work = store.work_dir(STAGE.name, b.key)
     params = SignParams(cfg.exact, cfg.near, cfg.ngram, cfg.num_perm, cfg.bands, cfg.rows, cfg.seed)
     with (
-        PartMap(STAGE.name, work, execution=execution, log=log) as pm,
+        PartMap(STAGE.name, work, execution=execution, log=log, store=store) as pm,
         STAGE.writer(store, b, extra_parents=earlier) as w,
     ):
         pm.map("sign", dedup_parts.sign_part, parts, params, progress=lambda f: progress(0.75 * f))

@@ -57,7 +57,13 @@ def run(
     work = store.work_dir(STAGE.name, b.key)
     with (
         PartMap(
-            STAGE.name, work, execution=execution or Execution(), log=log, progress=progress, attempts=ATTEMPTS
+            STAGE.name,
+            work,
+            execution=execution or Execution(),
+            log=log,
+            progress=progress,
+            attempts=ATTEMPTS,
+            store=store,
         ) as pm,
         STAGE.writer(store, b) as w,
     ):

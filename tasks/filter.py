@@ -87,7 +87,7 @@ def run(
     execution = execution or Execution()
     work = store.work_dir(STAGE.name, b.key)
     with (
-        PartMap(STAGE.name, work, execution=execution, log=log, progress=progress) as pm,
+        PartMap(STAGE.name, work, execution=execution, log=log, progress=progress, store=store) as pm,
         STAGE.writer(store, b) as w,
     ):
         for result in pm.map("filter", filtering.filter_part, parts, cfg):

@@ -64,7 +64,7 @@ from tasks.text.files import FilesConfig, files_under, read_files
 from tasks.text.pages import Drop, Page, SourceError, Unchanged, Validator, drop_row, page_row
 from tasks.text.settings import PartSize
 from tasks.text.warc import WarcConfig
-from tasks.text.warc_group import PageGrouping
+from tasks.text.warc_group import PageGrouping, removal_folder
 from tasks.text.warc_parts import DROPPED, PAGES, part_name, settle_part
 
 WARC_NAME = "crawl-00000.warc.gz"
@@ -201,7 +201,7 @@ def run(
     try:
         with STAGE.writer(store, b) as w:
             if cfg.kind == "warc":
-                meta = _ingest_warcs(cfg, w, funnel, previous, execution or Execution(), progress, work)
+                meta = _ingest_warcs(cfg, w, funnel, previous, execution or Execution(), progress, store, work)
             else:
                 meta = _ingest(cfg, read_validators(previous), w, funnel, previous, progress)
     except _NothingNew:
@@ -320,6 +320,7 @@ def _ingest_warcs(
     previous: Manifest | None,
     execution: Execution,
     progress: Progress,
+    store: Store,
     work: Path,
 ) -> dict:
     """WARC files into the writer ``w``, one file per step on the engine ``execution`` names
@@ -328,7 +329,7 @@ def _ingest_warcs(
     files = resolve_warcs(cfg.warc.paths)
     what = f"{len(files)} WARC file(s)"
     parts = file_parts(files)
-    with PartMap(STAGE.name, work, execution=execution, log=log, progress=progress) as pm:
+    with PartMap(STAGE.name, work, execution=execution, log=log, progress=progress, store=store) as pm:
         read = pm.map("read", read_warc_part, parts, cfg.warc, cfg.part_size, RAW_SCHEMA, DROPPED_SCHEMA)
         for result in read:
             funnel.absorb(result["funnel"])
@@ -344,15 +345,15 @@ def _ingest_warcs(
             first = next((r["first_drop"] for r in read if r["first_drop"]), None)
             _check_kept(funnel, previous, what, first)
             touched = [p for p in parts if p.index in removed]
+            read_dirs = dict(zip((p.index for p in parts), pm.outputs("read", parts)))
             settled = pm.map(
                 "settle",
                 settle_part,
                 touched,
-                str(pm.step_dir("read")),
-                str(work / "removals"),
                 DROPPED_SCHEMA,
                 make_doc_id,
                 progress=no_progress,
+                part_args=lambda p: (str(read_dirs[p.index]), str(removal_folder(work / "removals", p.index))),
             )
             outputs = dict(zip((p.index for p in parts), zip(pm.outputs("read", parts), read)))
             outputs |= dict(zip((p.index for p in touched), zip(pm.outputs("settle", touched), settled)))

@@ -266,7 +266,7 @@ def run(
     read = split_columns(docs, ["doc_id", "text", *(c for c in METADATA if c in columns)])
     work = store.work_dir(STAGE.name, b.key)
     with (
-        PartMap(STAGE.name, work, execution=execution or Execution(), log=log, progress=progress) as pm,
+        PartMap(STAGE.name, work, execution=execution or Execution(), log=log, progress=progress, store=store) as pm,
         STAGE.writer(store, b) as w,
     ):
         dtype = token_dtype(vocab_size)

@@ -55,8 +55,11 @@ def _stop(nodes: RayNodes) -> None:
 
 
 @contextlib.contextmanager
-def running_ray_cluster(nodes: int = 2) -> Iterator[RayNodes]:
-    """Start a Ray cluster of ``nodes`` one-CPU nodes; yields it (``.address``: ``127.0.0.1:PORT``)."""
+def running_ray_cluster(nodes: int = 2, node_env: list[dict[str, str]] | None = None) -> Iterator[RayNodes]:
+    """Start a Ray cluster of ``nodes`` one-CPU nodes; yields it (``.address``: ``127.0.0.1:PORT``).
+
+    ``node_env[i]``: variables of node i (0: the head) and of the workers it starts, beside this
+    process's (a node's own ``LMFORGE_STORE_CACHE``, as on a host of its own)."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     # Token authentication off, said explicitly: Ray 2.60 turns it on for `ray start --head` when
@@ -65,8 +68,9 @@ def running_ray_cluster(nodes: int = 2) -> Iterator[RayNodes]:
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     common = ["--num-cpus=1", "--disable-usage-stats"]
 
-    def start(*args: str) -> None:
-        done = subprocess.run([RAY, "start", *args, *common], env=env, capture_output=True, text=True, timeout=180)
+    def start(*args: str, node: int) -> None:
+        own = env | ((node_env or [])[node] if node < len(node_env or []) else {})
+        done = subprocess.run([RAY, "start", *args, *common], env=own, capture_output=True, text=True, timeout=180)
         if done.returncode:
             raise RuntimeError(f"ray start {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
 
@@ -79,9 +83,10 @@ def running_ray_cluster(nodes: int = 2) -> Iterator[RayNodes]:
             f"--port={port}",
             f"--temp-dir={temp_dir}",
             f"--ray-client-server-port={free_port()}",
+            node=0,
         )
-        for _ in range(nodes - 1):
-            start(f"--address={address}")
+        for i in range(1, nodes):
+            start(f"--address={address}", node=i)
         deadline = time.monotonic() + 60
         while _alive_nodes(address, env) < nodes:
             if time.monotonic() > deadline:

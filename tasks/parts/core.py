@@ -140,8 +140,9 @@ def switches(prefixes: tuple[str, ...] = SWITCHES) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
 
 
-def take_switches(given: dict[str, str], prefixes: tuple[str, ...] = SWITCHES) -> None:
-    """Make this worker's variables of ``prefixes`` the parent's, as sent with a job."""
-    for k in [k for k in os.environ if k.startswith(prefixes) and k not in given]:
+def take_switches(given: dict[str, str], prefixes: tuple[str, ...] = SWITCHES, keep: tuple[str, ...] = ()) -> None:
+    """Make this worker's variables of ``prefixes`` the parent's, as sent with a job (those in
+    ``keep`` stay the worker's own)."""
+    for k in [k for k in os.environ if k.startswith(prefixes) and k not in given and k not in keep]:
         del os.environ[k]
-    os.environ.update(given)
+    os.environ.update({k: v for k, v in given.items() if k not in keep})

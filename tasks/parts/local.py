@@ -93,7 +93,7 @@ class LocalProcesses:
         self._pool.append(fresh)
         return fresh
 
-    def run(self, pm, step: str, fn: Callable, todo: list[Part], step_dir: Path, args: tuple, report):
+    def run(self, pm, step: str, fn: Callable, todo: list[Part], step_dir: Path, args: tuple, report, part_args):
         queue = deque(todo)
         tries = {p.index: 0 for p in todo}
         busy: dict[Connection, tuple[_Worker, Part]] = {}
@@ -104,7 +104,8 @@ class LocalProcesses:
             while idle and queue:
                 w, p = idle.pop(), queue.popleft()
                 try:
-                    w.conn.send((switches(LOCAL_ENV), (pm.stage, step, fn, p, str(step_dir), args)))
+                    given = (*part_args(p), *args) if part_args else args
+                    w.conn.send((switches(LOCAL_ENV), (pm.stage, step, fn, p, str(step_dir), given)))
                 except OSError:  # the worker died while idle: a new one, and the part goes back
                     idle.append(self._replace(w))
                     queue.appendleft(p)

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from storage.artifact import Store
 from tasks.parts.core import RESULT, Execution, Part, read_result, run_part
 from tasks.parts.local import LocalProcesses
 from tasks.stage import Progress, StageError, no_progress
@@ -30,18 +31,22 @@ class PartMap:
         log: logging.Logger,
         progress: Progress = no_progress,
         attempts: int = 3,
+        store: Store | None = None,
     ):
         self.stage, self.work_dir = stage, Path(work_dir)
         self.log, self.progress, self.attempts = log, progress, attempts
         self.retried: list[str] = []  # "<step> <input file>" of every part retried after its worker died
         if execution.engine == "ray":
             try:
+                from tasks.parts.exchange import DriverExchange
                 from tasks.parts.ray_cluster import RayCluster  # Ray is an extra: imported only when asked for
             except ImportError as e:
                 raise StageError(
                     stage, "execution.engine 'ray'", f"Ray is not installed ({e})", "pip install 'lmforge[ray]'"
                 ) from e
-            self.engine = RayCluster(stage, execution.address, execution.workers)
+            # Nodes that do not mount the driver's file system reach an s3:// store's files through its bucket.
+            exchange = DriverExchange(store, self.work_dir) if store is not None and store.remote is not None else None
+            self.engine = RayCluster(stage, execution.address, execution.workers, exchange)
         else:
             self.engine = LocalProcesses(execution.worker_count())
         self.workers = self.engine.workers
@@ -55,7 +60,9 @@ class PartMap:
     def describe(self) -> dict:
         """What ran the parts, for the artifact's ``meta.execution``."""
         return {"engine": self.engine.name, "workers": self.workers, "retried_parts": self.retried} | (
-            {"nodes": len(self.engine.nodes)} if hasattr(self.engine, "nodes") else {}
+            {"nodes": len(self.engine.nodes), "parts_through_bucket": self.engine.through_bucket}
+            if hasattr(self.engine, "nodes")
+            else {}
         )
 
     def step_dir(self, step: str) -> Path:
@@ -75,9 +82,13 @@ class PartMap:
         *args: Any,
         progress: Progress | None = None,
         isolate: bool = False,
+        part_args: Callable[[Part], tuple] | None = None,
     ) -> list[Any]:
         """``fn(part, out_dir, *args)`` for every part not already finished; every part's result, in order.
 
+        ``part_args``: arguments of each part's own, ``fn(part, out_dir, *part_args(part), *args)``
+        (the paths of that part's files: a node without the driver's file system then fetches
+        those, not every part's).
         ``progress`` (default: the map's own) hears the fraction of this step's parts done.
         ``isolate``: always in a worker process, never in this one, even for one part or one
         worker (a step that may end its own process, as extract's watchdog does).
@@ -108,9 +119,9 @@ class PartMap:
 
         if self.engine.name == "local" and not isolate and (self.workers == 1 or len(todo) <= 1):
             for p in todo:
-                report(p, self._in_process(step, fn, p, step_dir, args))
+                report(p, self._in_process(step, fn, p, step_dir, (*part_args(p), *args) if part_args else args))
         elif todo:
-            self.engine.run(self, step, fn, todo, step_dir, args, report)
+            self.engine.run(self, step, fn, todo, step_dir, args, report, part_args)
         return [results[p.index] for p in parts]
 
     def _in_process(self, step: str, fn: Callable, part: Part, step_dir: Path, args: tuple) -> Any:

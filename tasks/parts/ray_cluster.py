@@ -19,9 +19,12 @@ Design decisions:
   thousands of parts per stage, and a Prefect task run per part would put that many rows
   in the Prefect database and the UI per stage. The stage stays one Prefect task (cached,
   retried, its progress bar counting parts); Ray does the fan-out under it.
-- Every node reads and writes the store at the same path: a shared file system mounted
-  alike on every host. Workers need lmforge importable (installed on every node, as
-  ``ray start`` runs it); the driver's ``LMFORGE_*`` variables travel with every task.
+- A node that mounts the driver's file system reads and writes the store's paths as they
+  are. One that does not, with ``store: s3://...``, gets its inputs from the bucket and
+  puts its finished parts there (:mod:`tasks.parts.exchange`). Workers need lmforge
+  importable (installed on every node, as ``ray start`` runs it); the driver's
+  ``LMFORGE_*`` variables travel with every task, except ``LMFORGE_STORE_CACHE``: where
+  a node keeps its copy of a bucket is the node's own business.
 - The connection is made once per process and reused by the next stage; ``address`` ''
   starts a one-machine Ray in this process (handy to try the engine), ``auto`` joins the
   cluster this machine is a node of, ``host:6379`` or ``ray://host:10001`` a remote one.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,8 +42,10 @@ import ray
 from ray import exceptions as ray_errors
 
 from tasks.parts.core import Part, run_part, switches, take_switches
+from tasks.parts.exchange import DriverExchange
 from tasks.stage import StageError
 
+NODE_OWN = ("LMFORGE_STORE_CACHE",)  # where a node keeps its copy of a bucket is its own business
 WORKER_DEATHS = (ray_errors.WorkerCrashedError, ray_errors.NodeDiedError, ray_errors.OutOfMemoryError)
 _connected: str | None = None  # the address this process joined
 
@@ -90,10 +96,21 @@ def shutdown() -> None:
     _connected = None
 
 
-def _run_part_on_node(given: dict[str, str], stage: str, step: str, fn: Callable, part: Part, step_dir: str, args):
-    """The Ray task: one part, on whichever node Ray chose; returns the result and that node's id."""
-    take_switches(given)
-    return run_part(stage, step, fn, part, step_dir, args), ray.get_runtime_context().get_node_id()
+def _run_part_on_node(
+    given: dict[str, str], stage: str, step: str, fn: Callable, part: Part, step_dir: str, args, wire
+) -> tuple[Any, str, bool]:
+    """The Ray task: one part, on whichever node Ray chose; returns the result, that node's id,
+    and whether its part folder went through the bucket (``wire``: a :class:`BucketExchange`, or None)."""
+    take_switches(given, keep=NODE_OWN)
+    node = ray.get_runtime_context().get_node_id()
+    if wire is None or wire.shared():
+        return run_part(stage, step, fn, part, step_dir, args), node, False
+    part = replace(part, path=wire.localize(part.path))
+    args = tuple(wire.localize(a) if isinstance(a, str) else a for a in args)
+    here = wire.local(step_dir)
+    result = run_part(stage, step, fn, part, here, args)
+    wire.send(Path(here) / f"{part.index:05d}")
+    return result, node, True
 
 
 class RayCluster:
@@ -101,10 +118,12 @@ class RayCluster:
 
     name = "ray"
 
-    def __init__(self, stage: str, address: str, workers: int) -> None:
+    def __init__(self, stage: str, address: str, workers: int, exchange: DriverExchange | None = None) -> None:
         connect(address, stage)
         self.workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.nodes: set[str] = set()  # the nodes that ran a part
+        self.exchange = exchange  # how nodes without the driver's file system reach it (an s3:// store)
+        self.through_bucket = 0  # parts whose folder came back through the bucket
         self._task = ray.remote(num_cpus=1, max_retries=0)(_run_part_on_node)
         self._running: dict[Any, tuple[Part, int]] = {}
 
@@ -112,26 +131,39 @@ class RayCluster:
         for ref in self._running:
             ray.cancel(ref, force=True)
         self._running = {}
+        if self.exchange is not None:
+            self.exchange.close()
 
-    def run(self, pm, step: str, fn: Callable, todo: list[Part], step_dir: Path, args: tuple, report) -> None:
+    def run(self, pm, step: str, fn: Callable, todo: list[Part], step_dir: Path, args: tuple, report, part_args):
         queue = list(reversed(todo))  # pop() takes parts in order
         tries = {p.index: 0 for p in todo}
+        wire = self.exchange.wire if self.exchange is not None else None
+        if self.exchange is not None:
+            self.exchange.ship([a for a in args if isinstance(a, str)])
         fn_ref, args_ref = ray.put(fn), ray.put(args)  # shipped once, not once per part
+        env = {k: v for k, v in switches().items() if k not in NODE_OWN}
         while queue or self._running:
             while queue and len(self._running) < self.workers:
                 p = queue.pop()
                 tries[p.index] += 1
-                ref = self._task.remote(switches(), pm.stage, step, fn_ref, p, str(step_dir), args_ref)
+                extra = part_args(p) if part_args else ()
+                if self.exchange is not None:
+                    self.exchange.ship([p.path, *(a for a in extra if isinstance(a, str))])
+                given = ray.put((*extra, *args)) if extra else args_ref
+                ref = self._task.remote(env, pm.stage, step, fn_ref, p, str(step_dir), given, wire)
                 self._running[ref] = (p, tries[p.index])
             (ref,), _ = ray.wait(list(self._running), num_returns=1)
             p, tried = self._running.pop(ref)
             try:
-                result, node = ray.get(ref)
+                result, node, via_bucket = ray.get(ref)
             except WORKER_DEATHS as e:
                 pm.worker_died(step, p, tried, f"Ray: {type(e).__name__}")
                 queue.append(p)
                 continue
             except ray_errors.RayTaskError as e:
                 raise pm.part_failed(step, p, e.cause if e.cause is not None else e, str(e)) from None
+            if via_bucket:
+                self.exchange.receive(Path(step_dir) / f"{p.index:05d}")
+                self.through_bucket += 1
             self.nodes.add(node)
             report(p, result)

@@ -34,7 +34,6 @@ import pyarrow.parquet as pq
 from tasks.text.pages import Drop, drop_row, page_row
 from tasks.text.tally import part_funnel
 from tasks.text.warc import read_warc
-from tasks.text.warc_group import removal_folder
 
 PAGES = "pages.parquet"
 DROPPED = "dropped.parquet"
@@ -145,17 +144,17 @@ DETAILS = {
 }
 
 
-def settle_part(part, out: Path, read_step: str, removals: str, dropped_schema: pa.Schema, make_doc_id) -> dict:
-    """File ``part``'s outputs of the read step (under ``read_step``) less the pages that the
-    grouping listed for it under ``removals`` (seq, part, pos, reason, place), into ``out``:
+def settle_part(part, out: Path, read_dir: str, removals: str, dropped_schema: pa.Schema, make_doc_id) -> dict:
+    """File ``part``'s outputs of the read step (``read_dir``) less the pages that the
+    grouping listed for it (its ``removals`` folder: seq, part, pos, reason, place), into ``out``:
     parts renumbered without empty ones (an untouched part is linked, not copied), the
     removed pages appended to the drops in file order.
 
     Returns ``parts`` (rows of each part) and ``dropped`` (rows of ``dropped.parquet``).
     """
-    read_dir = Path(read_step) / f"{part.index:05d}"
+    read_dir = Path(read_dir)
     by_chunk: dict[int, dict[int, dict]] = {}
-    for gone in pq.read_table(removal_folder(removals, part.index)).to_pylist():
+    for gone in pq.read_table(removals).to_pylist():
         by_chunk.setdefault(gone["part"], {})[gone["pos"]] = gone
     counts: list[int] = []
     new_drops: dict[int, dict] = {}  # seq -> drop row

@@ -1,0 +1,78 @@
+"""Ray nodes that do not share the driver's file system, with an s3:// store (moto's server).
+
+Each node keeps its own copy of the store (its own ``LMFORGE_STORE_CACHE``, as on a host
+of its own) and so does the driver: a node cannot open the driver's paths, so every input
+part, every file the driver made for a step and every finished part goes through the
+bucket (:mod:`tasks.parts.exchange`). The artifacts must still be the local engine's, file
+for file, and the bucket must keep nothing of the stage's scratch afterwards.
+"""
+
+import pytest
+from pyarrow.fs import FileSelector, FileType
+
+from storage.artifact import Store
+from tasks import dedup, ingest, shards
+from tasks.parts.core import Execution
+from tests.ray_cluster import running_ray_cluster
+from tests.s3_server import running_s3_server
+from tests.tasks import test_dedup, test_ingest, test_shards
+
+pytestmark = pytest.mark.slow
+URL = "s3://lmforge/stores/team"
+
+
+@pytest.fixture(scope="module")
+def apart(tmp_path_factory):
+    """A moto server and a two-node Ray cluster whose nodes keep their copies of the store apart."""
+    parts_ray = pytest.importorskip("tasks.parts.ray_cluster")
+    root = tmp_path_factory.mktemp("apart")
+    with pytest.MonkeyPatch.context() as mp, running_s3_server(mp) as s3:
+        mp.setenv("LMFORGE_STORE_CACHE", str(root / "driver"))
+        envs = [{"LMFORGE_STORE_CACHE": str(root / f"node{i}")} for i in range(2)]
+        with running_ray_cluster(nodes=2, node_env=envs) as nodes:
+            yield s3, nodes.address, root
+            parts_ray.shutdown()
+
+
+def _scratch_in_bucket(s3) -> list[str]:
+    infos = s3.filesystem().get_file_info(
+        FileSelector("lmforge/stores/team/_work", recursive=True, allow_not_found=True)
+    )
+    return [i.path for i in infos if i.type == FileType.File]
+
+
+def _copied_to_nodes(root) -> int:
+    return sum(1 for i in range(2) for p in (root / f"node{i}").rglob("*.parquet"))
+
+
+def test_dedup_through_the_bucket_gives_the_local_files(apart, tmp_path):
+    s3, address, root = apart
+    local_store = Store(tmp_path / "local")
+    local = dedup.run(local_store, dedup.DedupConfig(), docs=test_dedup.publish(local_store, test_dedup.corpus())[0])
+    store = Store(URL)
+    docs, _ = test_dedup.publish(store, test_dedup.corpus())
+    on_ray = dedup.run(store, dedup.DedupConfig(), docs=docs, execution=Execution(engine="ray", address=address))
+    assert on_ray.key == local.key and on_ray.digest() == local.digest()
+    ran = on_ray.meta["execution"]
+    # Every part of both steps (sign, then apply with the driver's decisions) went through the bucket.
+    assert ran["engine"] == "ray" and ran["parts_through_bucket"] == 2 * ran["parts"]
+    assert _copied_to_nodes(root) > 0 and _scratch_in_bucket(s3) == []
+
+
+def test_a_warc_ingest_and_shards_through_the_bucket_give_the_local_files(apart, tmp_path):
+    s3, address, _ = apart
+    ray_run = Execution(engine="ray", address=address)
+    warcs = test_ingest.many_warcs(tmp_path / "in")  # outside the store: every node reads this path
+    cfg = ingest.IngestConfig(kind="warc", warc={"paths": [str(warcs / "*.warc")]})
+    local = ingest.run(Store(tmp_path / "local"), cfg, execution=Execution(workers=1))
+    on_ray = ingest.run(Store(URL), cfg, execution=ray_run)
+    assert on_ray.key == local.key and on_ray.digest() == local.digest()
+    # A URL read in an earlier file: the settle step got its removals and read parts from the bucket.
+    assert on_ray.counters["dropped"]["duplicate_url"]["docs"] == 3
+    assert on_ray.meta["execution"]["parts_through_bucket"] > on_ray.meta["execution"]["parts"]
+
+    rows, shards_cfg = test_shards.make_docs(), shards.ShardsConfig(max_tokens_per_shard=2048)
+    local = test_shards.build(Store(tmp_path / "local-shards"), rows, shards_cfg)[2]
+    on_ray = test_shards.build(Store(URL), rows, shards_cfg, execution=ray_run)[2]
+    assert {f.path: f.sha256 for f in on_ray.files} == {f.path: f.sha256 for f in local.files}
+    assert on_ray.meta["execution"]["parts_through_bucket"] == 3 and _scratch_in_bucket(s3) == []

@@ -188,7 +188,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
     store = Store(args.store)
     root = store.root
-    if not root.is_dir():
+    if store.remote is None and not root.is_dir():
         print(f"lmforge gc: {root} is not a directory", file=sys.stderr)
         return 2
     done = collect(store, dry_run=args.dry_run)
@@ -197,7 +197,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for path in done.kept_busy:
         print(f"kept {path}: a run is using it")
     verb = "would free" if args.dry_run else "freed"
-    print(f"lmforge gc: {verb} {done.bytes / 1e6:.1f} MB in {len(done.removed)} item(s) under {root}")
+    print(f"lmforge gc: {verb} {done.bytes / 1e6:.1f} MB in {len(done.removed)} item(s) under {store.url}")
     return 0
 
 

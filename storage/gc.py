@@ -7,6 +7,9 @@ What goes, and why it is safe:
 - ``_work/<stage>/<key>``: scratch space (training checkpoints, finetune subsets) of a key
   whose artifact is published: the work is done. Unless a run holds that key's lock.
 
+In an ``s3://`` store, also the bucket's ``_work/<stage>/<key>`` of a published key (what a
+stage's parts left there when its driver was killed: :mod:`tasks.parts.exchange`).
+
 What stays: every published artifact, the catalog, Prefect's records, ``.damaged-*``
 directories (moved aside for a person to look at; delete them by hand), the scratch
 space of keys not published yet (a killed training resumes from it), and the lock files
@@ -27,7 +30,7 @@ from storage.atomic import TMP_PREFIX, abandoned, exclusive_if_free
 class Collected:
     """What a collection removed (or would remove, dry run), with the bytes of each."""
 
-    removed: list[tuple[Path, int]] = field(default_factory=list)
+    removed: list[tuple[Path | str, int]] = field(default_factory=list)  # a str: a folder in the bucket
     kept_busy: list[Path] = field(default_factory=list)
 
     @property
@@ -48,7 +51,8 @@ def collect(store: Store, dry_run: bool = False) -> Collected:
         if not dry_run:
             shutil.rmtree(path, ignore_errors=True)
 
-    for stage_dir in sorted(p for p in store.root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
+    stages = store.root.iterdir() if store.root.is_dir() else []
+    for stage_dir in sorted(p for p in stages if p.is_dir() and not p.name.startswith(("_", "."))):
         for tmp in sorted(stage_dir.glob(f"{TMP_PREFIX}*")):
             if abandoned(tmp.name):
                 drop(tmp)
@@ -62,4 +66,20 @@ def collect(store: Store, dry_run: bool = False) -> Collected:
                     drop(key_dir)
                 else:
                     out.kept_busy.append(key_dir)
+    if store.remote is not None:
+        _collect_bucket(store, out, dry_run)
     return out
+
+
+def _collect_bucket(store: Store, out: Collected, dry_run: bool) -> None:
+    """The bucket's ``_work/<stage>/<key>`` of published keys: parts that Ray nodes and a
+    driver exchanged (:mod:`tasks.parts.exchange`) and a killed driver left behind. A key not
+    published may be a stage running on another machine now: it stays."""
+    bucket = store.remote
+    for stage in bucket.list_dirs("_work"):
+        for key in bucket.list_dirs(f"_work/{stage}"):
+            if store.is_published(stage, key):
+                rel = f"_work/{stage}/{key}"
+                out.removed.append((f"{bucket.url}/{rel}", bucket.tree_bytes(rel)))
+                if not dry_run:
+                    bucket.delete_tree(rel)

@@ -212,6 +212,13 @@ class ObjectStore:
 
     def list_tree(self, rel: str) -> list[str]:
         """The paths, relative to ``rel``, of every object under the "folder" ``rel`` (sorted)."""
+        return sorted(self._tree(rel))
+
+    def tree_bytes(self, rel: str) -> int:
+        """The size of every object under the "folder" ``rel``, together."""
+        return sum(self._tree(rel).values())
+
+    def _tree(self, rel: str) -> dict[str, int]:
         from pyarrow import fs as pafs
 
         base = self._path(rel)
@@ -219,7 +226,7 @@ class ObjectStore:
             infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         except OSError as e:
             raise self._fail("list", rel, e) from None
-        return sorted(i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File)
+        return {i.path[len(base) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
 
     def delete_tree(self, rel: str) -> None:
         """Delete every object under the "folder" ``rel`` (nothing when there is none)."""

@@ -10,10 +10,12 @@ import pyarrow as pa
 import pytest
 from pyarrow.fs import FileSelector, FileType
 
+from flows.cli import main as lmforge
 from flows.config import PipelineConfig
 from storage.artifact import MANIFEST, ArtifactError, Store, read_table
 from storage.catalog import Catalog
 from storage.catalog_rebuild import rebuild_catalog
+from storage.gc import collect
 from storage.object_store import ObjectStoreError
 from tests.s3_server import running_s3_server
 from tests.storage.test_catalog import _pipeline, _rows
@@ -100,3 +102,20 @@ def test_an_unreachable_store_or_a_bad_url_is_named(tmp_path, monkeypatch):
     for bad, why in [("s3://Bad_Bucket/x", "is not a bucket name"), ("s3://lmforge/../etc", "is not a plain name")]:
         with pytest.raises(ValueError, match=why):
             PipelineConfig(store=bad)
+
+
+def test_gc_deletes_the_bucket_scratch_of_published_keys_only(tmp_path, s3, monkeypatch, capsys):
+    """Parts that a killed driver left in the bucket's _work go once their key is published;
+    a key not published may be a stage running on another machine: it stays."""
+    a = Store(URL, cache=tmp_path / "a")
+    _publish(a)
+    bucket = a.remote
+    bucket.put_bytes(b"x" * 1000, "_work/dedup/k1/sign/00000/bands.parquet")  # k1 is published
+    bucket.put_bytes(b"y" * 10, "_work/dedup/k2/sign/00000/bands.parquet")
+    dry = collect(Store(URL, cache=tmp_path / "b"), dry_run=True)  # a machine with no copy of the store
+    assert dry.removed == [(f"{URL}/_work/dedup/k1", 1000)]
+    monkeypatch.setenv("LMFORGE_STORE_CACHE", str(tmp_path / "c"))
+    assert lmforge(["gc", "--store", URL]) == 0
+    assert f"freed 0.0 MB in 1 item(s) under {URL}" in capsys.readouterr().out
+    assert bucket.list_tree("_work") == ["dedup/k2/sign/00000/bands.parquet"]
+    assert Store(URL, cache=tmp_path / "d").load("dedup", "k1") is not None

@@ -192,25 +192,58 @@ def median_run(runs: list[dict]) -> dict:
     return {**ordered[len(ordered) // 2], "runs": len(runs), "tokens_per_s_all": [r["tokens_per_s"] for r in runs]}
 
 
-def engine_alone(onnx_dir: Path, batch_sizes=(1, 16, 64), new_tokens: int = 64) -> list[dict]:
-    """Tokens per second of the continuous batcher itself (no HTTP, no clients): what batching buys the model."""
+def engine_alone(
+    onnx_dir: Path, precisions: list[str], threads: int, batch_sizes=(1, 16, 64), new_tokens: int = 64
+) -> list[dict]:
+    """Tokens per second of the continuous batcher itself (no HTTP, no clients), on the serving
+    graph of each precision with the server's threads: what batching can buy at most.
+
+    At 16 rows it also profiles one run in onnxruntime and reports the share of the graph's
+    time in ``GroupQueryAttention`` (per row and head on the CPU, so it grows with the batch
+    where the weight MatMuls amortize).
+    """
+    import collections
+
     import numpy as np
+    import onnxruntime as ort
 
     from model.batching import ContinuousBatcher, GenerationRequest
     from model.onnx_generate import ServingGraph
+    from model.serving_graph import SERVE_FP32_FILE, SERVE_INT8_FILE
 
-    graph = ServingGraph(onnx_dir / "serve.int8.onnx")
     meta = json.loads((onnx_dir / "export.json").read_text())
-    rng = np.random.default_rng(0)
-    rows = []
-    for batch in batch_sizes:
+    files = {"int8": SERVE_INT8_FILE, "fp32": SERVE_FP32_FILE}
+
+    def tokens_per_s(graph, batch: int) -> float:
+        rng = np.random.default_rng(0)
         b = ContinuousBatcher(graph.cache(batch), meta["gpt_config"]["block_size"], None, batch, batch)
         for _ in range(batch):
             b.submit(GenerationRequest([meta["eot_id"], *rng.integers(1, 1000, 24).tolist()], new_tokens, 0.0))
         t0, tokens = time.perf_counter(), 0
         while b.active:
             tokens += sum(1 for _, t in b.step() if t is not None)
-        rows.append({"batch": batch, "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)})
+        return tokens / (time.perf_counter() - t0)
+
+    rows = []
+    for precision in (p for p in precisions if p in files):
+        path = onnx_dir / files[precision]
+        graph = ServingGraph(path, threads, spin=False)
+        for batch in batch_sizes:
+            runs = sorted(tokens_per_s(graph, batch) for _ in range(3))
+            rows.append({"precision": precision, "batch": batch, "tokens_per_s": round(runs[1], 1), "threads": threads})
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.enable_profiling = threads, True
+        opts.profile_file_prefix = str(onnx_dir / f"profile-{precision}")
+        graph.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        tokens_per_s(graph, 16)
+        by_op: collections.Counter = collections.Counter()
+        for event in json.loads(Path(graph.session.end_profiling()).read_text()):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                by_op[event["args"]["op_name"]] += event["dur"]
+        share = by_op["GroupQueryAttention"] / max(sum(by_op.values()), 1)
+        for row in rows:
+            if (row["precision"], row["batch"]) == (precision, 16):
+                row["attention_share"] = round(share, 3)
     return rows
 
 
@@ -234,11 +267,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-serve-") as tmp:
         onnx_dir, hf_dir, prompts = prepare(Path(args.store), Path(tmp), 64, args.prompt_tokens)
-        alone = engine_alone(onnx_dir, new_tokens=args.new_tokens)
+        precisions = args.precisions or (["int8", "fp32"] if args.backend == "onnx" else ["bf16"])
+        threads = max(1, (os.cpu_count() or 2) - 1)  # lmforge serve's default: one core for the HTTP loop
+        alone = engine_alone(onnx_dir, precisions, threads, new_tokens=args.new_tokens)
         print(json.dumps({"engine_alone": alone}), flush=True)
         lmforge = [sys.executable, "-m", "flows.cli", "serve", "--model", str(onnx_dir), "--backend", args.backend]
         lmforge += ["--device", args.device]
-        precisions = args.precisions or (["int8", "fp32"] if args.backend == "onnx" else ["bf16"])
         servers = {}  # name: (command, streams, repeats)
         for precision in precisions:
             cmd = lmforge + ["--precision", precision]
@@ -323,12 +357,20 @@ def main() -> None:
                 )
     lines += [
         "",
-        "The batcher alone (no HTTP, no clients competing for the cores), INT8 serving graph, same prompts' length:",
+        "The batcher alone (no HTTP, no clients competing for the cores), each precision's serving graph with the"
+        " server's threads, same prompts' length (median of 3); at 16 sequences, the share of the graph's time in"
+        " GroupQueryAttention (onnxruntime's profile):",
         "",
-        "| sequences per step | tokens/s |",
-        "|---:|---:|",
-        *(f"| {r['batch']} | {r['tokens_per_s']} |" for r in alone),
+        "| precision | threads | sequences per step | tokens/s | vs 1 sequence | attention share |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    single = {r["precision"]: r["tokens_per_s"] for r in alone if r["batch"] == 1}
+    for r in alone:
+        gain = r["tokens_per_s"] / single[r["precision"]]
+        share = f"{r['attention_share']:.0%}" if "attention_share" in r else ""
+        lines.append(
+            f"| {r['precision']} | {r['threads']} | {r['batch']} | {r['tokens_per_s']} | {gain:.2f}x | {share} |"
+        )
     (out / f"serve{variant}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

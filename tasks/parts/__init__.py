@@ -30,8 +30,10 @@ Design decisions:
   processes on this machine (:mod:`tasks.parts.local`, the default) and a Ray cluster
   (:mod:`tasks.parts.ray_cluster`, ``execution.engine: ray``) for more than one machine.
   A step is a plain function of a part and a directory, so either can run it; on Ray
-  every node must see the store at the same path and have lmforge installed.
+  every node has lmforge installed and sees the store at the driver's path, or, with an
+  ``s3://`` store, gets the step's files through the bucket (:mod:`tasks.parts.exchange`).
 
 Modules: :mod:`~tasks.parts.core` (the settings, a part, one part's run),
-:mod:`~tasks.parts.partmap` (checkpoints, progress, retry verdicts), the two engines.
+:mod:`~tasks.parts.partmap` (checkpoints, progress, retry verdicts), the two engines,
+:mod:`~tasks.parts.exchange` (Ray nodes without the driver's file system).
 """

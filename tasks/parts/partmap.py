@@ -15,9 +15,13 @@ from tasks.stage import Progress, StageError, no_progress
 class PartMap:
     """Runs a stage's per-part steps on an engine, with checkpoints under ``work_dir``.
 
+    ``store``: the stage's store; with an ``s3://`` store and the Ray engine, nodes that do
+    not share the driver's file system get their files through the bucket
+    (:mod:`tasks.parts.exchange`).
+
     Usage::
 
-        with PartMap("dedup", store.work_dir("dedup", key), execution=cfg.execution, log=log) as pm:
+        with PartMap("dedup", store.work_dir("dedup", key), execution=cfg.execution, log=log, store=store) as pm:
             results = pm.map("sign", sign_part, parts, params)
             outputs = pm.outputs("sign", parts)   # the directory of each finished part
     """

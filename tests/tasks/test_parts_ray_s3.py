@@ -76,3 +76,24 @@ def test_a_warc_ingest_and_shards_through_the_bucket_give_the_local_files(apart,
     on_ray = test_shards.build(Store(URL), rows, shards_cfg, execution=ray_run)[2]
     assert {f.path: f.sha256 for f in on_ray.files} == {f.path: f.sha256 for f in local.files}
     assert on_ray.meta["execution"]["parts_through_bucket"] == 3 and _scratch_in_bucket(s3) == []
+
+
+def test_extract_through_the_bucket_holds_the_time_limit(apart, tmp_path):
+    """A page past the time limit ends its worker mid-part: the part is retried (its input
+    fetched again by a node without it), the page dropped, the artifact the local engine's."""
+    from tasks import extract
+    from tests.tasks import test_extract as te
+
+    s3, address, _ = apart
+    pages = [(f"http://h.org/{i}", te.docbook_page(), "text/html", "utf-8") for i in range(3)]
+    pages.insert(1, ("http://h.org/slow", te.nested_page(20_000), "text/html", "utf-8"))
+    cfg = extract.ExtractConfig(timeout_seconds=1.0)
+    local_store = Store(tmp_path / "local")
+    local = extract.run(local_store, cfg, te.raw_artifact(local_store, pages), execution=Execution(workers=1))
+    store = Store(URL)
+    on_ray = extract.run(store, cfg, te.raw_artifact(store, pages), execution=Execution(engine="ray", address=address))
+    assert on_ray.digest() == local.digest()
+    assert te.outcome(on_ray)[1] == {"http://h.org/slow": "extract_timeout"}
+    ran = on_ray.meta["execution"]
+    assert ran["retried_parts"] == ["text part-00000.parquet"] and ran["parts_through_bucket"] == ran["parts"]
+    assert _scratch_in_bucket(s3) == []

@@ -18,8 +18,9 @@ Design decisions:
 - A literal ``<|endoftext|>`` in web text is encoded as text (:func:`load_tokenizer`):
   only the id appended after each document marks a document end.
 - Encoding maps over the input's parts (:mod:`tasks.parts`: every core, or a Ray
-  cluster): :func:`encode_part` tokenizes one part with ``encode_batch_fast`` (Rust, no
-  offsets computed) into one flat token file per split and the part's index rows. The
+  cluster): :func:`tasks.text.encode_parts.encode_part` tokenizes one part with
+  ``encode_batch_fast`` (Rust, no offsets computed) into one flat token file per split
+  and the part's index rows. The
   driver then copies the parts' tokens into the shards in artifact order, so shard
   boundaries, offsets and the index are the same bytes whatever the number of workers or
   the engine (tested), and a killed worker costs one part.

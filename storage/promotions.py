@@ -25,9 +25,10 @@ Design decisions:
   that fails when the number is taken, then copied into the machine's local copy; a
   reader first copies the entries it lacks (they never change, so the copy is a cache).
   Two machines deciding at once: one takes the number, the other gets a PromotionError
-  (deploy again) instead of overwriting it. ``current.json`` is uploaded after every
-  decision, and :func:`current` reads the bucket's, so ``lmforge serve --promoted`` on any
-  machine follows what any machine promoted.
+  (deploy again) instead of overwriting it. :func:`current` replays the bucket's ledger
+  (``current.json`` is uploaded too, for people and other tools, but two machines' uploads
+  may land in either order), so ``lmforge serve --promoted`` on any machine follows what
+  any machine promoted.
 - Nothing here imports torch or Prefect; the entries name artifacts by ref.
 """
 
@@ -262,21 +263,26 @@ def write_current(store: Store, target: str, entry: Decision) -> None:
 
 
 def current(store: Store, target: str) -> dict[str, Any] | None:
-    """What ``current.json`` says is promoted (``export``, ``seq``), or None when nothing is."""
+    """What is promoted (``export``, ``seq``, ``decided_at``), or None when nothing is.
+
+    A local store's ``current.json``, written under the decision lock. In an ``s3://`` store
+    the bucket's ledger replayed instead: two machines' pointer uploads may land in either
+    order, their ledger entries cannot (new entries are fetched, the rest is cached here).
+    """
+    if store.remote is not None:
+        decisions = ledger(store, target)
+        stack = history(decisions)
+        if not stack:
+            return None
+        last = decisions[-1]
+        return {"target": target, "seq": last.seq, "export": stack[-1], "decided_at": last.decided_at}
     path = target_dir(store, target) / "current.json"
     try:
-        if store.remote is not None:  # what any machine promoted last, not what this one saw
-            raw = store.remote.read_bytes(_remote(target, "current.json"))
-            if raw is None:
-                return None
-            where = f"{store.remote.url}/{_remote(target, 'current.json')}"
-        else:
-            raw, where = path.read_bytes(), str(path)
-        pointer = json.loads(raw)
+        pointer = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except ValueError as e:
-        raise PromotionError(f"{where} is unreadable: {e}") from None
+        raise PromotionError(f"{path} is unreadable: {e}") from None
     return pointer if pointer.get("export") else None
 
 

@@ -45,7 +45,10 @@ def test_what_one_machine_promotes_another_sees_serves_and_rolls_back(tmp_path, 
 
     second = promotions.record(b, "demo", "promote", y, "better")
     assert (second.seq, second.previous) == (2, x)  # b decided on a's decision, read from the bucket
-    assert promotions.current(a, "demo")["export"] == y  # the bucket's pointer, not a's own copy
+    assert promotions.current(a, "demo")["export"] == y  # the bucket's ledger, not a's own copy
+    # a's pointer upload for decision 1 landing after b's: the ledger still says y.
+    a.remote.put_bytes(json.dumps({"target": "demo", "seq": 1, "export": x}).encode(), "_deploy/demo/current.json")
+    assert promotions.current(a, "demo")["export"] == y and promotions.current(b, "demo")["seq"] == 2
     back = promotions.rollback(a, "demo")
     assert (back.seq, back.export, back.previous) == (3, x, y)
     assert promotions.current(b, "demo")["export"] == x

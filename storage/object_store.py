@@ -222,11 +222,7 @@ class ObjectStore:
         from pyarrow import fs as pafs
 
         base = self._path(rel)
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        except OSError as e:
-            raise self._fail("list", rel, e) from None
-        return {i.path[len(base) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File}
+        return {i.path[len(base) + 1 :]: i.size for i in self._infos(rel, True) if i.type == pafs.FileType.File}
 
     def delete_tree(self, rel: str) -> None:
         """Delete every object under the "folder" ``rel`` (nothing when there is none)."""
@@ -241,12 +237,17 @@ class ObjectStore:
     def _list(self, rel: str, directories: bool) -> list[str]:
         from pyarrow import fs as pafs
 
+        kind = pafs.FileType.Directory if directories else pafs.FileType.File
+        return sorted(i.base_name for i in self._infos(rel, False) if i.type == kind)
+
+    def _infos(self, rel: str, recursive: bool) -> list:
+        """pyarrow's FileInfo of what is under the "folder" ``rel`` (every level, or the first)."""
+        from pyarrow import fs as pafs
+
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel), allow_not_found=True))
+            return self.fs.get_file_info(pafs.FileSelector(self._path(rel), recursive=recursive, allow_not_found=True))
         except OSError as e:
             raise self._fail("list", rel, e) from None
-        kind = pafs.FileType.Directory if directories else pafs.FileType.File
-        return sorted(i.base_name for i in infos if i.type == kind)
 
 
 _MAGIC = re.compile(r"[*?\[]")

@@ -63,7 +63,7 @@ from pydantic import Field
 from storage.artifact import ArtifactWriter, Manifest, PartBuffer, Store, iter_batches, read_table
 from storage.catalog import DOCUMENT_INDEX
 from storage.documents import Funnel, SplitConfig, batch_splits, split_columns
-from storage.tokens import DEFAULT_MAX_TOKENS, TokenShard, TokenShardWriter, shard_names, token_dtype
+from storage.tokens import DEFAULT_MAX_TOKENS, TokenShard, TokenShardWriter, flatten, shard_names, token_dtype
 from tasks.parts.core import Execution, input_parts
 from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
@@ -271,7 +271,8 @@ def run(
         STAGE.writer(store, b) as w,
     ):
         dtype = token_dtype(vocab_size)
-        steps = (str(tokenizer.path(TOKENIZER_FILE)), eot_id, dtype.str, partial(batch_splits, split=split), read)
+        splits_of, layout = partial(batch_splits, split=split), partial(flatten, eot_id=eot_id, vocab_size=vocab_size)
+        steps = (str(tokenizer.path(TOKENIZER_FILE)), splits_of, layout, read)
         results = pm.map("encode", encode_parts.encode_part, parts, *steps, cfg.batch_size)
         writers: dict[str, TokenShardWriter] = {}
         carried = (

@@ -110,12 +110,9 @@ class DriverExchange:
         marker = work_dir / f".driver-{uuid.uuid4().hex}"
         marker.write_text("a node that sees this file shares the driver's file system\n")
         self.bucket = ObjectStore(store.remote.url)
-        self.wire = BucketExchange(store.remote.url, str(store.root), self._rel_of(store, work_dir), str(marker))
+        work_rel = work_dir.relative_to(store.root).as_posix()
+        self.wire = BucketExchange(store.remote.url, str(store.root), work_rel, str(marker))
         self._in_bucket: set[str] = set()  # work files known to be there (shipped, or sent by a node)
-
-    @staticmethod
-    def _rel_of(store: Store, path: Path) -> str:
-        return Path(path).relative_to(store.root).as_posix()
 
     def ship(self, paths: list[str]) -> None:
         """Upload the work files among ``paths`` (files, or folders of them) that the bucket lacks."""

@@ -104,7 +104,7 @@ class LocalProcesses:
             while idle and queue:
                 w, p = idle.pop(), queue.popleft()
                 try:
-                    given = (*part_args(p), *args) if part_args else args
+                    given = (*part_args(p), *args)
                     w.conn.send((switches(LOCAL_ENV), (pm.stage, step, fn, p, str(step_dir), given)))
                 except OSError:  # the worker died while idle: a new one, and the part goes back
                     idle.append(self._replace(w))

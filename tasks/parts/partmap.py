@@ -98,6 +98,7 @@ class PartMap:
         worker (a step that may end its own process, as extract's watchdog does).
         """
         progress = progress or self.progress
+        own_args = part_args or _no_args
         step_dir = self.step_dir(step)
         results: dict[int, Any] = {}
         for p in parts:
@@ -123,9 +124,9 @@ class PartMap:
 
         if self.engine.name == "local" and not isolate and (self.workers == 1 or len(todo) <= 1):
             for p in todo:
-                report(p, self._in_process(step, fn, p, step_dir, (*part_args(p), *args) if part_args else args))
+                report(p, self._in_process(step, fn, p, step_dir, (*own_args(p), *args)))
         elif todo:
-            self.engine.run(self, step, fn, todo, step_dir, args, report, part_args)
+            self.engine.run(self, step, fn, todo, step_dir, args, report, own_args)
         return [results[p.index] for p in parts]
 
     def _in_process(self, step: str, fn: Callable, part: Part, step_dir: Path, args: tuple) -> Any:
@@ -164,3 +165,8 @@ class PartMap:
             tries + 1,
             self.attempts,
         )
+
+
+def _no_args(part: Part) -> tuple:
+    """The ``part_args`` of a step whose parts take the same arguments."""
+    return ()

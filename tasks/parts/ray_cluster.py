@@ -146,7 +146,7 @@ class RayCluster:
             while queue and len(self._running) < self.workers:
                 p = queue.pop()
                 tries[p.index] += 1
-                extra = part_args(p) if part_args else ()
+                extra = part_args(p)
                 if self.exchange is not None:
                     self.exchange.ship([p.path, *(a for a in extra if isinstance(a, str))])
                 given = ray.put((*extra, *args)) if extra else args_ref

@@ -1,9 +1,10 @@
 """The shards stage's per-part step: tokenize one part of the documents in a worker.
 
-A worker imports this module, tokenizers and pyarrow, nothing of the store or Prefect
-(a worker starts in half a second, not three). What the step needs of the store comes in
-as arguments: the tokenizer file, each row's split as a function (``splits_of``), and the
-token type's name. :mod:`tasks.shards` places the parts' tokens into the shards.
+This module imports tokenizers and pyarrow, nothing of the store or Prefect (a worker
+starts in half a second, not three). What the step needs of the store comes in as
+arguments: the tokenizer file, and as functions each row's split (``splits_of``) and the
+token layout (``flatten``, :func:`storage.tokens.flatten` with the end-of-text id and the
+vocabulary). :mod:`tasks.shards` places the parts' tokens into the shards.
 
 Per part it writes, in artifact order:
 - ``tokens-<split>.bin``: the ids of the part's kept documents of that split, back to
@@ -18,7 +19,6 @@ original text.
 
 from __future__ import annotations
 
-from itertools import chain
 from pathlib import Path
 from typing import Callable
 
@@ -62,9 +62,8 @@ def encode_part(
     part,
     out: Path,
     tokenizer_file: str,
-    eot_id: int,
-    dtype: str,
     splits_of: Callable[[pa.RecordBatch], list[str]],
+    flatten: Callable[[list[list[int]]], tuple[np.ndarray, np.ndarray]],
     read: list[str],
     batch_size: int,
 ) -> dict:
@@ -91,8 +90,7 @@ def encode_part(
             for s in SPLITS:
                 ids = [e.ids for e, x in zip(encodings, kept_splits) if x == s]
                 if ids:
-                    flat = chain.from_iterable(chain(i, (eot_id,)) for i in ids)
-                    files[s].write(np.fromiter(flat, dtype=np.int64).astype(dtype).tobytes())
+                    files[s].write(flatten(ids)[0].tobytes())
             kept = batch.select(metadata).filter(mask)
             table = pa.Table.from_batches([kept]).append_column("split", pa.array(kept_splits, pa.string()))
             table = table.append_column("n_tokens", pa.array([len(e.ids) + 1 for e in encodings], pa.int64()))

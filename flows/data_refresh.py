@@ -103,7 +103,7 @@ CHAIN = (
         parts=True,
         when_empty="none of the {n} new documents passed the filter",
     ),
-    Link("augment", augment.task, {"docs": "filter"}, split=True),
+    Link("augment", augment.task, {"docs": "filter"}, split=True, parts=True),
     Link("tokenizer", tokenizer.task, {"docs": "augment"}, split=True),
     Link("shards", shards.task, {"docs": "augment", "tokenizer": "tokenizer"}, split=True, parts=True),
 )

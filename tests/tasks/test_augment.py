@@ -1,6 +1,7 @@
 """Augment stage with the Apertium backend: choice of documents, split safety, chrF band, caching."""
 
 import itertools
+import logging
 import random
 import shutil
 
@@ -12,6 +13,7 @@ from storage.artifact import Store, read_table
 from storage.documents import SplitConfig, make_doc_id, split_of
 from tasks import augment
 from tasks.augment import AugmentConfig, selection_rank, text_prefix
+from tasks.parts.core import Execution
 from tasks.stage import StageError
 from tests.tasks.sentences import EN
 
@@ -55,9 +57,12 @@ def make_docs(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def publish(store: Store, rows: list[dict], key: str = "input"):
+def publish(store: Store, rows: list[dict], key: str = "input", part_rows: int | None = None):
+    """The rows as a filter artifact, in parts of ``part_rows`` (default: one part)."""
+    size = part_rows or max(len(rows), 1)
     with store.writer("filter", key) as w:
-        w.write_table(pa.Table.from_pylist(rows))
+        for i in range(0, len(rows), size):
+            w.write_table(pa.Table.from_pylist(rows[i : i + size]))
     return w.manifest
 
 
@@ -122,6 +127,44 @@ def test_max_docs_keeps_the_lowest_ranks(tmp_path):
     lowest = sorted((selection_rank(r["doc_id"], 0), r["doc_id"]) for r in rows if is_eligible(r, cfg))[:4]
     sources = {r["augmented_from"] for r in read_table(m).to_pylist() if r["augmented_from"]}
     assert sources == {d for _, d in lowest}
+
+
+def test_parts_choose_the_artifacts_lowest_ranks(tmp_path):
+    """max_docs is over the whole artifact, not per part: the lowest ranks may all sit in one part."""
+    rows = make_docs(60, seed=7)
+    store = Store(tmp_path)
+    cfg = AugmentConfig(fraction=1.0, max_docs=5, **WIDE)
+    m = augment.run(store, cfg, publish(store, rows, part_rows=7), SPLIT)
+    lowest = sorted((selection_rank(r["doc_id"], 0), r["doc_id"]) for r in rows if is_eligible(r, cfg))[:5]
+    out = read_table(m).to_pylist()
+    assert {r["augmented_from"] for r in out if r["augmented_from"]} == {d for _, d in lowest}
+    assert [r for r in out if r["augmented_from"] is None] == [
+        {**r, "augmented_from": None, "chrf": None} for r in rows
+    ]
+    assert m.meta["execution"]["parts"] == 9 and len(m.files_with_prefix("part-")) == 9
+
+
+def test_the_same_artifact_from_any_number_of_workers_and_after_a_killed_worker(tmp_path, monkeypatch, caplog):
+    """Output part N is input part N and its paraphrases: the files do not depend on who translated
+    them, and a worker SIGKILLed with part 1 translated but not published costs that part."""
+    rows, cfg = make_docs(48, seed=8), AugmentConfig(fraction=0.6, chrf_min=0.0, chrf_max=78.0)
+    one_store, two_store = Store(tmp_path / "one"), Store(tmp_path / "two")
+    one = augment.run(one_store, cfg, publish(one_store, rows, part_rows=12), SPLIT, execution=Execution(workers=1))
+    monkeypatch.setenv("LMFORGE_KILL_AT", "augment/translate/1")
+    monkeypatch.setenv("LMFORGE_KILL_MARKER", str(tmp_path / "killed"))
+    logging.getLogger("lmforge.augment").addHandler(caplog.handler)  # Prefect may stop lmforge loggers propagating
+    try:
+        docs = publish(two_store, rows, part_rows=12)
+        two = augment.run(two_store, cfg, docs, SPLIT, execution=Execution(workers=2))
+    finally:
+        logging.getLogger("lmforge.augment").removeHandler(caplog.handler)
+    assert (tmp_path / "killed").read_text().startswith("augment/translate/1 ")
+    assert one.key == two.key and one.digest() == two.digest()
+    assert one.counters == two.counters and one.counters["augment"]["accepted"] > 4
+    assert len(one.files_with_prefix("part-")) == 4 and one.files_with_prefix("dropped-")
+    assert two.meta["execution"]["retried_parts"] == ["translate part-00001.parquet"]
+    assert "the worker on part-00001.parquet died (exit code -9); retrying that part alone" in caplog.text
+    assert not (tmp_path / "two" / "_work" / "augment" / two.key).exists()
 
 
 def test_chrf_band_rejects_garbage_and_copies(tmp_path):

@@ -1,20 +1,21 @@
-"""The Ray engine: ingest, extract, dedup, filter and shards on a two-node Ray cluster started here give the local engine's files.
+"""The Ray engine: ingest, extract, dedup, filter, augment and shards on a two-node Ray cluster started here give the local engine's files.
 
 The cluster is real (``ray start`` twice, one CPU per node: see ``tests/ray_cluster.py``);
 these tests are slow (about 20 s to start it) and run in ``make test``.
 """
 
 import logging
+import shutil
 
 import pytest
 
 from storage.artifact import Store
-from tasks import dedup, ingest, shards
+from tasks import augment, dedup, ingest, shards
 from tasks import filter as filter_
 from tasks.parts.core import Execution
 from tasks.stage import StageError
 from tests.ray_cluster import running_ray_cluster
-from tests.tasks import test_dedup, test_filter, test_ingest, test_shards
+from tests.tasks import test_augment, test_dedup, test_filter, test_ingest, test_shards
 
 pytestmark = pytest.mark.slow
 
@@ -137,4 +138,17 @@ def test_shards_on_ray_publish_the_local_bytes(cluster, tmp_path):
     ray_run = Execution(engine="ray", address=cluster)
     on_ray = test_shards.build(Store(tmp_path / "ray"), rows, cfg, execution=ray_run)[2]
     assert {f.path: f.sha256 for f in on_ray.files} == {f.path: f.sha256 for f in local.files}
+    assert (on_ray.meta["execution"]["engine"], on_ray.meta["execution"]["parts"]) == ("ray", 3)
+
+
+def test_augment_on_ray_publishes_the_local_files(cluster, tmp_path):
+    if shutil.which("apertium") is None:
+        pytest.skip("Debian packages apertium + apertium-eng-spa not installed")
+    rows, cfg = test_augment.make_docs(36, seed=9), augment.AugmentConfig(fraction=0.5, chrf_min=0.0)
+    one, two = Store(tmp_path / "local"), Store(tmp_path / "ray")
+    split = test_augment.SPLIT
+    local = augment.run(one, cfg, test_augment.publish(one, rows, part_rows=12), split, execution=Execution(workers=1))
+    docs = test_augment.publish(two, rows, part_rows=12)
+    on_ray = augment.run(two, cfg, docs, split, execution=Execution(engine="ray", address=cluster))
+    assert on_ray.digest() == local.digest() and on_ray.counters["augment"]["accepted"] > 0
     assert (on_ray.meta["execution"]["engine"], on_ray.meta["execution"]["parts"]) == ("ray", 3)

@@ -7,15 +7,17 @@ bucket (:mod:`tasks.parts.exchange`). The artifacts must still be the local engi
 for file, and the bucket must keep nothing of the stage's scratch afterwards.
 """
 
+import shutil
+
 import pytest
 from pyarrow.fs import FileSelector, FileType
 
 from storage.artifact import Store
-from tasks import dedup, ingest, shards
+from tasks import augment, dedup, ingest, shards
 from tasks.parts.core import Execution
 from tests.ray_cluster import running_ray_cluster
 from tests.s3_server import running_s3_server
-from tests.tasks import test_dedup, test_ingest, test_shards
+from tests.tasks import test_augment, test_dedup, test_ingest, test_shards
 
 pytestmark = pytest.mark.slow
 URL = "s3://lmforge/stores/team"
@@ -97,3 +99,19 @@ def test_extract_through_the_bucket_holds_the_time_limit(apart, tmp_path):
     ran = on_ray.meta["execution"]
     assert ran["retried_parts"] == ["text part-00000.parquet"] and ran["parts_through_bucket"] == ran["parts"]
     assert _scratch_in_bucket(s3) == []
+
+
+@pytest.mark.skipif(
+    shutil.which("apertium") is None, reason="Debian packages apertium + apertium-eng-spa not installed"
+)
+def test_augment_through_the_bucket_gives_the_local_files(apart, tmp_path):
+    s3, address, _ = apart
+    rows, cfg = test_augment.make_docs(36, seed=9), augment.AugmentConfig(fraction=0.5, chrf_min=0.0)
+    local_store, store = Store(tmp_path / "local"), Store(URL)
+    docs = test_augment.publish(local_store, rows, part_rows=12)
+    local = augment.run(local_store, cfg, docs, test_augment.SPLIT)
+    docs = test_augment.publish(store, rows, part_rows=12)
+    on_ray = augment.run(store, cfg, docs, test_augment.SPLIT, execution=Execution(engine="ray", address=address))
+    assert on_ray.digest() == local.digest() and on_ray.counters["augment"]["accepted"] > 0
+    # Both passes (rank, then translate with each part's chosen documents) went through the bucket.
+    assert on_ray.meta["execution"]["parts_through_bucket"] == 2 * 3 and _scratch_in_bucket(s3) == []

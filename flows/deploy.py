@@ -9,7 +9,10 @@ mirrored into the catalog's ``promotions`` table, published as a Prefect artifac
 A running ``lmforge serve --promoted`` picks a promotion up by itself.
 
 A refusal is an answer, not a failure: the run completes and says why. Deploying the
-export that is already promoted changes nothing and says so.
+export that is already promoted changes nothing and says so. When another machine
+decides for the same target while this run compares (an ``s3://`` store shared by
+several hosts), the decision is not written against the old model: the run compares
+again with the newly promoted one, up to ``DECIDE_ATTEMPTS`` times.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ from flows.refs import load_ref
 from flows.release import release as release_flow
 from storage import promotions
 from storage.artifact import Store
+from storage.faults import pause_point
 from tasks.compare import decide
+
+DECIDE_ATTEMPTS = 3
+"""Comparisons a deploy makes when other machines keep deciding for its target meanwhile."""
 
 
 def _run_label() -> str:
@@ -62,38 +69,53 @@ def deploy(
         upstream = release_flow(config)
         release, records = upstream["export"], dict(upstream["records"])
     candidate = load_ref(store, release, "export")
-    with promotions.decision_lock(store, target):
-        if promotions.promoted(store, target) == candidate.ref:
-            unchanged = {
-                "action": "unchanged",
-                "target": target,
-                "export": candidate.ref,
-                "previous": candidate.ref,
-                "serving": candidate.ref,
-                "reason": "it is already the promoted model",
+    for attempt in range(1, DECIDE_ATTEMPTS + 1):
+        with promotions.decision_lock(store, target):
+            seen, promoted_ref = promotions.state(store, target)
+            if promoted_ref == candidate.ref:
+                unchanged = {
+                    "action": "unchanged",
+                    "target": target,
+                    "export": candidate.ref,
+                    "previous": candidate.ref,
+                    "serving": candidate.ref,
+                    "reason": "it is already the promoted model",
+                }
+                return _announce(store, unchanged, None, candidate, records, log)
+            comparison, _ = compare_with_promoted(records, store, config, candidate)
+            bpb = comparison.meta["bits_per_byte"]
+            ok, reason = decide(bpb["candidate"], bpb.get("promoted"), config.deploy.max_bpb_increase)
+            metrics = {
+                "candidate_bits_per_byte": bpb["candidate"],
+                "promoted_bits_per_byte": bpb.get("promoted"),
+                "max_bpb_increase": config.deploy.max_bpb_increase,
+                "precision": comparison.meta["precision"],
+                "documents": comparison.meta["documents"],
+                "comparison": comparison.ref,
             }
-            return _announce(store, unchanged, None, candidate, records, log)
-        comparison, promoted = compare_with_promoted(records, store, config, candidate)
-        bpb = comparison.meta["bits_per_byte"]
-        ok, reason = decide(bpb["candidate"], bpb.get("promoted"), config.deploy.max_bpb_increase)
-        metrics = {
-            "candidate_bits_per_byte": bpb["candidate"],
-            "promoted_bits_per_byte": bpb.get("promoted"),
-            "max_bpb_increase": config.deploy.max_bpb_increase,
-            "precision": comparison.meta["precision"],
-            "documents": comparison.meta["documents"],
-            "comparison": comparison.ref,
-        }
-        decision = promotions.record(
-            store,
-            target,
-            "promote" if ok else "refuse",
-            candidate.ref,
-            reason,
-            metrics=metrics,
-            lineage=lineage_of(store, candidate),
-            run=_run_label(),
-        )
+            pause_point("deploy")  # a drill's hook: another machine decides while this one has compared
+            try:
+                decision = promotions.record(
+                    store,
+                    target,
+                    "promote" if ok else "refuse",
+                    candidate.ref,
+                    reason,
+                    metrics=metrics,
+                    lineage=lineage_of(store, candidate),
+                    run=_run_label(),
+                    after=seen,
+                )
+                break
+            except promotions.LedgerMoved as e:
+                if attempt == DECIDE_ATTEMPTS:
+                    raise
+                log.warning(
+                    "%s; comparing again with the model promoted now (attempt %d of %d)",
+                    e,
+                    attempt + 1,
+                    DECIDE_ATTEMPTS,
+                )
     return _announce(store, decision.to_dict(), comparison, candidate, records, log)
 
 

@@ -8,6 +8,11 @@ does the most harm: an artifact writer with every file written but nothing publi
 (:mod:`model.trainer`). A run paused for longer than ``LMFORGE_PAUSE_SECONDS`` (default
 600) fails instead of hanging.
 
+With ``LMFORGE_PAUSE_UNTIL=<path>`` the pause ends, and the run goes on, once ``<path>``
+exists: a test or a drill does something while the run is stopped there (the deploy
+flow's point, ``deploy``, sits between its comparison and its decision: another machine
+deciding meanwhile is rehearsed that way).
+
 Without ``LMFORGE_PAUSE_IN`` this costs one environment lookup. It is the kill-anywhere
 test's hook (``tests/e2e/test_kill9.py``) and a way to rehearse recovery by hand.
 """
@@ -22,6 +27,7 @@ from pathlib import Path
 PAUSE_ENV = "LMFORGE_PAUSE_IN"
 MARKER_ENV = "LMFORGE_PAUSE_MARKER"
 SECONDS_ENV = "LMFORGE_PAUSE_SECONDS"
+UNTIL_ENV = "LMFORGE_PAUSE_UNTIL"
 
 
 def pause_point(stage: str) -> None:
@@ -34,7 +40,12 @@ def pause_point(stage: str) -> None:
         tmp.write_text(f"{stage} {os.getpid()}\n")
         os.replace(tmp, marker)  # the watcher never reads a half-written marker
     limit = float(os.environ.get(SECONDS_ENV, "600"))
-    time.sleep(limit)
+    until = os.environ.get(UNTIL_ENV)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if until and Path(until).exists():
+            return
+        time.sleep(min(0.1, limit))
     raise RuntimeError(f"{stage}: paused by {PAUSE_ENV} for {limit:.0f} s and nobody killed the run")
 
 

@@ -24,8 +24,9 @@ Design decisions:
   created there first, with a conditional write (:meth:`storage.object_store.ObjectStore.put_new`)
   that fails when the number is taken, then copied into the machine's local copy; a
   reader first copies the entries it lacks (they never change, so the copy is a cache).
-  Two machines deciding at once: one takes the number, the other gets a PromotionError
-  (deploy again) instead of overwriting it. :func:`current` replays the bucket's ledger
+  Two machines deciding at once: one takes the number, the other gets :class:`LedgerMoved`
+  instead of overwriting it, as does a decision whose comparison began before another
+  machine's decision (``record(after=...)``); the deploy flow then compares again. :func:`current` replays the bucket's ledger
   (``current.json`` is uploaded too, for people and other tools, but two machines' uploads
   may land in either order), so ``lmforge serve --promoted`` on any machine follows what
   any machine promoted.
@@ -55,6 +56,11 @@ _ENTRY = re.compile(r"[0-9]{6,}\.json")
 
 class PromotionError(RuntimeError):
     """A deploy request that cannot be carried out; the message says which target and why."""
+
+
+class LedgerMoved(PromotionError):
+    """Another deploy decided for the target meanwhile (on another machine of an ``s3://``
+    store): a decision made on what was promoted before must be made again."""
 
 
 @dataclass(frozen=True)
@@ -174,8 +180,15 @@ def history(decisions: list[Decision]) -> list[str]:
 
 def promoted(store: Store, target: str) -> str | None:
     """The export ref promoted for ``target`` now, or None."""
-    stack = history(ledger(store, target))
-    return stack[-1] if stack else None
+    return state(store, target)[1]
+
+
+def state(store: Store, target: str) -> tuple[int, str | None]:
+    """The number of ``target``'s last decision (0: none yet) and the export ref it left
+    promoted: what a deploy compares against, and passes to :func:`record` as ``after``."""
+    decisions = ledger(store, target)
+    stack = history(decisions)
+    return (decisions[-1].seq if decisions else 0), (stack[-1] if stack else None)
 
 
 def record(
@@ -188,11 +201,22 @@ def record(
     metrics: dict[str, Any] | None = None,
     lineage: dict[str, Any] | None = None,
     run: str = "cli",
+    after: int | None = None,
 ) -> Decision:
-    """Append a promote or refuse decision (call it holding :func:`decision_lock`); returns the entry."""
+    """Append a promote or refuse decision (call it holding :func:`decision_lock`); returns the entry.
+
+    ``after``: the number of the last decision when the comparison began (:func:`state`);
+    if the ledger has moved on since (another machine decided), :class:`LedgerMoved`, for
+    this decision was made against a model that may no longer be the promoted one.
+    """
     if action not in ("promote", "refuse"):
         raise PromotionError(f"unknown deploy action {action!r}")
     decisions = ledger(store, target)
+    last = decisions[-1].seq if decisions else 0
+    if after is not None and last != after:
+        raise LedgerMoved(
+            f"deploy target {target!r}: decisions {after + 1}..{last} were made elsewhere while this one was compared"
+        )
     before = history(decisions)
     previous = before[-1] if before else None
     serving = export if action == "promote" else previous
@@ -237,9 +261,7 @@ def _append(store, target, decisions, action, export, previous, serving, reason,
         run=run,
     )
     name, data = f"{seq:06d}.json", json.dumps(entry.to_dict(), indent=2, sort_keys=True).encode()
-    taken = PromotionError(
-        f"deploy target {target!r}: decision {seq} was written by someone else meanwhile; deploy again"
-    )
+    taken = LedgerMoved(f"deploy target {target!r}: decision {seq} was written by someone else meanwhile; deploy again")
     if store.remote is not None and not store.remote.put_new(data, _remote(target, f"ledger/{name}")):
         raise taken  # another machine decided in between: the bucket keeps its decision
     if not _write_new(folder, name, data) and store.remote is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,42 @@ def _check_deploys(tmp: Path, url: str, store: Path, first: dict, recovered: dic
         rows = cat.query("SELECT action, export FROM promotions WHERE target = 'smoke' ORDER BY seq").to_pylist()
     rows = [(r["action"], r["export"]) for r in rows]
     assert rows == [(d.action, d.export) for d in ledger]
+    _check_a_decision_made_meanwhile(tmp, store, tolerant, worse, better)
+
+
+def _check_a_decision_made_meanwhile(tmp: Path, store: Path, tolerant: Path, worse: str, better: str) -> None:
+    """Another machine decides while a deploy has compared and not yet decided (stopped at the
+    flow's pause point): the deploy compares again and decides after it, never over it."""
+    paused, go_on = tmp / "deploy-paused", tmp / "deploy-go-on"
+    env = {
+        **os.environ,
+        "LMFORGE_PAUSE_IN": "deploy",
+        "LMFORGE_PAUSE_MARKER": str(paused),
+        "LMFORGE_PAUSE_UNTIL": str(go_on),
+        "LMFORGE_PAUSE_SECONDS": "300",
+    }
+    cmd = [sys.executable, "-m", "flows.cli", "deploy", "--config", str(tolerant), "--release", worse]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not paused.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert paused.exists(), proc.communicate(timeout=60)[0] if proc.poll() is not None else "not paused"
+        seen = promotions.state(Store(store), "smoke")[0]
+        elsewhere = promotions.record(Store(store), "smoke", "refuse", worse, "stricter elsewhere", run="machine b")
+        go_on.touch()
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert f"decisions {seen + 1}..{seen + 1} were made elsewhere while this one was compared" in out, out
+    assert "comparing again with the model promoted now (attempt 2 of 3)" in out
+    last = promotions.ledger(Store(store), "smoke")[-2:]
+    assert [(d.seq, d.action, d.run) for d in last][0] == (elsewhere.seq, "refuse", "machine b")
+    assert (last[1].seq, last[1].action, last[1].previous, last[1].export) == (seen + 2, "promote", better, worse)
+    assert lmforge(["deploy", "--config", str(tolerant), "--rollback"]) == 0  # what the later steps expect
+    assert promotions.promoted(Store(store), "smoke") == better
 
 
 def _check_harness(tmp: Path, url: str, store: Path, rebuilt: dict) -> None:

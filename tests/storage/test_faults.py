@@ -1,7 +1,8 @@
-"""The pause point that lets a test kill a run inside a stage."""
+"""The pause point that lets a test kill a run inside a stage, or act while it waits there."""
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,24 @@ def test_a_pause_nobody_ends_fails_the_run_after_its_limit(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="nobody killed the run"):
         pause_point("dedup")
     assert marker.read_text().split()[0] == "dedup"
+
+
+def test_a_pause_with_an_until_file_goes_on_once_the_file_exists(tmp_path, monkeypatch):
+    marker, until = tmp_path / "paused", tmp_path / "go-on"
+    monkeypatch.setenv("LMFORGE_PAUSE_IN", "deploy")
+    monkeypatch.setenv("LMFORGE_PAUSE_MARKER", str(marker))
+    monkeypatch.setenv("LMFORGE_PAUSE_UNTIL", str(until))
+    monkeypatch.setenv("LMFORGE_PAUSE_SECONDS", "30")
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: (pause_point("deploy"), done.set()))
+    runner.start()
+    deadline = time.monotonic() + 10
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.read_text().split()[0] == "deploy" and not done.wait(0.3)  # stopped there...
+    until.touch()
+    runner.join(10)
+    assert done.is_set()  # ...and on its way once the file exists
 
 
 def test_a_writer_killed_at_its_pause_point_publishes_nothing(tmp_path):

@@ -75,10 +75,26 @@ def test_a_machine_that_decided_on_an_old_ledger_is_refused(tmp_path, s3):
     x = _export(a, "x")
     promotions.record(a, "t", "promote", x, "first")
     stale = []  # what b read before a's decision reached the bucket
-    with pytest.raises(promotions.PromotionError, match="decision 1 was written by someone else"):
+    with pytest.raises(promotions.LedgerMoved, match="decision 1 was written by someone else"):
         promotions._append(b, "t", stale, "refuse", x, None, None, "late", {}, {}, "b")
     assert [d.reason for d in promotions.ledger(b, "t")] == ["first"]
     assert promotions.current(b, "t")["export"] == x
+
+
+def test_a_decision_compared_before_another_machines_is_refused(tmp_path, s3):
+    """b reads the ledger and compares with x; meanwhile a promotes y: b's decision, made
+    against x, must not be written after a's (the deploy flow then compares again with y)."""
+    a, b = Store(URL, cache=tmp_path / "a"), Store(URL, cache=tmp_path / "b")
+    x, y, z = _export(a, "x"), _export(a, "y"), _export(a, "z")
+    promotions.record(a, "t", "promote", x, "first")
+    seen, compared_with = promotions.state(b, "t")
+    assert (seen, compared_with) == (1, x)
+    promotions.record(a, "t", "promote", y, "meanwhile")
+    with pytest.raises(promotions.LedgerMoved, match="decisions 2..2 were made elsewhere while this one was compared"):
+        promotions.record(b, "t", "promote", z, "better than x", after=seen)
+    assert promotions.state(b, "t") == (2, y)
+    again = promotions.record(b, "t", "refuse", z, "worse than y", after=2)
+    assert (again.seq, again.previous, promotions.current(a, "t")["export"]) == (3, y, y)
 
 
 def _decide(url: str, cache: str, ref: str, n: int, out) -> None:

@@ -104,7 +104,7 @@ CHAIN = (
         when_empty="none of the {n} new documents passed the filter",
     ),
     Link("augment", augment.task, {"docs": "filter"}, split=True, parts=True),
-    Link("tokenizer", tokenizer.task, {"docs": "augment"}, split=True),
+    Link("tokenizer", tokenizer.task, {"docs": "augment"}, split=True, parts=True),
     Link("shards", shards.task, {"docs": "augment", "tokenizer": "tokenizer"}, split=True, parts=True),
 )
 """The data stages, in order: adding one is one line here."""

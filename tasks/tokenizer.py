@@ -14,21 +14,33 @@ Design decisions:
   text would leak it into the evaluation (bits per byte would look better than they are).
 - Training reads the parent artifact batch by batch and hands ``train_from_iterator``
   lists of texts: memory stays at one batch plus the trainer's pair counts, never one big
-  string. ``max_train_chars`` caps the sample for very large corpora.
+  string.
+- The trainer is one process (tokenizers' Rust threads) holding the counts of every
+  distinct word of its text, so it trains on a bounded sample: ``max_train_chars``
+  (default 1 G characters) of training documents chosen by a hash of their doc_id
+  (:mod:`tasks.text.tokenizer_sample`), spread over the whole artifact and the same
+  whatever its parts. Measuring the split for that choice maps over the input's parts
+  (every core, or Ray: ``execution``); when everything fits, every training document is
+  used, in artifact order, and no hash is computed.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator
 
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from storage.artifact import Manifest, Store
-from storage.documents import SplitConfig, iter_with_splits
+from storage.documents import SplitConfig, batch_splits, iter_with_splits
+from tasks.parts.core import Execution, input_parts
+from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
-from tasks.stage import Stage, StageConfig, StageError, require_columns, stage_logger
+from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, require_columns, stage_logger
+from tasks.text import tokenizer_sample
 from tasks.text.encode_parts import load_tokenizer_file
 
 STAGE = Stage("tokenizer", __name__)
@@ -51,9 +63,12 @@ class TokenizerConfig(StageConfig):
         2, ge=1, description="A pair of tokens must occur at least this often in the training text to be merged."
     )
     max_train_chars: int | None = Field(
-        None,
+        1_000_000_000,
         ge=1,
-        description="Train on at most this many characters of training-split text, taken in artifact order; empty: all of it.",
+        description="Train on at most this many characters of training-split text: the documents of the lowest hash ranks that fit; empty: all of it, however large.",
+    )
+    sample_seed: int = Field(
+        0, ge=0, description="Salt of the sample's hash ranks; change it to train on other documents."
     )
 
 
@@ -66,29 +81,42 @@ class _Sample:
     capped: bool = False
 
 
-def _take_chars(texts: list[str], budget: int) -> list[str]:
-    """The leading texts that fit in ``budget`` characters, the last one cut to fit."""
-    kept = []
-    for t in texts:
-        if budget <= 0:
-            break
-        kept.append(t[:budget])
-        budget -= len(kept[-1])
-    return kept
-
-
-def _training_texts(docs: Manifest, split: SplitConfig, max_chars: int | None, sample: _Sample) -> Iterator[list[str]]:
+def _training_texts(
+    docs: Manifest, split: SplitConfig, buckets: int, seed: int, sample: _Sample
+) -> Iterator[list[str]]:
+    """The training split's non-empty texts in artifact order, those in the lowest ``buckets``
+    rank buckets only (``BUCKETS``: all, without hashing)."""
     for batch, splits in iter_with_splits(docs, split, ["text"]):
-        texts = [t for t, s in zip(batch.column("text").to_pylist(), splits) if s == "train" and t]
-        if max_chars is not None:
-            texts = _take_chars(texts, max_chars - sample.chars)
+        texts = batch.column("text").to_pylist()
+        keep = [s == "train" and bool(t) for t, s in zip(texts, splits)]
+        if buckets < tokenizer_sample.BUCKETS:
+            ids = batch.column("doc_id").to_pylist()
+            keep = [k and tokenizer_sample.bucket_of(d, seed) < buckets for k, d in zip(keep, ids)]
+        texts = [t for t, k in zip(texts, keep) if k]
         sample.docs += len(texts)
         sample.chars += sum(map(len, texts))
         if texts:
             yield texts
-        if max_chars is not None and sample.chars >= max_chars:
-            sample.capped = True
-            return
+
+
+def _buckets(docs: Manifest, cfg: TokenizerConfig, split: SplitConfig, pm: PartMap) -> tuple[int, int | None]:
+    """How many rank buckets fit in ``max_train_chars`` (all of them without a cap), and the
+    training split's characters (None without a cap: not measured)."""
+    if cfg.max_train_chars is None:
+        return tokenizer_sample.BUCKETS, None
+    parts = input_parts(docs)
+    measured = pm.map(
+        "measure", tokenizer_sample.measure_part, parts, cfg.sample_seed, partial(batch_splits, split=split)
+    )
+    buckets, fitting, total = tokenizer_sample.buckets_within([m["chars"] for m in measured], cfg.max_train_chars)
+    if fitting == 0 and total:
+        raise StageError(
+            STAGE.name,
+            "config.max_train_chars",
+            f"no training document fits in {cfg.max_train_chars} characters (the sample takes whole documents)",
+            f"raise tokenizer.max_train_chars; the training split holds {total} characters",
+        )
+    return buckets, total
 
 
 def build_tokenizer(cfg: TokenizerConfig, batches: Iterator[list[str]]) -> Tokenizer:
@@ -107,16 +135,30 @@ def build_tokenizer(cfg: TokenizerConfig, batches: Iterator[list[str]]) -> Token
     return tok
 
 
-def run(store: Store, cfg: TokenizerConfig, docs: Manifest, split: SplitConfig) -> Manifest:
-    """Train the tokenizer on the train split of ``docs``; publish ``tokenizer.json``."""
+def run(
+    store: Store,
+    cfg: TokenizerConfig,
+    docs: Manifest,
+    split: SplitConfig,
+    execution: Execution | None = None,
+    progress: Progress = no_progress,
+) -> Manifest:
+    """Train the tokenizer on the train split of ``docs`` (a bounded sample of it); publish ``tokenizer.json``.
+
+    ``execution`` sets the workers that measure the split; the artifact is the same whatever it says.
+    """
     b = STAGE.begin(store, cfg, docs=docs, split=split)
     if b.done:
         return b.done
     require_columns(
         STAGE.name, docs, ["doc_id", "text"], upstream="a text stage (filter or augment)", empty_hint=NO_DOCS_HINT
     )
-    sample = _Sample()
-    tok = build_tokenizer(cfg, _training_texts(docs, split, cfg.max_train_chars, sample))
+    work = store.work_dir(STAGE.name, b.key)
+    with PartMap(STAGE.name, work, execution=execution or Execution(), log=log, progress=progress, store=store) as pm:
+        buckets, split_chars = _buckets(docs, cfg, split, pm)
+        describe = {"parts": len(input_parts(docs)), **pm.describe()}
+    sample = _Sample(capped=buckets < tokenizer_sample.BUCKETS)
+    tok = build_tokenizer(cfg, _training_texts(docs, split, buckets, cfg.sample_seed, sample))
     if sample.docs == 0:
         raise StageError(
             STAGE.name,
@@ -135,6 +177,8 @@ def run(store: Store, cfg: TokenizerConfig, docs: Manifest, split: SplitConfig) 
                 "eot_token": EOT_TOKEN,
                 "train_docs": sample.docs,
                 "train_chars": sample.chars,
+                "sample": {"buckets": buckets, "of": tokenizer_sample.BUCKETS, "split_chars": split_chars},
+                "execution": describe,
             }
         )
     log.info(
@@ -143,6 +187,7 @@ def run(store: Store, cfg: TokenizerConfig, docs: Manifest, split: SplitConfig) 
         sample.docs,
         sample.chars,
     )
+    shutil.rmtree(work, ignore_errors=True)
     return w.manifest
 
 
@@ -152,4 +197,4 @@ def load_tokenizer(tokenizer: Manifest) -> Tokenizer:
     return load_tokenizer_file(tokenizer.path(TOKENIZER_FILE))
 
 
-task = stage_task(STAGE, run)
+task = stage_task(STAGE, run, progress="tokenizer: parts measured")

@@ -1,4 +1,4 @@
-"""The Ray engine: ingest, extract, dedup, filter, augment and shards on a two-node Ray cluster started here give the local engine's files.
+"""The Ray engine: ingest, extract, dedup, filter, augment, the tokenizer's sample and shards on a two-node Ray cluster started here give the local engine's files.
 
 The cluster is real (``ray start`` twice, one CPU per node: see ``tests/ray_cluster.py``);
 these tests are slow (about 20 s to start it) and run in ``make test``.
@@ -10,12 +10,12 @@ import shutil
 import pytest
 
 from storage.artifact import Store
-from tasks import augment, dedup, ingest, shards
+from tasks import augment, dedup, ingest, shards, tokenizer
 from tasks import filter as filter_
 from tasks.parts.core import Execution
 from tasks.stage import StageError
 from tests.ray_cluster import running_ray_cluster
-from tests.tasks import test_augment, test_dedup, test_filter, test_ingest, test_shards
+from tests.tasks import test_augment, test_dedup, test_filter, test_ingest, test_shards, test_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -152,3 +152,14 @@ def test_augment_on_ray_publishes_the_local_files(cluster, tmp_path):
     on_ray = augment.run(two, cfg, docs, split, execution=Execution(engine="ray", address=cluster))
     assert on_ray.digest() == local.digest() and on_ray.counters["augment"]["accepted"] > 0
     assert (on_ray.meta["execution"]["engine"], on_ray.meta["execution"]["parts"]) == ("ray", 3)
+
+
+def test_the_tokenizers_sample_measured_on_ray_gives_the_local_tokenizer(cluster, tmp_path):
+    rows, cfg = test_tokenizer.make_docs(), tokenizer.TokenizerConfig(max_train_chars=30_000)
+    one, two = Store(tmp_path / "local"), Store(tmp_path / "ray")
+    split = test_tokenizer.SPLIT
+    local = tokenizer.run(one, cfg, test_tokenizer.publish_docs(one, rows), split, execution=Execution(workers=1))
+    ray_run = Execution(engine="ray", address=cluster)
+    on_ray = tokenizer.run(two, cfg, test_tokenizer.publish_docs(two, rows), split, execution=ray_run)
+    assert on_ray.path("tokenizer.json").read_bytes() == local.path("tokenizer.json").read_bytes()
+    assert on_ray.meta["execution"]["engine"] == "ray" and on_ray.counters["train_capped"] is True

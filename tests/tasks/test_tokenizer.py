@@ -8,7 +8,9 @@ import pytest
 from storage.artifact import Store
 from storage.documents import SplitConfig, make_doc_id, split_of
 from tasks import tokenizer
+from tasks.parts.core import Execution
 from tasks.stage import StageError
+from tasks.text import tokenizer_sample
 
 SPLIT = SplitConfig(val_fraction=0.2, seed=3)
 WORDS = {
@@ -101,14 +103,62 @@ def test_same_input_gives_the_same_tokenizer_and_a_rerun_is_a_cache_hit(tmp_path
     assert made[0].path("tokenizer.json").read_bytes() == made[1].path("tokenizer.json").read_bytes()
 
 
-def test_max_train_chars_caps_the_sample(tmp_path):
+def test_max_train_chars_takes_whole_documents_of_the_lowest_ranks_from_every_part(tmp_path):
     store = Store(tmp_path)
-    m = tokenizer.run(
-        store, tokenizer.TokenizerConfig(max_train_chars=5000), docs=publish_docs(store, make_docs()), split=SPLIT
+    rows = make_docs()
+    cfg = tokenizer.TokenizerConfig(max_train_chars=20_000)
+    m = tokenizer.run(store, cfg, docs=publish_docs(store, rows), split=SPLIT)
+    train = [r for r in rows if split_of(r["augmented_from"] or r["doc_id"], SPLIT) == "train"]
+    n = m.meta["sample"]["buckets"]
+    chosen = [r for r in train if tokenizer_sample.bucket_of(r["doc_id"], 0) < n]
+    assert m.counters["train_capped"] is True and m.meta["sample"]["split_chars"] == sum(len(r["text"]) for r in train)
+    assert (m.meta["train_docs"], m.meta["train_chars"]) == (len(chosen), sum(len(r["text"]) for r in chosen))
+    longest = max(len(r["text"]) for r in train)
+    assert 20_000 - longest < m.meta["train_chars"] <= 20_000  # whole documents, up to the first that does not fit
+    assert {rows.index(r) // 128 for r in chosen} == {0, 1, 2}  # every part of the input gives documents
+
+
+def test_the_sample_is_the_same_whatever_the_parts_and_the_workers(tmp_path):
+    rows, cfg = make_docs(), tokenizer.TokenizerConfig(max_train_chars=30_000)
+    one = Store(tmp_path / "one")
+    a = tokenizer.run(one, cfg, docs=publish_docs(one, rows), split=SPLIT, execution=Execution(workers=1))
+    two = Store(tmp_path / "two")
+    with two.writer("filter", "docs") as w:  # one part instead of three
+        w.write_table(
+            pa.Table.from_pylist([{"source": "test", "fetched_at": "2026-11-01T00:00:00Z", **r} for r in rows])
+        )
+    b = tokenizer.run(two, cfg, docs=w.manifest, split=SPLIT, execution=Execution(workers=2))
+    assert a.meta["execution"]["parts"] == 3 and b.meta["execution"]["parts"] == 1
+    assert a.path("tokenizer.json").read_bytes() == b.path("tokenizer.json").read_bytes()
+    assert (
+        a.meta["train_docs"] == b.meta["train_docs"] and not (tmp_path / "one" / "_work" / "tokenizer" / a.key).exists()
     )
-    assert m.meta["train_chars"] == 5000
-    assert m.counters["train_capped"] is True
-    assert 0 < m.meta["train_docs"] < 50
+
+
+def test_without_a_cap_every_training_document_is_used(tmp_path):
+    store = Store(tmp_path)
+    rows = make_docs()
+    m = tokenizer.run(
+        store, tokenizer.TokenizerConfig(max_train_chars=None), docs=publish_docs(store, rows), split=SPLIT
+    )
+    train = [r for r in rows if split_of(r["augmented_from"] or r["doc_id"], SPLIT) == "train"]
+    assert (m.meta["train_docs"], m.counters["train_capped"]) == (len(train), False)
+    assert m.meta["sample"] == {
+        "buckets": tokenizer_sample.BUCKETS,
+        "of": tokenizer_sample.BUCKETS,
+        "split_chars": None,
+    }
+
+
+def test_a_cap_below_every_document_is_refused(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(
+        StageError,
+        match=r"config.max_train_chars.*no training document fits in 1 characters.*raise tokenizer.max_train_chars",
+    ):
+        tokenizer.run(
+            store, tokenizer.TokenizerConfig(max_train_chars=1), docs=publish_docs(store, make_docs()), split=SPLIT
+        )
 
 
 def test_documents_without_augmented_from_column(tmp_path):

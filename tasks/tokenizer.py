@@ -99,15 +99,21 @@ def _training_texts(
             yield texts
 
 
-def _buckets(docs: Manifest, cfg: TokenizerConfig, split: SplitConfig, pm: PartMap) -> tuple[int, int | None]:
-    """How many rank buckets fit in ``max_train_chars`` (all of them without a cap), and the
-    training split's characters (None without a cap: not measured)."""
+def _buckets(
+    store: Store, key: str, docs: Manifest, cfg: TokenizerConfig, split: SplitConfig, execution: Execution, progress
+) -> tuple[int, int | None, dict | None]:
+    """How many rank buckets fit in ``max_train_chars`` (all of them without a cap), the
+    training split's characters, and what measured them (both None without a cap: nothing
+    is measured, and no engine is started)."""
     if cfg.max_train_chars is None:
-        return tokenizer_sample.BUCKETS, None
+        return tokenizer_sample.BUCKETS, None, None
     parts = input_parts(docs)
-    measured = pm.map(
-        "measure", tokenizer_sample.measure_part, parts, cfg.sample_seed, partial(batch_splits, split=split)
-    )
+    work = store.work_dir(STAGE.name, key)
+    with PartMap(STAGE.name, work, execution=execution, log=log, progress=progress, store=store) as pm:
+        splits_of = partial(batch_splits, split=split)
+        measured = pm.map("measure", tokenizer_sample.measure_part, parts, cfg.sample_seed, splits_of)
+        described = {"parts": len(parts), **pm.describe()}
+    shutil.rmtree(work, ignore_errors=True)
     buckets, fitting, total = tokenizer_sample.buckets_within([m["chars"] for m in measured], cfg.max_train_chars)
     if fitting == 0 and total:
         raise StageError(
@@ -116,7 +122,7 @@ def _buckets(docs: Manifest, cfg: TokenizerConfig, split: SplitConfig, pm: PartM
             f"no training document fits in {cfg.max_train_chars} characters (the sample takes whole documents)",
             f"raise tokenizer.max_train_chars; the training split holds {total} characters",
         )
-    return buckets, total
+    return buckets, total, described
 
 
 def build_tokenizer(cfg: TokenizerConfig, batches: Iterator[list[str]]) -> Tokenizer:
@@ -153,10 +159,7 @@ def run(
     require_columns(
         STAGE.name, docs, ["doc_id", "text"], upstream="a text stage (filter or augment)", empty_hint=NO_DOCS_HINT
     )
-    work = store.work_dir(STAGE.name, b.key)
-    with PartMap(STAGE.name, work, execution=execution or Execution(), log=log, progress=progress, store=store) as pm:
-        buckets, split_chars = _buckets(docs, cfg, split, pm)
-        describe = {"parts": len(input_parts(docs)), **pm.describe()}
+    buckets, split_chars, described = _buckets(store, b.key, docs, cfg, split, execution or Execution(), progress)
     sample = _Sample(capped=buckets < tokenizer_sample.BUCKETS)
     tok = build_tokenizer(cfg, _training_texts(docs, split, buckets, cfg.sample_seed, sample))
     if sample.docs == 0:
@@ -178,7 +181,7 @@ def run(
                 "train_docs": sample.docs,
                 "train_chars": sample.chars,
                 "sample": {"buckets": buckets, "of": tokenizer_sample.BUCKETS, "split_chars": split_chars},
-                "execution": describe,
+                "execution": described,
             }
         )
     log.info(
@@ -187,7 +190,6 @@ def run(
         sample.docs,
         sample.chars,
     )
-    shutil.rmtree(work, ignore_errors=True)
     return w.manifest
 
 

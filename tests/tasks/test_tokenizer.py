@@ -148,6 +148,7 @@ def test_without_a_cap_every_training_document_is_used(tmp_path):
         "of": tokenizer_sample.BUCKETS,
         "split_chars": None,
     }
+    assert m.meta["execution"] is None  # nothing measured: no worker started
 
 
 def test_a_cap_below_every_document_is_refused(tmp_path):

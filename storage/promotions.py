@@ -188,7 +188,12 @@ def state(store: Store, target: str) -> tuple[int, str | None]:
     promoted: what a deploy compares against, and passes to :func:`record` as ``after``."""
     decisions = ledger(store, target)
     stack = history(decisions)
-    return (decisions[-1].seq if decisions else 0), (stack[-1] if stack else None)
+    return _last_seq(decisions), (stack[-1] if stack else None)
+
+
+def _last_seq(decisions: list[Decision]) -> int:
+    """The number of the last decision (0: none yet)."""
+    return decisions[-1].seq if decisions else 0
 
 
 def record(
@@ -212,7 +217,7 @@ def record(
     if action not in ("promote", "refuse"):
         raise PromotionError(f"unknown deploy action {action!r}")
     decisions = ledger(store, target)
-    last = decisions[-1].seq if decisions else 0
+    last = _last_seq(decisions)
     if after is not None and last != after:
         raise LedgerMoved(
             f"deploy target {target!r}: decisions {after + 1}..{last} were made elsewhere while this one was compared"
@@ -246,7 +251,7 @@ def rollback(
 def _append(store, target, decisions, action, export, previous, serving, reason, metrics, lineage, run) -> Decision:
     folder = target_dir(store, target) / "ledger"
     folder.mkdir(parents=True, exist_ok=True)
-    seq = (decisions[-1].seq if decisions else 0) + 1
+    seq = _last_seq(decisions) + 1
     entry = Decision(
         seq=seq,
         action=action,

@@ -111,13 +111,12 @@ def run(
         allow_empty=True,
     )
     parts = input_parts(docs)
-    if cfg.active and parts:
+    active = cfg.active and bool(parts)  # inactive: no backend, no first pass, every document passes through
+    if active:
         try:
             make_translator(cfg)  # a missing backend or direction fails here, with its hint, before any part
         except TranslatorError as e:
             raise StageError(STAGE.name, f"backend {cfg.backend}", str(e), e.hint) from e
-    # An inactive stage chooses nothing: no backend, no first pass.
-    active = cfg.active and bool(parts)
     schema = pq.read_schema(parts[0].path) if parts else None
     funnel, tally = Funnel(), {"candidates": 0, "accepted": 0, "rejected": Counter(), "words": 0, "seconds": 0.0}
     scores: list[float] = []

@@ -6,6 +6,7 @@ a forward pass), greedy, no streaming. The prompt starts with the end-of-text id
 ``lmforge serve`` feeds it, so both servers see the same tokens.
 
     .venv/bin/python bench/hf_server.py --model DIR --port 8001
+    python bench/hf_server.py --model DIR --device cuda --dtype bf16     # on a GPU host
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ import uvicorn
 from fastapi import FastAPI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--port", type=int, default=8001)
+    ap.add_argument("--device", default="cpu", help="where the model runs: cpu, or cuda on a GPU host")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16 is what one would pick on a GPU")
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
     app = FastAPI()
 
     @app.get("/health")
@@ -33,7 +39,7 @@ def main() -> None:
 
     @app.post("/v1/completions")
     def complete(body: dict) -> dict:
-        ids = torch.tensor([[tok.eos_token_id] + tok.encode(body["prompt"])])
+        ids = torch.tensor([[tok.eos_token_id] + tok.encode(body["prompt"])], device=args.device)
         with torch.no_grad():
             out = model.generate(
                 ids,

@@ -23,6 +23,13 @@ streamed; the hand-written server does not stream, so its first token is its las
 request latency p50 / p99, and errors.
 
     .venv/bin/python bench/serve.py                      # about 10 minutes on 2 cores
+
+For a GPU host without the store (or without this project's pins), export here and
+carry the folder: ``--prepare-only DIR`` writes the export, the HF directory and the
+prompts into DIR and stops; ``--prepared DIR`` benchmarks from it:
+
+    .venv/bin/python bench/serve.py --prepare-only /tmp/serve-prepared
+    python bench/serve.py --prepared /tmp/serve-prepared --backend torch --device cuda
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -44,6 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CLIENTS = (1, 4, 16, 64)
+PROMPTS_FILE = "prompts.json"
+SERVERS = ("engine", "batching", "no-batching", "by-hand")
 
 
 def free_port() -> int:
@@ -83,8 +93,18 @@ def prepare(store_dir: Path, out: Path, n_prompts: int, prompt_tokens: int) -> t
     export_model(
         model, onnx_dir, eot_id=eot, val_docs=docs[:4], tokenizer_file=tok_m.path("tokenizer.json"), int4=False
     )
-    hf_dir = save_hf(model, out / "hf", tok_m.path("tokenizer.json"), eot)
+    hf_dir = save_hf(model, onnx_dir / "hf", tok_m.path("tokenizer.json"), eot)  # where the torch backend reads it
+    (out / PROMPTS_FILE).write_text(json.dumps(prompts))
     return onnx_dir, hf_dir, prompts
+
+
+def prepared(folder: Path) -> tuple[Path, Path, list[str]]:
+    """What :func:`prepare` wrote into ``folder`` (``--prepare-only``), checked."""
+    onnx_dir, hf_dir, prompts = folder / "model", folder / "model" / "hf", folder / PROMPTS_FILE
+    for path in (onnx_dir / "export.json", hf_dir / "config.json", prompts):
+        if not path.is_file():
+            raise SystemExit(f"--prepared {folder}: {path} is missing (write it with --prepare-only {folder})")
+    return onnx_dir, hf_dir, json.loads(prompts.read_text())
 
 
 def start(cmd: list[str], port: int) -> subprocess.Popen:
@@ -192,59 +212,144 @@ def median_run(runs: list[dict]) -> dict:
     return {**ordered[len(ordered) // 2], "runs": len(runs), "tokens_per_s_all": [r["tokens_per_s"] for r in runs]}
 
 
+def gpu_name(device: str) -> dict:
+    """The GPU's name where the benchmark ran on one (``{}`` on the CPU)."""
+    if device == "cpu":
+        return {}
+    import torch
+
+    return {"gpu": torch.cuda.get_device_name(torch.device(device))}
+
+
 def engine_alone(
-    onnx_dir: Path, precisions: list[str], threads: int, batch_sizes=(1, 16, 64), new_tokens: int = 64
+    onnx_dir: Path,
+    backend: str,
+    device: str,
+    precisions: list[str],
+    threads: int,
+    batch_sizes=(1, 16, 64),
+    new_tokens: int = 64,
 ) -> list[dict]:
-    """Tokens per second of the continuous batcher itself (no HTTP, no clients), on the serving
-    graph of each precision with the server's threads: what batching can buy at most.
+    """Tokens per second of the continuous batcher itself (no HTTP, no clients), on the backend
+    ``lmforge serve`` loads for each precision with the server's threads: what batching can buy at most.
 
-    At 16 rows it also profiles one run in onnxruntime and reports the share of the graph's
-    time in ``GroupQueryAttention`` (per row and head on the CPU, so it grows with the batch
-    where the weight MatMuls amortize).
+    At 16 rows it also says whether batching changed any token: the 16 requests run
+    together and each alone, greedy, and the row counts the requests whose tokens are the
+    same both ways (16/16 on the CPU graphs, as the tests require; on a GPU in bf16 other
+    batch shapes may pick other kernels). On the onnx backend it profiles one 16-row run in
+    onnxruntime and reports the share of the graph's time in ``GroupQueryAttention`` (per
+    row and head on the CPU, so it grows with the batch where the weight MatMuls amortize).
     """
-    import collections
-
     import numpy as np
-    import onnxruntime as ort
 
     from model.batching import ContinuousBatcher, GenerationRequest
-    from model.onnx_generate import ServingGraph
-    from model.serving_graph import SERVE_FP32_FILE, SERVE_INT8_FILE
+    from model.onnx_generate import ExportedModel
+    from model.serving.engine import load_lm
 
-    meta = json.loads((onnx_dir / "export.json").read_text())
-    files = {"int8": SERVE_INT8_FILE, "fp32": SERVE_FP32_FILE}
+    export = ExportedModel(onnx_dir)
+    rng = np.random.default_rng(0)
+    prompts = [[export.eot_id, *rng.integers(1, 1000, 24).tolist()] for _ in range(max(batch_sizes))]
 
-    def tokens_per_s(graph, batch: int) -> float:
-        rng = np.random.default_rng(0)
-        b = ContinuousBatcher(graph.cache(batch), meta["gpt_config"]["block_size"], None, batch, batch)
-        for _ in range(batch):
-            b.submit(GenerationRequest([meta["eot_id"], *rng.integers(1, 1000, 24).tolist()], new_tokens, 0.0))
+    def run(make_cache, batch: int, first: int = 0) -> tuple[float, list[list[int]]]:
+        """``batch`` requests (prompts ``first`` on) at once; tokens/s and each request's tokens."""
+        b = ContinuousBatcher(make_cache(batch), export.block_size, None, batch, batch)
+        gens = [b.submit(GenerationRequest(p, new_tokens, 0.0)) for p in prompts[first : first + batch]]
         t0, tokens = time.perf_counter(), 0
         while b.active:
             tokens += sum(1 for _, t in b.step() if t is not None)
-        return tokens / (time.perf_counter() - t0)
+        return tokens / (time.perf_counter() - t0), [g.tokens for g in gens]
 
     rows = []
-    for precision in (p for p in precisions if p in files):
-        path = onnx_dir / files[precision]
-        graph = ServingGraph(path, threads, spin=False)
+    for precision in precisions:
+        if backend == "onnx" and export.serving_graph(precision) is None:
+            continue  # int4: no serving graph, the padded path is not what the server is measured on
+        make_cache, _, _ = load_lm(export, backend, precision, device, threads)
+        run(make_cache, 1)  # warm-up: CUDA's kernels and handles, onnxruntime's first-call allocations
         for batch in batch_sizes:
-            runs = sorted(tokens_per_s(graph, batch) for _ in range(3))
+            runs = sorted(run(make_cache, batch)[0] for _ in range(3))
             rows.append({"precision": precision, "batch": batch, "tokens_per_s": round(runs[1], 1), "threads": threads})
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.enable_profiling = threads, True
-        opts.profile_file_prefix = str(onnx_dir / f"profile-{precision}")
-        graph.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        tokens_per_s(graph, 16)
-        by_op: collections.Counter = collections.Counter()
-        for event in json.loads(Path(graph.session.end_profiling()).read_text()):
-            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-                by_op[event["args"]["op_name"]] += event["dur"]
-        share = by_op["GroupQueryAttention"] / max(sum(by_op.values()), 1)
-        for row in rows:
-            if (row["precision"], row["batch"]) == (precision, 16):
-                row["attention_share"] = round(share, 3)
+        together = run(make_cache, 16)[1]
+        same = sum(together[i] == run(make_cache, 1, first=i)[1][0] for i in range(16))
+        row16 = next(r for r in rows if (r["precision"], r["batch"]) == (precision, 16))
+        row16["same_tokens_batched_and_alone"] = f"{same}/16"
+        if backend == "onnx":
+            row16["attention_share"] = attention_share(export, precision, threads, lambda cache: run(cache, 16))
     return rows
+
+
+def attention_share(export, precision: str, threads: int, run) -> float:
+    """The share of the serving graph's time in ``GroupQueryAttention`` over one profiled ``run``."""
+    import collections
+
+    import onnxruntime as ort
+
+    from model.onnx_generate import ServingGraph
+
+    path = export.serving_graph(precision)
+    graph = ServingGraph(path, threads, spin=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.enable_profiling = threads, True
+    opts.profile_file_prefix = str(export.dir / f"profile-{precision}")
+    graph.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    run(graph.cache)
+    by_op: collections.Counter = collections.Counter()
+    for event in json.loads(Path(graph.session.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"]
+    return round(by_op["GroupQueryAttention"] / max(sum(by_op.values()), 1), 3)
+
+
+def servers(args, onnx_dir: Path, hf_dir: Path, precisions: list[str]) -> dict[str, tuple[list[str], bool, int]]:
+    """The servers ``--servers`` asks for, in order: name -> (command, streams, repeats)."""
+    lmforge = [sys.executable, "-m", "flows.cli", "serve", "--model", str(onnx_dir), "--backend", args.backend]
+    lmforge += ["--device", args.device]
+    found = {}
+    for precision in precisions:
+        cmd = lmforge + ["--precision", precision]
+        if "batching" in args.servers:
+            found[f"lmforge serve {precision} (continuous batching)"] = (
+                cmd + ["--max-batch", "64", "--max-queue", "256"],
+                True,
+                args.repeats,
+            )
+        if "no-batching" in args.servers:
+            found[f"lmforge serve {precision} --no-batching"] = (
+                cmd + ["--no-batching", "--max-queue", "256"],
+                True,
+                args.repeats,
+            )
+    if "by-hand" in args.servers:
+        found["FastAPI + transformers generate (by hand)"] = (  # once: minutes per run, and far behind
+            [sys.executable, str(ROOT / "bench" / "hf_server.py"), "--model", str(hf_dir), "--device", args.device]
+            + (["--dtype", "bf16"] if args.device != "cpu" else []),
+            False,
+            1,
+        )
+    return found
+
+
+def measure(name: str, cmd: list[str], stream: bool, repeats: int, prompts: list[str], args, rows: list) -> None:
+    """One server started on a free port and driven by each client count (median of ``repeats`` runs).
+
+    Each client count's row is appended to ``rows`` as soon as it is measured (a stopped run keeps it).
+    """
+    port = free_port()
+    proc = start(cmd + ["--port", str(port)], port)
+    try:
+        asyncio.run(one_request(port, prompts[0], 8, stream))  # warm-up
+        for clients in args.clients:
+            runs = [
+                drive(port, prompts, clients, args.requests_per_client, args.new_tokens, stream) for _ in range(repeats)
+            ]
+            rows.append({"server": name, **median_run(runs)})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def stop(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -263,62 +368,54 @@ def main() -> None:
     )
     ap.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument(
+        "--servers",
+        nargs="+",
+        choices=SERVERS,
+        default=list(SERVERS),
+        help="what to measure (default all): the batcher alone, lmforge serve with and without batching, by hand",
+    )
+    ap.add_argument("--prepare-only", metavar="DIR", help="write the export, HF directory and prompts to DIR; stop")
+    ap.add_argument("--prepared", metavar="DIR", help="benchmark what --prepare-only wrote (no store needed)")
     args = ap.parse_args()
 
+    if args.prepare_only:
+        prepare(Path(args.store), Path(args.prepare_only), 64, args.prompt_tokens)
+        print(f"prepared {args.prepare_only}: benchmark it with --prepared {args.prepare_only}")
+        return
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-serve-") as tmp:
-        onnx_dir, hf_dir, prompts = prepare(Path(args.store), Path(tmp), 64, args.prompt_tokens)
+        if args.prepared:
+            onnx_dir, hf_dir, prompts = prepared(Path(args.prepared))
+        else:
+            onnx_dir, hf_dir, prompts = prepare(Path(args.store), Path(tmp), 64, args.prompt_tokens)
         precisions = args.precisions or (["int8", "fp32"] if args.backend == "onnx" else ["bf16"])
         threads = max(1, (os.cpu_count() or 2) - 1)  # lmforge serve's default: one core for the HTTP loop
-        alone = engine_alone(onnx_dir, precisions, threads, new_tokens=args.new_tokens)
-        print(json.dumps({"engine_alone": alone}), flush=True)
-        lmforge = [sys.executable, "-m", "flows.cli", "serve", "--model", str(onnx_dir), "--backend", args.backend]
-        lmforge += ["--device", args.device]
-        servers = {}  # name: (command, streams, repeats)
-        for precision in precisions:
-            cmd = lmforge + ["--precision", precision]
-            servers[f"lmforge serve {precision} (continuous batching)"] = (
-                cmd + ["--max-batch", "64", "--max-queue", "256"],
-                True,
-                args.repeats,
-            )
-            servers[f"lmforge serve {precision} --no-batching"] = (
-                cmd + ["--no-batching", "--max-queue", "256"],
-                True,
-                args.repeats,
-            )
-        servers["FastAPI + transformers generate (by hand)"] = (  # once: minutes per run, and far behind
-            [sys.executable, str(ROOT / "bench" / "hf_server.py"), "--model", str(hf_dir)],
-            False,
-            1,
-        )
-        rows = []
-        for name, (cmd, stream, repeats) in servers.items():
-            port = free_port()
-            proc = start(cmd + ["--port", str(port)], port)
-            try:
-                asyncio.run(one_request(port, prompts[0], 8, stream))  # warm-up
-                for clients in args.clients:
-                    runs = [
-                        drive(port, prompts, clients, args.requests_per_client, args.new_tokens, stream)
-                        for _ in range(repeats)
-                    ]
-                    row = {"server": name, **median_run(runs)}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+        signal.signal(signal.SIGTERM, stop)  # `timeout` (a GPU host lent for minutes): keep what was measured
+        alone, rows, stopped = [], [], None
+        try:
+            if "engine" in args.servers:
+                alone = engine_alone(
+                    onnx_dir, args.backend, args.device, precisions, threads, new_tokens=args.new_tokens
+                )
+                print(json.dumps({"engine_alone": alone}), flush=True)
+            for name, (cmd, stream, repeats) in servers(args, onnx_dir, hf_dir, precisions).items():
+                measure(name, cmd, stream, repeats, prompts, args, rows)
+        except KeyboardInterrupt:
+            stopped = "stopped early (SIGTERM or Ctrl-C): only the rows below were measured"
+            print(stopped, flush=True)
 
     result = {
         "machine": {
             "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
+            **gpu_name(args.device),
         },
         "date": time.strftime("%Y-%m-%d"),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
         "engine_alone": alone,
+        **({"stopped": stopped} if stopped else {}),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -326,12 +423,14 @@ def main() -> None:
     (out / f"serve{variant}.json").write_text(json.dumps(result, indent=2))
     m = result["machine"]
     lines = [
-        f"# Serving the demo model ({result['date']}, {m['cores']} cores, {m['cpu']}, Python {m['python']})",
+        f"# Serving the demo model ({result['date']}, {m['cores']} cores, {m['cpu']},"
+        f"{' ' + m['gpu'] + ',' if 'gpu' in m else ''} Python {m['python']})",
         "",
         f"{args.new_tokens} new tokens per request at temperature 0, {args.requests_per_client} requests per client,"
         f" prompts of {args.prompt_tokens} tokens from held-out documents; lmforge serve with `--backend {args.backend}"
         f" --device {args.device}` (default threads: all cores but one). Each lmforge row is the median of"
         f" {args.repeats} runs (tokens/s of each run beside it). Written by `bench/serve.py`.",
+        *(["", f"**{stopped}**"] if stopped else []),
         "",
         "| server | clients | tokens/s | runs | TTFT p50 (s) | latency p50 (s) | latency p99 (s) | errors |",
         "|---|---:|---:|---|---:|---:|---:|---:|",
@@ -355,22 +454,26 @@ def main() -> None:
                     f"- {precision}, {clients} client{'s' if clients > 1 else ''}: continuous batching"
                     f" {batched / plain:.2f}x the tokens/s of batching off, {batched / by_hand:.1f}x the hand-written server's."
                 )
-    lines += [
-        "",
-        "The batcher alone (no HTTP, no clients competing for the cores), each precision's serving graph with the"
-        " server's threads, same prompts' length (median of 3); at 16 sequences, the share of the graph's time in"
-        " GroupQueryAttention (onnxruntime's profile):",
-        "",
-        "| precision | threads | sequences per step | tokens/s | vs 1 sequence | attention share |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    single = {r["precision"]: r["tokens_per_s"] for r in alone if r["batch"] == 1}
-    for r in alone:
-        gain = r["tokens_per_s"] / single[r["precision"]]
-        share = f"{r['attention_share']:.0%}" if "attention_share" in r else ""
-        lines.append(
-            f"| {r['precision']} | {r['threads']} | {r['batch']} | {r['tokens_per_s']} | {gain:.2f}x | {share} |"
-        )
+    if alone:
+        lines += [
+            "",
+            "The batcher alone (no HTTP, no clients competing for the cores) on what the server loads for each"
+            " precision, with the server's threads, random prompts of 25 tokens (median of 3); at 16 sequences, whether"
+            " batching changed any greedy token (16 requests together, then each alone: how many came out the same)"
+            " and, on the onnx backend, the share of the graph's time in GroupQueryAttention (onnxruntime's profile):",
+            "",
+            "| precision | threads | sequences per step | tokens/s | vs 1 sequence | attention share |"
+            " batched = alone (greedy) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        single = {r["precision"]: r["tokens_per_s"] for r in alone if r["batch"] == 1}
+        for r in alone:
+            gain = r["tokens_per_s"] / single[r["precision"]]
+            share = f"{r['attention_share']:.0%}" if "attention_share" in r else ""
+            lines.append(
+                f"| {r['precision']} | {r['threads']} | {r['batch']} | {r['tokens_per_s']} | {gain:.2f}x | {share}"
+                f" | {r.get('same_tokens_batched_and_alone', '')} |"
+            )
     (out / f"serve{variant}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

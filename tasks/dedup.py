@@ -14,12 +14,14 @@ Design decisions:
   candidates' texts.
 - The work is split as datatrove and NeMo Curator split it, over the input's parts
   (:mod:`tasks.parts`): a map signs each part on every core (content hashes, and band
-  keys of each part's first copy of a text; :mod:`tasks.text.dedup_parts`), one global
+  keys of each part's first copy of a text; :mod:`tasks.text.dedup_parts`), a global
   step groups them in DuckDB under a memory ceiling that it respects by spilling
-  (:mod:`tasks.text.dedup_group`: exact groups, candidate buckets one band at a time,
-  connected components of the candidate pairs only), and a second map writes each
+  (:mod:`tasks.text.dedup_group`: exact groups on the driver; candidate buckets as a
+  second map, over bands and slices of their hashes, each task in a DuckDB of its own;
+  connected components of the candidate pairs only), and a third map writes each
   part's kept and dropped documents. Memory does not grow with the corpus beyond the
-  candidate pairs; a killed worker costs its part, a killed run the unfinished parts.
+  candidate pairs; a killed worker costs its part or band slice, a killed run the
+  unfinished ones.
 - Band keys stay in the artifact as ``bands-<part>.parquet`` (doc_id, ord, band,
   band_hash as uint64) for every document signed, so that later runs can dedup new
   documents against this corpus (``meta["minhash"]`` records the parameters their keys
@@ -64,7 +66,7 @@ from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
 from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, require_columns, stage_logger
 from tasks.text import dedup_parts, minhash
-from tasks.text.dedup_group import Grouping
+from tasks.text.dedup_group import BUCKETS, Grouping, band_slices, bucket_band
 from tasks.text.dedup_parts import SignParams
 
 STAGE = Stage("dedup", __name__)
@@ -187,7 +189,13 @@ def run(
                     _files(earlier, "hashes") if cfg.exact else [],
                     _files(earlier, "bands") if cfg.near else [],
                 ) | {"earlier": [m.ref for m in earlier]}
-            g.buckets(band_files, cfg.bands)
+            g.excluded(work / "excluded.parquet")
+            tasks = band_slices(str(work / "excluded.parquet"), cfg.bands if band_files else 0, 2 * pm.workers)
+            slices = tasks[0].slices if tasks else 1
+            step = "buckets" if slices == 1 else f"buckets-{slices}-slices"  # a checkpoint holds for its slicing
+            share = max(64, execution.memory_mb // pm.workers)  # the ceiling, split among the tasks running at once
+            pm.map(step, bucket_band, tasks, share, *band_files, progress=lambda f: progress(0.75 + 0.05 * f))
+            g.load_buckets([str(d / BUCKETS) for d in pm.outputs(step, tasks)])
             if cfg.verify_threshold is None:
                 pairs = g.pairs()
             else:
@@ -209,7 +217,7 @@ def run(
         if funnel.docs_out:
             w.meta["largest_cluster"] = max(w.meta["largest_cluster"], 1)
         w.meta["minhash"] = minhash_params(cfg)
-        w.meta["execution"] = {"parts": len(parts), **pm.describe()}
+        w.meta["execution"] = {"parts": len(parts), "bucket_tasks": len(tasks), **pm.describe()}
         w.meta["execution"]["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - started

@@ -10,8 +10,11 @@ documents). The steps, all keyed by a document's ordinal (its position in the ar
 2. documents seen before (incremental runs): a representative whose hash is in an
    earlier artifact's ``hashes-*`` is ``seen_exact``, one sharing a band key with its
    ``bands-*`` is ``seen_near``;
-3. candidate buckets, one band at a time: representatives not seen before that share a
-   (band, band_hash); only row groups of that band are read;
+3. candidate buckets, a map over bands (and slices of a band's hashes, for more tasks
+   than bands): representatives not seen before that share a (band, band_hash), each task
+   in a DuckDB of its own under its share of the memory ceiling, reading only its band's
+   row groups (:func:`bucket_band`, on the data engine like the per-part steps); the
+   driver loads their buckets, which hold duplicates only;
 4. connected components of the candidate pairs (the first member of a bucket with each
    other one), by min-label propagation in numpy; a component's root is its smallest
    ordinal, the document first in artifact order. With ``verify_threshold``, pairs are
@@ -23,6 +26,7 @@ documents). The steps, all keyed by a document's ordinal (its position in the ar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,17 +93,19 @@ class Grouping:
         counts = dict(con.execute("SELECT reason, count(*) FROM seen GROUP BY reason").fetchall())
         return {"seen_exact_first": counts.get("seen_exact", 0), "seen_near_first": counts.get("seen_near", 0)}
 
-    def buckets(self, band_files: list[str], bands: int) -> None:
-        """Step 3: the ``buckets`` table (band, members sorted), one band at a time."""
+    def excluded(self, out: Path) -> None:
+        """The ordinals that no bucket may hold (exact twins, documents seen before), sorted, to ``out``:
+        what each :func:`bucket_band` task leaves out."""
+        self.con.execute(
+            f"COPY (SELECT ord FROM twin UNION SELECT ord FROM seen ORDER BY ord) TO '{sql_path(out)}' (FORMAT parquet)"
+        )
+
+    def load_buckets(self, bucket_files: list[str]) -> None:
+        """Step 3's results: the ``buckets`` table (band, members sorted) from every :func:`bucket_band` task."""
         con = self.con
         con.execute("CREATE TABLE buckets (band SMALLINT, members BIGINT[])")
-        for band in range(bands if band_files else 0):
-            con.execute(
-                f"""INSERT INTO buckets SELECT $band, list(n.ord ORDER BY n.ord) FROM read_parquet($f) n
-                    WHERE n.band = $band AND {_NOT_TWIN} AND NOT EXISTS (SELECT 1 FROM seen s WHERE s.ord = n.ord)
-                    GROUP BY n.band_hash HAVING count(*) > 1""",
-                {"f": band_files, "band": band},
-            )
+        if bucket_files:
+            con.execute("INSERT INTO buckets SELECT band, members FROM read_parquet($f)", {"f": bucket_files})
         self.stats["candidate_buckets"] = con.execute("SELECT count(DISTINCT members) FROM buckets").fetchone()[0]
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +166,61 @@ class Grouping:
             {"f": str(out)},
         ).fetchone()
         self.stats.update(clusters=clusters, largest_cluster=largest)
+
+
+BUCKETS = "buckets.parquet"
+
+
+@dataclass(frozen=True)
+class BandSlice:
+    """One task of step 3: the documents of band ``band`` whose band hash is ``slice`` modulo
+    ``slices`` (a bucket is one band hash, so slices never split a bucket). ``path`` is the
+    file of excluded ordinals every task reads (the data engine's tasks name an input file)."""
+
+    index: int
+    name: str
+    path: str
+    band: int
+    slice: int
+    slices: int
+
+
+def band_slices(excluded: str, bands: int, tasks_wanted: int) -> list[BandSlice]:
+    """Step 3's tasks: every band, cut into as many hash slices as make about ``tasks_wanted``
+    tasks in all (the buckets, so the artifact, are the same however many)."""
+    slices = max(1, -(-tasks_wanted // max(bands, 1)))
+    return [
+        BandSlice(b * slices + s, f"band {b} slice {s + 1}/{slices}", excluded, b, s, slices)
+        for b in range(bands)
+        for s in range(slices)
+    ]
+
+
+def bucket_band(task: BandSlice, out: Path, memory_mb: int, *band_files: str) -> dict:
+    """Step 3 for one band slice: its candidate buckets (band, members sorted by ordinal) to
+    ``out/buckets.parquet``, from every part's ``band_files``; the ordinals in ``task.path``
+    (twins, documents seen before) are left out."""
+    db = SpillingDuckDB(out, memory_mb=memory_mb, threads=1, name="bucket.duckdb")
+    try:
+        db.con.execute(
+            f"""COPY (
+                  SELECT $band::SMALLINT AS band, list(n.ord ORDER BY n.ord) AS members FROM read_parquet($f) n
+                  WHERE n.band = $band AND n.band_hash % $slices = $slice
+                    AND NOT EXISTS (SELECT 1 FROM read_parquet($excluded) x WHERE x.ord = n.ord)
+                  GROUP BY n.band_hash HAVING count(*) > 1
+                ) TO '{sql_path(out / BUCKETS)}' (FORMAT parquet)""",
+            {
+                "f": list(band_files),
+                "band": task.band,
+                "slices": task.slices,
+                "slice": task.slice,
+                "excluded": task.path,
+            },
+        )
+        (buckets,) = db.con.execute("SELECT count(*) FROM read_parquet($f)", {"f": str(out / BUCKETS)}).fetchone()
+    finally:
+        db.close()
+    return {"buckets": buckets}
 
 
 def components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from datasketch import MinHash
 
@@ -20,7 +21,7 @@ from tasks import dedup
 from tasks.parts.core import Execution
 from tasks.stage import StageError
 from tasks.text import minhash
-from tasks.text.dedup_group import components
+from tasks.text.dedup_group import BUCKETS, band_slices, bucket_band, components
 
 ROOT = Path(__file__).resolve().parents[2]
 RNG = random.Random(7)
@@ -177,21 +178,51 @@ def test_results_do_not_depend_on_workers_or_memory_ceiling(result, tmp_path):
     assert not (Path(one.root) / "_work" / "dedup" / one.key).exists()  # the checkpoints go once published
 
 
-def test_a_killed_worker_costs_its_part_only(result, tmp_path, caplog):
-    """SIGKILL a worker with part 1 signed but not published: that part is redone, alone, and named in the log."""
+@pytest.mark.parametrize(
+    "point, name",
+    [("sign/1", "part-00001.parquet"), ("buckets/3", "band 3 slice 1/1")],
+    ids=["a part being signed", "a band being bucketed"],
+)
+def test_a_killed_worker_costs_its_part_only(result, tmp_path, caplog, point, name):
+    """SIGKILL a worker with its task's outputs written but not published (part 1 signed, or
+    band 3's buckets): that task is redone, alone, and named in the log."""
     _, _, _, m = result
     logging.getLogger("lmforge.dedup").addHandler(caplog.handler)  # Prefect may stop lmforge loggers propagating
     try:
         marker = tmp_path / "killed"
         out = run_with(
-            tmp_path, "kill", Execution(workers=2), LMFORGE_KILL_AT="dedup/sign/1", LMFORGE_KILL_MARKER=str(marker)
+            tmp_path, "kill", Execution(workers=2), LMFORGE_KILL_AT=f"dedup/{point}", LMFORGE_KILL_MARKER=str(marker)
         )
     finally:
         logging.getLogger("lmforge.dedup").removeHandler(caplog.handler)
-    assert marker.read_text().startswith("dedup/sign/1 ")
+    assert marker.read_text().startswith(f"dedup/{point} ")
     assert out.digest() == m.digest()
-    assert out.meta["execution"]["retried_parts"] == ["sign part-00001.parquet"]
-    assert "the worker on part-00001.parquet died (exit code -9); retrying that part alone" in caplog.text
+    assert out.meta["execution"]["retried_parts"] == [f"{point.split('/')[0]} {name}"]
+    assert f"the worker on {name} died (exit code -9); retrying that part alone" in caplog.text
+
+
+def test_band_slices_split_a_band_without_splitting_a_bucket(result, tmp_path):
+    """Step 3 cut into 3 hash slices per band finds exactly the buckets of 1 slice per band, spread over the slices."""
+    _, _, _, m = result
+    bands = [str(m.path(f.path)) for f in m.files_with_prefix("bands-")]
+    excluded = tmp_path / "excluded.parquet"
+    pq.write_table(pa.table({"ord": pa.array([], pa.int64())}), excluded)
+
+    def buckets(tasks_wanted):
+        found = {}
+        for task in band_slices(str(excluded), 14, tasks_wanted):
+            out = tmp_path / f"{tasks_wanted}-{task.index}"
+            out.mkdir()
+            assert bucket_band(task, out, 64, *bands)["buckets"] == pq.read_table(out / BUCKETS).num_rows
+            found[task.name] = {(b, tuple(ms)) for b, ms in duckdb.sql(f"SELECT * FROM '{out / BUCKETS}'").fetchall()}
+            assert not any(p.name.endswith((".duckdb", "spill")) for p in out.iterdir())  # its scratch is gone
+        return found
+
+    whole, sliced = buckets(14), buckets(42)
+    assert len(whole) == 14 and len(sliced) == 42 and sliced.keys() >= {"band 0 slice 3/3", "band 13 slice 1/3"}
+    assert set().union(*sliced.values()) == set().union(*whole.values())
+    assert sum(map(len, sliced.values())) == sum(map(len, whole.values())) > 14  # no bucket in two slices
+    assert sum(1 for found in sliced.values() if found) > sum(1 for found in whole.values() if found)
 
 
 def test_a_killed_run_redoes_only_unfinished_parts(result, tmp_path, caplog):

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 from pydantic import Field, model_validator
 
@@ -66,7 +67,7 @@ from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
 from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, require_columns, stage_logger
 from tasks.text import dedup_parts, minhash
-from tasks.text.dedup_group import BUCKETS, Grouping, band_slices, bucket_band
+from tasks.text.dedup_group import BUCKETS, SEEN, Grouping, band_slices, bucket_band, seen_band
 from tasks.text.dedup_parts import SignParams
 
 STAGE = Stage("dedup", __name__)
@@ -145,6 +146,18 @@ def _check_earlier(store: Store, cfg: DedupConfig, earlier: list[Manifest]) -> N
             )
 
 
+def _band_map(
+    pm: PartMap, name: str, fn, excluded: Path, bands: int, args: tuple, files: list[str], progress=None
+) -> list[Path]:
+    """``fn(task, out, *args, *files)`` over band slices (about two per worker); each task's
+    output folder. The step's checkpoints hold for one cut of the bands (``<name>-<tasks>``);
+    ``files`` are every file the tasks read, so a Ray node fetches them."""
+    tasks = band_slices(str(excluded), bands, 2 * pm.workers)
+    step = f"{name}-{len(tasks)}"
+    pm.map(step, fn, tasks, *args, *files, progress=progress)
+    return pm.outputs(step, tasks)
+
+
 def run(
     store: Store,
     cfg: DedupConfig,
@@ -183,19 +196,37 @@ def run(
         with Grouping(work, memory_mb=execution.memory_mb, threads=execution.worker_count()) as g:
             g.exact(hash_files, by)
             seen = {}
-            if earlier:
-                seen = g.seen_before(
-                    band_files,
-                    _files(earlier, "hashes") if cfg.exact else [],
-                    _files(earlier, "bands") if cfg.near else [],
-                ) | {"earlier": [m.ref for m in earlier]}
-            g.excluded(work / "excluded.parquet")
-            tasks = band_slices(str(work / "excluded.parquet"), cfg.bands if band_files else 0, 2 * pm.workers)
-            slices = tasks[0].slices if tasks else 1
-            step = "buckets" if slices == 1 else f"buckets-{slices}-slices"  # a checkpoint holds for its slicing
             share = max(64, execution.memory_mb // pm.workers)  # the ceiling, split among the tasks running at once
-            pm.map(step, bucket_band, tasks, share, *band_files, progress=lambda f: progress(0.75 + 0.05 * f))
-            g.load_buckets([str(d / BUCKETS) for d in pm.outputs(step, tasks)])
+            old_bands = _files(earlier, "bands") if cfg.near and band_files else []
+            if earlier:
+                g.seen_exact(_files(earlier, "hashes") if cfg.exact else [])
+            if old_bands:
+                g.excluded(work / "not-near.parquet")
+                done = _band_map(
+                    pm,
+                    "seen",
+                    seen_band,
+                    work / "not-near.parquet",
+                    cfg.bands,
+                    (share, len(band_files)),
+                    band_files + old_bands,
+                )
+                g.load_seen_near([str(d / SEEN) for d in done])
+            if earlier:
+                seen = g.seen_counts() | {"earlier": [m.ref for m in earlier]}
+            g.excluded(work / "excluded.parquet")
+            bands = cfg.bands if band_files else 0
+            done = _band_map(
+                pm,
+                "buckets",
+                bucket_band,
+                work / "excluded.parquet",
+                bands,
+                (share,),
+                band_files,
+                progress=lambda f: progress(0.75 + 0.05 * f),
+            )
+            g.load_buckets([str(d / BUCKETS) for d in done])
             if cfg.verify_threshold is None:
                 pairs = g.pairs()
             else:
@@ -217,7 +248,7 @@ def run(
         if funnel.docs_out:
             w.meta["largest_cluster"] = max(w.meta["largest_cluster"], 1)
         w.meta["minhash"] = minhash_params(cfg)
-        w.meta["execution"] = {"parts": len(parts), "bucket_tasks": len(tasks), **pm.describe()}
+        w.meta["execution"] = {"parts": len(parts), "bucket_tasks": len(done), **pm.describe()}
         w.meta["execution"]["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - started

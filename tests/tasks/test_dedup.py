@@ -180,12 +180,12 @@ def test_results_do_not_depend_on_workers_or_memory_ceiling(result, tmp_path):
 
 @pytest.mark.parametrize(
     "point, name",
-    [("sign/1", "part-00001.parquet"), ("buckets/3", "band 3 slice 1/1")],
+    [("sign/1", "part-00001.parquet"), ("buckets-4/3", "bands 10-13")],
     ids=["a part being signed", "a band being bucketed"],
 )
 def test_a_killed_worker_costs_its_part_only(result, tmp_path, caplog, point, name):
-    """SIGKILL a worker with its task's outputs written but not published (part 1 signed, or
-    band 3's buckets): that task is redone, alone, and named in the log."""
+    """SIGKILL a worker with its task's outputs written but not published (part 1 signed, or the
+    buckets of the last of 4 band runs): that task is redone, alone, and named in the log."""
     _, _, _, m = result
     logging.getLogger("lmforge.dedup").addHandler(caplog.handler)  # Prefect may stop lmforge loggers propagating
     try:
@@ -202,7 +202,7 @@ def test_a_killed_worker_costs_its_part_only(result, tmp_path, caplog, point, na
 
 
 def test_band_slices_split_a_band_without_splitting_a_bucket(result, tmp_path):
-    """Step 3 cut into 3 hash slices per band finds exactly the buckets of 1 slice per band, spread over the slices."""
+    """Step 3 cut into runs of bands, one task per band, or 3 hash slices per band: the same buckets, spread over the tasks."""
     _, _, _, m = result
     bands = [str(m.path(f.path)) for f in m.files_with_prefix("bands-")]
     excluded = tmp_path / "excluded.parquet"
@@ -218,10 +218,11 @@ def test_band_slices_split_a_band_without_splitting_a_bucket(result, tmp_path):
             assert not any(p.name.endswith((".duckdb", "spill")) for p in out.iterdir())  # its scratch is gone
         return found
 
-    whole, sliced = buckets(14), buckets(42)
+    runs, whole, sliced = buckets(4), buckets(14), buckets(42)
+    assert list(runs) == ["bands 0-3", "bands 4-6", "bands 7-9", "bands 10-13"]
     assert len(whole) == 14 and len(sliced) == 42 and sliced.keys() >= {"band 0 slice 3/3", "band 13 slice 1/3"}
-    assert set().union(*sliced.values()) == set().union(*whole.values())
-    assert sum(map(len, sliced.values())) == sum(map(len, whole.values())) > 14  # no bucket in two slices
+    assert set().union(*sliced.values()) == set().union(*whole.values()) == set().union(*runs.values())
+    assert sum(map(len, sliced.values())) == sum(map(len, whole.values())) > 14  # no bucket in two tasks
     assert sum(1 for found in sliced.values() if found) > sum(1 for found in whole.values() if found)
 
 

@@ -67,7 +67,18 @@ from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
 from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, require_columns, stage_logger
 from tasks.text import dedup_parts, minhash
-from tasks.text.dedup_group import BUCKETS, SEEN, Grouping, band_slices, bucket_band, seen_band
+from tasks.text.dedup_group import (
+    BUCKETS,
+    SEEN,
+    SEEN_EXACT,
+    TWINS,
+    Grouping,
+    band_slices,
+    bucket_band,
+    hash_slices,
+    seen_band,
+    twins_slice,
+)
 from tasks.text.dedup_parts import SignParams
 
 STAGE = Stage("dedup", __name__)
@@ -146,13 +157,10 @@ def _check_earlier(store: Store, cfg: DedupConfig, earlier: list[Manifest]) -> N
             )
 
 
-def _band_map(
-    pm: PartMap, name: str, fn, excluded: Path, bands: int, args: tuple, files: list[str], progress=None
-) -> list[Path]:
-    """``fn(task, out, *args, *files)`` over band slices (about two per worker); each task's
-    output folder. The step's checkpoints hold for one cut of the bands (``<name>-<tasks>``);
-    ``files`` are every file the tasks read, so a Ray node fetches them."""
-    tasks = band_slices(str(excluded), bands, 2 * pm.workers)
+def _map_slices(pm: PartMap, name: str, fn, tasks: list, args: tuple, files: list[str], progress=None) -> list[Path]:
+    """``fn(task, out, *args, *files)`` over the grouping's slices; each task's output folder.
+    The step's checkpoints hold for one cut (``<name>-<tasks>``); ``files`` are every file
+    the tasks read, so a Ray node fetches them."""
     step = f"{name}-{len(tasks)}"
     pm.map(step, fn, tasks, *args, *files, progress=progress)
     return pm.outputs(step, tasks)
@@ -193,40 +201,49 @@ def run(
         band_files = [str(d / dedup_parts.BANDS) for d in signed if (d / dedup_parts.BANDS).exists()]
         decisions = work / "decisions.parquet"
         by = "hash" if cfg.exact else ("doc_id" if cfg.near else None)
+        group_tasks = {}  # tasks per map of the grouping, for meta.execution
         with Grouping(work, memory_mb=execution.memory_mb, threads=execution.worker_count()) as g:
-            g.exact(hash_files, by)
-            seen = {}
             share = max(64, execution.memory_mb // pm.workers)  # the ceiling, split among the tasks running at once
+            wanted = 2 * pm.workers  # tasks per map: enough to keep every worker busy
+            old_hashes = _files(earlier, "hashes") if cfg.exact else []
+            if hash_files and by is not None:
+                g.excluded(work / "none.parquet")  # the exact step excludes nothing
+                done = _map_slices(
+                    pm,
+                    "twins",
+                    twins_slice,
+                    hash_slices(str(work / "none.parquet"), wanted),
+                    (share, by, len(hash_files)),
+                    hash_files + old_hashes,
+                )
+                g.load_exact([str(d / TWINS) for d in done], [str(d / SEEN_EXACT) for d in done if old_hashes])
+                group_tasks["twins"] = len(done)
             old_bands = _files(earlier, "bands") if cfg.near and band_files else []
-            if earlier:
-                g.seen_exact(_files(earlier, "hashes") if cfg.exact else [])
             if old_bands:
                 g.excluded(work / "not-near.parquet")
-                done = _band_map(
+                done = _map_slices(
                     pm,
                     "seen",
                     seen_band,
-                    work / "not-near.parquet",
-                    cfg.bands,
+                    band_slices(str(work / "not-near.parquet"), cfg.bands, wanted),
                     (share, len(band_files)),
                     band_files + old_bands,
                 )
                 g.load_seen_near([str(d / SEEN) for d in done])
-            if earlier:
-                seen = g.seen_counts() | {"earlier": [m.ref for m in earlier]}
+                group_tasks["seen"] = len(done)
+            seen = g.seen_counts() | {"earlier": [m.ref for m in earlier]} if earlier else {}
             g.excluded(work / "excluded.parquet")
-            bands = cfg.bands if band_files else 0
-            done = _band_map(
+            done = _map_slices(
                 pm,
                 "buckets",
                 bucket_band,
-                work / "excluded.parquet",
-                bands,
+                band_slices(str(work / "excluded.parquet"), cfg.bands if band_files else 0, wanted),
                 (share,),
                 band_files,
                 progress=lambda f: progress(0.75 + 0.05 * f),
             )
             g.load_buckets([str(d / BUCKETS) for d in done])
+            group_tasks["buckets"] = len(done)
             if cfg.verify_threshold is None:
                 pairs = g.pairs()
             else:
@@ -248,7 +265,7 @@ def run(
         if funnel.docs_out:
             w.meta["largest_cluster"] = max(w.meta["largest_cluster"], 1)
         w.meta["minhash"] = minhash_params(cfg)
-        w.meta["execution"] = {"parts": len(parts), "bucket_tasks": len(done), **pm.describe()}
+        w.meta["execution"] = {"parts": len(parts), "group_tasks": group_tasks, **pm.describe()}
         w.meta["execution"]["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - started

@@ -1,28 +1,31 @@
 """Dedup's global step: from every part's hashes and band keys to one decision per dropped document.
 
-It runs in DuckDB on a database file in the stage's work directory, under a memory
-ceiling past which DuckDB spills to that directory (:mod:`tasks.text.spill_db`), so its
-memory does not grow with the corpus; Python holds only the candidate pairs (duplicates, not
-documents). The steps, all keyed by a document's ordinal (its position in the artifact):
+Its heavy work is maps over slices of the keys, run on the data engine like the per-part
+steps (every core, or a Ray cluster): each task reads every part's files for its slice
+only and works in a DuckDB of its own under its share of the memory ceiling, past which
+it spills to disk (:mod:`tasks.text.spill_db`); a group (a content hash, a band's bucket)
+never spans two slices, so the results do not depend on how many. The driver keeps one
+DuckDB of the duplicates only (twins, documents seen before, buckets), and Python the
+candidate pairs: its memory does not grow with the corpus. The steps, all keyed by a
+document's ordinal (its position in the artifact):
 
-1. exact twins: group the content hashes (or, without exact dedup, the doc_ids); a
-   group's first ordinal is its representative, every other member a ``twin``;
+1. exact twins, a map over content-hash slices (:func:`twins_slice`): group the content
+   hashes (or, without exact dedup, the doc_ids); a group's first ordinal is its
+   representative, every other member a ``twin``;
 2. documents seen before (incremental runs): a representative whose hash is in an
-   earlier artifact's ``hashes-*`` is ``seen_exact`` (on the driver), one sharing a band
-   key with its ``bands-*`` is ``seen_near`` (a map over band slices, :func:`seen_band`,
-   as step 3);
-3. candidate buckets, a map over bands (and slices of a band's hashes, for more tasks
-   than bands): representatives not seen before that share a (band, band_hash), each task
-   in a DuckDB of its own under its share of the memory ceiling, reading only its band's
-   row groups (:func:`bucket_band`, on the data engine like the per-part steps); the
-   driver loads their buckets, which hold duplicates only;
+   earlier artifact's ``hashes-*`` is ``seen_exact`` (in the same map), one sharing a band
+   key with its ``bands-*`` is ``seen_near`` (a map over band slices, :func:`seen_band`);
+3. candidate buckets, a map over runs of bands (or slices of a band's hashes, for more
+   tasks than bands; :func:`bucket_band`), one band at a time in each task:
+   representatives not seen before that share a (band, band_hash);
 4. connected components of the candidate pairs (the first member of a bucket with each
    other one), by min-label propagation in numpy; a component's root is its smallest
    ordinal, the document first in artifact order. With ``verify_threshold``, pairs are
    checked against their exact shingle Jaccard first (texts of candidates only);
 5. decisions, written sorted by ordinal to one Parquet file that each part reads its
    range of: exact twins, documents seen before, and component members that are not
-   the root, with ``duplicate_of`` and ``cluster_id``.
+   the root, with ``duplicate_of`` and ``cluster_id`` (the doc_ids come with the twins and
+   the buckets: the driver never reads every document's).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Grouping:
         self.work = Path(work)
         self.db = SpillingDuckDB(self.work, memory_mb=memory_mb, threads=threads)
         self.con = self.db.con
+        self.con.execute("CREATE TABLE twin (ord BIGINT, first BIGINT, first_doc VARCHAR)")
+        self.con.execute("CREATE TABLE seen (ord BIGINT, reason VARCHAR, earlier VARCHAR)")
         self.stats: dict = {}
 
     def __enter__(self) -> "Grouping":
@@ -57,32 +62,14 @@ class Grouping:
     def __exit__(self, *exc) -> None:
         self.db.close()
 
-    def exact(self, hash_files: list[str], by: str | None) -> None:
-        """Step 1: the ``docs`` (ord, doc_id, hash) and ``twin`` (ord, first) tables; ``by`` is
-        ``hash``, ``doc_id`` or None (no twins)."""
+    def load_exact(self, twin_files: list[str], seen_files: list[str]) -> None:
+        """Steps 1 and 2 (exact), from every :func:`twins_slice` task: the ``twin`` (ord, first,
+        first_doc) table, and the ``seen`` table's ``seen_exact`` rows."""
         con = self.con
-        if hash_files:
-            con.execute("CREATE TABLE docs AS SELECT ord, doc_id, hash FROM read_parquet($f)", {"f": hash_files})
-        else:
-            con.execute("CREATE TABLE docs (ord BIGINT, doc_id VARCHAR, hash BLOB)")
-        if by is None:
-            con.execute("CREATE TABLE twin (ord BIGINT, first BIGINT)")
-        else:
-            con.execute(
-                f"""CREATE TABLE twin AS
-                    WITH g AS (SELECT {by} AS k, min(ord) AS first FROM docs GROUP BY {by} HAVING count(*) > 1)
-                    SELECT d.ord, g.first FROM docs d JOIN g ON d.{by} = g.k WHERE d.ord <> g.first"""
-            )
-        con.execute("CREATE TABLE seen (ord BIGINT, reason VARCHAR, earlier VARCHAR)")
-
-    def seen_exact(self, old_hashes: list[str]) -> None:
-        """Step 2, exact: representatives whose content hash is in an earlier artifact's ``hashes-*``."""
-        if old_hashes:
-            self.con.execute(
-                f"""INSERT INTO seen SELECT n.ord, 'seen_exact', {_EARLIER_MATCH}
-                    FROM docs n JOIN read_parquet($old) e ON n.hash = e.hash WHERE {_NOT_TWIN} GROUP BY n.ord""",
-                {"old": old_hashes},
-            )
+        if twin_files:
+            con.execute("INSERT INTO twin SELECT ord, first, first_doc FROM read_parquet($f)", {"f": twin_files})
+        if seen_files:
+            con.execute("INSERT INTO seen SELECT ord, 'seen_exact', earlier FROM read_parquet($f)", {"f": seen_files})
 
     def load_seen_near(self, seen_files: list[str]) -> None:
         """Step 2, near, from every :func:`seen_band` task: a document matched in several bands is
@@ -106,11 +93,18 @@ class Grouping:
         )
 
     def load_buckets(self, bucket_files: list[str]) -> None:
-        """Step 3's results: the ``buckets`` table (band, members sorted) from every :func:`bucket_band` task."""
+        """Step 3's results: the ``buckets`` table (band, members sorted) from every :func:`bucket_band`
+        task, and ``named`` (ord, doc_id) of every document in a bucket (a component's root is one)."""
         con = self.con
         con.execute("CREATE TABLE buckets (band SMALLINT, members BIGINT[])")
+        con.execute("CREATE TABLE named (ord BIGINT, doc_id VARCHAR)")
         if bucket_files:
             con.execute("INSERT INTO buckets SELECT band, members FROM read_parquet($f)", {"f": bucket_files})
+            con.execute(
+                """INSERT INTO named SELECT DISTINCT unnest(members) AS ord, unnest(doc_ids) AS doc_id
+                   FROM read_parquet($f)""",
+                {"f": bucket_files},
+            )
         self.stats["candidate_buckets"] = con.execute("SELECT count(DISTINCT members) FROM buckets").fetchone()[0]
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -154,13 +148,14 @@ class Grouping:
         self.con.execute(
             f"""COPY (
                   SELECT t.ord, coalesce(s.reason, 'exact_duplicate') AS dropped_reason,
-                         coalesce(s.earlier, f.doc_id) AS duplicate_of, coalesce(s.earlier, r.doc_id) AS cluster_id
+                         coalesce(s.earlier, t.first_doc) AS duplicate_of,
+                         coalesce(s.earlier, r.doc_id, t.first_doc) AS cluster_id
                   FROM twin t LEFT JOIN moved m ON m.ord = t.first LEFT JOIN seen s ON s.ord = t.first
-                       JOIN docs f ON f.ord = t.first JOIN docs r ON r.ord = coalesce(m.root, t.first)
+                       LEFT JOIN named r ON r.ord = m.root
                   UNION ALL
                   SELECT ord, reason, earlier, earlier FROM seen
                   UNION ALL
-                  SELECT m.ord, 'near_duplicate', r.doc_id, r.doc_id FROM moved m JOIN docs r ON r.ord = m.root
+                  SELECT m.ord, 'near_duplicate', r.doc_id, r.doc_id FROM moved m JOIN named r ON r.ord = m.root
                   ORDER BY ord
                 ) TO '{sql_path(out)}' (FORMAT parquet, ROW_GROUP_SIZE 65536)"""
         )
@@ -175,25 +170,33 @@ class Grouping:
 
 BUCKETS = "buckets.parquet"
 SEEN = "seen.parquet"
+TWINS = "twins.parquet"
+SEEN_EXACT = "seen_exact.parquet"
 
 
 @dataclass(frozen=True)
-class BandSlice:
-    """One task of steps 2 and 3: bands ``first_band`` to ``last_band``, the documents whose band
-    hash is ``slice`` modulo ``slices`` (a bucket is one band and band hash, so no cut splits
-    one). ``path`` is the file of excluded ordinals every task reads (the data engine's tasks
-    name an input file)."""
+class Slice:
+    """One task of the grouping's maps: the keys that are ``slice`` modulo ``slices`` (of the
+    band hash, or of the content hash for the exact step), of bands ``first_band`` to
+    ``last_band`` where the keys are band keys. A group (a bucket: one band and band hash; a
+    content hash) never spans two slices. ``path`` is the file of excluded ordinals every task
+    reads (the data engine's tasks name an input file; empty for the exact step)."""
 
     index: int
     name: str
     path: str
-    first_band: int
-    last_band: int
+    first_band: int = 0
+    last_band: int = 0
     slice: int = 0
     slices: int = 1
 
 
-def band_slices(excluded: str, bands: int, tasks_wanted: int) -> list[BandSlice]:
+def hash_slices(excluded: str, tasks: int) -> list[Slice]:
+    """The exact step's ``tasks`` slices of the content hashes (the groups do not depend on how many)."""
+    return [Slice(i, f"hash slice {i + 1}/{tasks}", excluded, slice=i, slices=tasks) for i in range(tasks)]
+
+
+def band_slices(excluded: str, bands: int, tasks_wanted: int) -> list[Slice]:
     """About ``tasks_wanted`` tasks over ``bands`` bands: runs of whole bands when there are
     fewer tasks than bands, else every band cut into as many hash slices as it takes. The
     buckets, so the artifact, are the same however the bands are cut."""
@@ -202,12 +205,12 @@ def band_slices(excluded: str, bands: int, tasks_wanted: int) -> list[BandSlice]
     if tasks_wanted < bands:
         edges = [round(i * bands / tasks_wanted) for i in range(tasks_wanted + 1)]
         return [
-            BandSlice(i, f"bands {lo}-{hi - 1}" if hi - lo > 1 else f"band {lo}", excluded, lo, hi - 1)
+            Slice(i, f"bands {lo}-{hi - 1}" if hi - lo > 1 else f"band {lo}", excluded, lo, hi - 1)
             for i, (lo, hi) in enumerate(zip(edges, edges[1:]))
         ]
     slices = -(-tasks_wanted // bands)
     return [
-        BandSlice(b * slices + s, f"band {b} slice {s + 1}/{slices}", excluded, b, b, s, slices)
+        Slice(b * slices + s, f"band {b} slice {s + 1}/{slices}", excluded, b, b, s, slices)
         for b in range(bands)
         for s in range(slices)
     ]
@@ -216,11 +219,11 @@ def band_slices(excluded: str, bands: int, tasks_wanted: int) -> list[BandSlice]
 # The band keys of one task (``n``: this run's), without the excluded ordinals. The slice is
 # written into the query as integer literals: as parameters, DuckDB's modulo of the uint64
 # band hash took 3 times as long (measured on 300k documents' keys).
-_TASKS_KEYS = """n.band BETWEEN $first AND $last AND n.band_hash % {slices} = {slice}
+_TASKS_KEYS = """n.band = $band AND n.band_hash % {slices} = {slice}
                  AND NOT EXISTS (SELECT 1 FROM read_parquet($excluded) x WHERE x.ord = n.ord)"""
 
 
-def bucket_band(task: BandSlice, out: Path, memory_mb: int, *band_files: str) -> dict:
+def bucket_band(task: Slice, out: Path, memory_mb: int, *band_files: str) -> dict:
     """Step 3 for one band slice: its candidate buckets (band, members sorted by ordinal) to
     ``out/buckets.parquet``, from every part's ``band_files``; the ordinals in ``task.path``
     (twins, documents seen before) are left out."""
@@ -228,14 +231,14 @@ def bucket_band(task: BandSlice, out: Path, memory_mb: int, *band_files: str) ->
         task,
         out / BUCKETS,
         memory_mb,
-        f"""SELECT n.band, list(n.ord ORDER BY n.ord) AS members FROM read_parquet($new) n
-            WHERE {_TASKS_KEYS} GROUP BY n.band, n.band_hash HAVING count(*) > 1""",
+        f"""SELECT n.band, list(n.ord ORDER BY n.ord) AS members, list(n.doc_id ORDER BY n.ord) AS doc_ids
+            FROM read_parquet($new) n WHERE {_TASKS_KEYS} GROUP BY n.band, n.band_hash HAVING count(*) > 1""",
         new=list(band_files),
     )
     return {"buckets": rows}
 
 
-def seen_band(task: BandSlice, out: Path, memory_mb: int, new_files: int, *band_files: str) -> dict:
+def seen_band(task: Slice, out: Path, memory_mb: int, new_files: int, *band_files: str) -> dict:
     """Step 2, near, for one band slice: the documents of ``band_files[:new_files]`` (this run's)
     that share a band key with ``band_files[new_files:]`` (earlier artifacts'), with whether one
     match is their own doc_id and the least matching doc_id, to ``out/seen.parquet``; the
@@ -246,24 +249,63 @@ def seen_band(task: BandSlice, out: Path, memory_mb: int, new_files: int, *band_
         memory_mb,
         f"""SELECT n.ord, any_value(n.doc_id) AS doc_id, bool_or(e.doc_id = n.doc_id) AS own, min(e.doc_id) AS least
             FROM read_parquet($new) n JOIN read_parquet($old) e ON n.band = e.band AND n.band_hash = e.band_hash
-            WHERE {_TASKS_KEYS} AND e.band BETWEEN $first AND $last GROUP BY n.ord""",
+            WHERE {_TASKS_KEYS} AND e.band = $band GROUP BY n.ord""",
         new=list(band_files[:new_files]),
         old=list(band_files[new_files:]),
     )
     return {"seen": rows}
 
 
-def _query_to_file(task: BandSlice, dest: Path, memory_mb: int, select: str, **files: list[str]) -> int:
-    """``select`` over ``task``'s band keys written to ``dest`` (Parquet), in a DuckDB of its own
-    beside it under ``memory_mb``; its rows. The database and its spill are gone afterwards."""
-    db = SpillingDuckDB(dest.parent, memory_mb=memory_mb, threads=1, name=f"{dest.stem}.duckdb")
-    params = {"excluded": task.path, "first": task.first_band, "last": task.last_band}
+def twins_slice(task: Slice, out: Path, memory_mb: int, by: str, new_files: int, *hash_files: str) -> dict:
+    """Steps 1 and 2 (exact) for the documents whose ``by`` (``hash``, or ``doc_id`` without exact
+    dedup) hashes to ``task``'s slice: every member of a group but its first (ordinal, first's
+    ordinal and doc_id) to ``out/twins.parquet``; with earlier artifacts' ``hashes-*``
+    (``hash_files[new_files:]``), the groups' firsts whose hash is among them, with the earlier
+    doc_id they match, to ``out/seen_exact.parquet``. A group never spans two slices."""
+    if by not in ("hash", "doc_id"):
+        raise ValueError(f"exact groups are by hash or doc_id, not {by!r}")
+    new, old = list(hash_files[:new_files]), list(hash_files[new_files:])
+    mine = f"hash({by}) % {int(task.slices)} = {int(task.slice)}"
+    db = SpillingDuckDB(out, memory_mb=memory_mb, threads=1, name="twins.duckdb")
+    con = db.con
     try:
-        db.con.execute(
-            f"COPY ({select.format(slices=int(task.slices), slice=int(task.slice))}) TO '{sql_path(dest)}' (FORMAT parquet)",
-            params | files,
+        con.execute(f"CREATE TABLE docs AS SELECT ord, doc_id, hash FROM read_parquet($f) WHERE {mine}", {"f": new})
+        con.execute(
+            f"""CREATE TABLE twin AS
+                WITH g AS (SELECT {by} AS k, min(ord) AS first, arg_min(doc_id, ord) AS first_doc FROM docs
+                           GROUP BY {by} HAVING count(*) > 1)
+                SELECT d.ord, g.first, g.first_doc FROM docs d JOIN g ON d.{by} = g.k WHERE d.ord <> g.first"""
         )
-        return db.con.execute("SELECT count(*) FROM read_parquet($f)", {"f": str(dest)}).fetchone()[0]
+        con.execute(f"COPY twin TO '{sql_path(out / TWINS)}' (FORMAT parquet)")
+        seen = 0
+        if old:
+            con.execute(
+                f"""COPY (SELECT n.ord, {_EARLIER_MATCH} AS earlier
+                          FROM docs n JOIN read_parquet($old) e ON n.hash = e.hash
+                          WHERE hash(e.hash) % {int(task.slices)} = {int(task.slice)} AND {_NOT_TWIN} GROUP BY n.ord)
+                    TO '{sql_path(out / SEEN_EXACT)}' (FORMAT parquet)""",
+                {"old": old},
+            )
+            seen = con.execute("SELECT count(*) FROM read_parquet($f)", {"f": str(out / SEEN_EXACT)}).fetchone()[0]
+        twins = con.execute("SELECT count(*) FROM twin").fetchone()[0]
+    finally:
+        db.close()
+    return {"twins": twins, "seen_exact": seen}
+
+
+def _query_to_file(task: Slice, dest: Path, memory_mb: int, select: str, **files: list[str]) -> int:
+    """``select`` over ``task``'s band keys, one band at a time (memory follows one band's keys,
+    as many as the corpus has documents, not a run of bands'), written to ``dest`` (Parquet);
+    its rows. It runs in a DuckDB of its own beside ``dest`` under ``memory_mb``, which is gone
+    afterwards with its spill; the result holds duplicates only."""
+    db = SpillingDuckDB(dest.parent, memory_mb=memory_mb, threads=1, name=f"{dest.stem}.duckdb")
+    select = select.format(slices=int(task.slices), slice=int(task.slice))
+    try:
+        for band in range(task.first_band, task.last_band + 1):
+            into = "CREATE TABLE result AS" if band == task.first_band else "INSERT INTO result"
+            db.con.execute(f"{into} {select}", {"excluded": task.path, "band": band} | files)
+        db.con.execute(f"COPY result TO '{sql_path(dest)}' (FORMAT parquet)")
+        return db.con.execute("SELECT count(*) FROM result").fetchone()[0]
     finally:
         db.close()
 

@@ -21,7 +21,7 @@ from tasks import dedup
 from tasks.parts.core import Execution
 from tasks.stage import StageError
 from tasks.text import minhash
-from tasks.text.dedup_group import BUCKETS, band_slices, bucket_band, components
+from tasks.text.dedup_group import BUCKETS, TWINS, band_slices, bucket_band, components, hash_slices, twins_slice
 
 ROOT = Path(__file__).resolve().parents[2]
 RNG = random.Random(7)
@@ -214,7 +214,9 @@ def test_band_slices_split_a_band_without_splitting_a_bucket(result, tmp_path):
             out = tmp_path / f"{tasks_wanted}-{task.index}"
             out.mkdir()
             assert bucket_band(task, out, 64, *bands)["buckets"] == pq.read_table(out / BUCKETS).num_rows
-            found[task.name] = {(b, tuple(ms)) for b, ms in duckdb.sql(f"SELECT * FROM '{out / BUCKETS}'").fetchall()}
+            found[task.name] = {
+                (b, tuple(ms)) for b, ms in duckdb.sql(f"SELECT band, members FROM '{out / BUCKETS}'").fetchall()
+            }
             assert not any(p.name.endswith((".duckdb", "spill")) for p in out.iterdir())  # its scratch is gone
         return found
 
@@ -257,6 +259,27 @@ def test_a_bad_part_names_itself(tmp_path):
         w.write_table(pa.table({"doc_id": ["b"], "url": ["u"], "source": ["s"], "fetched_at": ["t"], "text": [7]}))
     with pytest.raises(StageError, match=r"\[dedup\] part-00001.parquet \(.*part-00001.parquet\): sign failed"):
         dedup.run(store, dedup.DedupConfig(), docs=w.manifest, execution=Execution(workers=2))
+
+
+def test_exact_twins_do_not_depend_on_the_hash_slices(result, tmp_path):
+    """Step 1 as one task or three slices of the content hashes: the same twins, each with its group's first."""
+    _, _, ids, m = result
+    hashes = [str(m.path(f.path)) for f in m.files_with_prefix("hashes-")]
+    names = {v: k for k, v in ids.items()}
+
+    def twins(n):
+        found = set()
+        for task in hash_slices("", n):
+            out = tmp_path / f"{n}-{task.index}"
+            out.mkdir()
+            twins_slice(task, out, 64, "hash", len(hashes), *hashes)
+            rows = pq.read_table(out / TWINS).to_pylist()
+            found |= {(r["ord"], r["first"], names[r["first_doc"]]) for r in rows}
+        return found
+
+    one, three = twins(1), twins(3)
+    assert one == three and {d for _, _, d in one} == {"d3", "d4", "d0_a", "s1"}
+    assert all(first < ordinal for ordinal, first, _ in one)
 
 
 def test_components_of_pairs_root_at_their_smallest_node():

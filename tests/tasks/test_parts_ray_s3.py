@@ -56,10 +56,10 @@ def test_dedup_through_the_bucket_gives_the_local_files(apart, tmp_path):
     on_ray = dedup.run(store, dedup.DedupConfig(), docs=docs, execution=Execution(engine="ray", address=address))
     assert on_ray.key == local.key and on_ray.digest() == local.digest()
     ran = on_ray.meta["execution"]
-    # Every part of both per-part steps (sign, then apply with the driver's decisions) and every band
-    # task of the buckets step (the parts' band keys and the driver's excluded ordinals) went through the bucket.
-    assert ran["engine"] == "ray" and ran["bucket_tasks"] == 4  # 2 per worker
-    assert ran["parts_through_bucket"] == 2 * ran["parts"] + ran["bucket_tasks"]
+    # Every part of both per-part steps (sign, then apply with the driver's decisions) and every task of the
+    # grouping's maps (the parts' hashes or band keys and the driver's excluded ordinals) went through the bucket.
+    assert ran["engine"] == "ray" and ran["group_tasks"] == {"twins": 4, "buckets": 4}  # 2 per worker
+    assert ran["parts_through_bucket"] == 2 * ran["parts"] + 8
     assert _copied_to_nodes(root) > 0 and _scratch_in_bucket(s3) == []
 
 

@@ -18,12 +18,15 @@ import duckdb
 class SpillingDuckDB:
     """A connection (``.con``) to a fresh database under ``work``; :meth:`close` removes it and its spill."""
 
-    def __init__(self, work: Path, *, memory_mb: int, threads: int, name: str = "group.duckdb"):
+    def __init__(self, work: Path, *, memory_mb: int, threads: int, name: str = "group.duckdb", tables: bool = True):
+        """``tables``: the database holds tables that may outgrow the memory (a file under
+        ``work``); without, only a query's intermediates spill and the database stays in
+        memory (faster where the tables are small: a task's result of duplicates only)."""
         self.work, self.name = Path(work), name
         self._clean()
         (self.work / "spill").mkdir(parents=True)
         self.con = duckdb.connect(
-            str(self.work / name),
+            str(self.work / name) if tables else ":memory:",
             config={
                 "memory_limit": f"{memory_mb}MB",
                 "temp_directory": str(self.work / "spill"),

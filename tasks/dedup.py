@@ -15,13 +15,12 @@ Design decisions:
 - The work is split as datatrove and NeMo Curator split it, over the input's parts
   (:mod:`tasks.parts`): a map signs each part on every core (content hashes, and band
   keys of each part's first copy of a text; :mod:`tasks.text.dedup_parts`), a global
-  step groups them in DuckDB under a memory ceiling that it respects by spilling
-  (:mod:`tasks.text.dedup_group`: exact groups on the driver; candidate buckets as a
-  second map, over bands and slices of their hashes, each task in a DuckDB of its own;
-  connected components of the candidate pairs only), and a third map writes each
+  step groups them (:mod:`tasks.text.dedup_group`: exact twins and candidate buckets as
+  maps over slices of the content hashes and of the bands, each task in a DuckDB of its
+  own under its share of a memory ceiling that it respects by spilling; connected
+  components of the candidate pairs only, on the driver), and a last map writes each
   part's kept and dropped documents. Memory does not grow with the corpus beyond the
-  candidate pairs; a killed worker costs its part or band slice, a killed run the
-  unfinished ones.
+  duplicates; a killed worker costs its part or slice, a killed run the unfinished ones.
 - Band keys stay in the artifact as ``bands-<part>.parquet`` (doc_id, ord, band,
   band_hash as uint64) for every document signed, so that later runs can dedup new
   documents against this corpus (``meta["minhash"]`` records the parameters their keys
@@ -62,7 +61,7 @@ from pydantic import Field, model_validator
 
 from storage.artifact import Manifest, Store
 from storage.documents import Funnel
-from tasks.parts.core import Execution, add_part_files, input_parts
+from tasks.parts.core import Execution, Part, add_part_files, input_parts
 from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
 from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, require_columns, stage_logger
@@ -82,6 +81,7 @@ from tasks.text.dedup_group import (
 from tasks.text.dedup_parts import SignParams
 
 STAGE = Stage("dedup", __name__)
+DECISIONS = "decisions.parquet"
 log = stage_logger(STAGE.name)
 
 
@@ -157,13 +157,57 @@ def _check_earlier(store: Store, cfg: DedupConfig, earlier: list[Manifest]) -> N
             )
 
 
-def _map_slices(pm: PartMap, name: str, fn, tasks: list, args: tuple, files: list[str], progress=None) -> list[Path]:
-    """``fn(task, out, *args, *files)`` over the grouping's slices; each task's output folder.
-    The step's checkpoints hold for one cut (``<name>-<tasks>``); ``files`` are every file
-    the tasks read, so a Ray node fetches them."""
-    step = f"{name}-{len(tasks)}"
-    pm.map(step, fn, tasks, *args, *files, progress=progress)
-    return pm.outputs(step, tasks)
+def _group(
+    pm: PartMap,
+    cfg: DedupConfig,
+    execution: Execution,
+    parts: list[Part],
+    signed: list[Path],
+    earlier: list[Manifest],
+    progress: Progress,
+) -> tuple[dict, dict[str, int]]:
+    """The global step (:mod:`tasks.text.dedup_group`): its maps over slices of the keys on
+    ``pm``'s engine, then components and decisions on this machine, to ``decisions.parquet`` in
+    ``pm``'s work folder. Returns the artifact's meta (the grouping's counts) and the tasks of
+    each map (for ``meta.execution``)."""
+    work = pm.work_dir
+    hash_files = [str(d / dedup_parts.HASHES) for d in signed if (d / dedup_parts.HASHES).exists()]
+    band_files = [str(d / dedup_parts.BANDS) for d in signed if (d / dedup_parts.BANDS).exists()]
+    by = "hash" if cfg.exact else ("doc_id" if cfg.near else None)
+    share = max(64, execution.memory_mb // pm.workers)  # the ceiling, split among the tasks running at once
+    wanted = 2 * pm.workers  # tasks per map: enough to keep every worker busy
+    tasks: dict[str, int] = {}
+
+    def map_slices(name: str, fn, slices: list, args: tuple, files: list[str], progress=None) -> list[Path]:
+        # A step's checkpoints hold for one cut (<name>-<tasks>); files: all the tasks read, for Ray nodes to fetch.
+        tasks[name] = len(slices)
+        pm.map(f"{name}-{len(slices)}", fn, slices, *args, *files, progress=progress)
+        return pm.outputs(f"{name}-{len(slices)}", slices)
+
+    with Grouping(work, memory_mb=execution.memory_mb, threads=execution.worker_count()) as g:
+        old_hashes = _files(earlier, "hashes") if cfg.exact else []
+        if hash_files and by is not None:
+            g.excluded(work / "none.parquet")  # the exact step excludes nothing
+            slices = hash_slices(str(work / "none.parquet"), wanted)
+            done = map_slices("twins", twins_slice, slices, (share, by, len(hash_files)), hash_files + old_hashes)
+            g.load_exact([str(d / TWINS) for d in done], [str(d / SEEN_EXACT) for d in done if old_hashes])
+        old_bands = _files(earlier, "bands") if cfg.near and band_files else []
+        if old_bands:
+            g.excluded(work / "not-near.parquet")  # twins, and documents seen exactly
+            slices = band_slices(str(work / "not-near.parquet"), cfg.bands, wanted)
+            done = map_slices("seen", seen_band, slices, (share, len(band_files)), band_files + old_bands)
+            g.load_seen_near([str(d / SEEN) for d in done])
+        seen = g.seen_counts() | {"earlier": [m.ref for m in earlier]} if earlier else {}
+        g.excluded(work / "excluded.parquet")  # twins, and documents seen before
+        slices = band_slices(str(work / "excluded.parquet"), cfg.bands if band_files else 0, wanted)
+        done = map_slices("buckets", bucket_band, slices, (share,), band_files, progress=progress)
+        g.load_buckets([str(d / BUCKETS) for d in done])
+        if cfg.verify_threshold is None:
+            pairs = g.pairs()
+        else:
+            pairs = g.verified_pairs(parts, cfg.ngram, cfg.verify_threshold)
+        g.decisions(*pairs, work / DECISIONS)
+    return g.stats | seen, tasks
 
 
 def run(
@@ -197,62 +241,11 @@ def run(
         pm.map("sign", dedup_parts.sign_part, parts, params, progress=lambda f: progress(0.75 * f))
         seconds = {"sign": time.monotonic() - started}
         signed = pm.outputs("sign", parts)
-        hash_files = [str(d / dedup_parts.HASHES) for d in signed if (d / dedup_parts.HASHES).exists()]
-        band_files = [str(d / dedup_parts.BANDS) for d in signed if (d / dedup_parts.BANDS).exists()]
-        decisions = work / "decisions.parquet"
-        by = "hash" if cfg.exact else ("doc_id" if cfg.near else None)
-        group_tasks = {}  # tasks per map of the grouping, for meta.execution
-        with Grouping(work, memory_mb=execution.memory_mb, threads=execution.worker_count()) as g:
-            share = max(64, execution.memory_mb // pm.workers)  # the ceiling, split among the tasks running at once
-            wanted = 2 * pm.workers  # tasks per map: enough to keep every worker busy
-            old_hashes = _files(earlier, "hashes") if cfg.exact else []
-            if hash_files and by is not None:
-                g.excluded(work / "none.parquet")  # the exact step excludes nothing
-                done = _map_slices(
-                    pm,
-                    "twins",
-                    twins_slice,
-                    hash_slices(str(work / "none.parquet"), wanted),
-                    (share, by, len(hash_files)),
-                    hash_files + old_hashes,
-                )
-                g.load_exact([str(d / TWINS) for d in done], [str(d / SEEN_EXACT) for d in done if old_hashes])
-                group_tasks["twins"] = len(done)
-            old_bands = _files(earlier, "bands") if cfg.near and band_files else []
-            if old_bands:
-                g.excluded(work / "not-near.parquet")
-                done = _map_slices(
-                    pm,
-                    "seen",
-                    seen_band,
-                    band_slices(str(work / "not-near.parquet"), cfg.bands, wanted),
-                    (share, len(band_files)),
-                    band_files + old_bands,
-                )
-                g.load_seen_near([str(d / SEEN) for d in done])
-                group_tasks["seen"] = len(done)
-            seen = g.seen_counts() | {"earlier": [m.ref for m in earlier]} if earlier else {}
-            g.excluded(work / "excluded.parquet")
-            done = _map_slices(
-                pm,
-                "buckets",
-                bucket_band,
-                band_slices(str(work / "excluded.parquet"), cfg.bands if band_files else 0, wanted),
-                (share,),
-                band_files,
-                progress=lambda f: progress(0.75 + 0.05 * f),
-            )
-            g.load_buckets([str(d / BUCKETS) for d in done])
-            group_tasks["buckets"] = len(done)
-            if cfg.verify_threshold is None:
-                pairs = g.pairs()
-            else:
-                pairs = g.verified_pairs(parts, cfg.ngram, cfg.verify_threshold)
-            g.decisions(*pairs, decisions)
+        grouped, group_tasks = _group(pm, cfg, execution, parts, signed, earlier, lambda f: progress(0.75 + 0.05 * f))
         seconds["group"] = time.monotonic() - started - seconds["sign"]
         progress(0.8)
         funnels = pm.map(
-            "apply", dedup_parts.apply_part, parts, str(decisions), progress=lambda f: progress(0.8 + 0.2 * f)
+            "apply", dedup_parts.apply_part, parts, str(work / DECISIONS), progress=lambda f: progress(0.8 + 0.2 * f)
         )
         seconds["apply"] = time.monotonic() - started - seconds["sign"] - seconds["group"]
         funnel = Funnel()
@@ -261,7 +254,7 @@ def run(
         add_part_files(w, parts, signed, {dedup_parts.HASHES: "hashes", dedup_parts.BANDS: "bands"})
         add_part_files(w, parts, pm.outputs("apply", parts), {dedup_parts.KEPT: "part", dedup_parts.DROPPED: "dropped"})
         w.counters.update(funnel.as_counters())
-        w.meta.update(g.stats | seen)
+        w.meta.update(grouped)
         if funnel.docs_out:
             w.meta["largest_cluster"] = max(w.meta["largest_cluster"], 1)
         w.meta["minhash"] = minhash_params(cfg)

@@ -37,7 +37,7 @@ class Execution(StageConfig):
         1024,
         ge=64,
         le=1 << 20,
-        description="Memory ceiling (MiB) of a stage's global step (dedup's grouping in DuckDB); past it, it spills to disk under the store.",
+        description="Memory ceiling (MiB) of a stage's global step (dedup's grouping in DuckDB, split among its tasks running at once); past it, it spills to disk under the store.",
     )
 
     engine: Literal["local", "ray"] = Field(

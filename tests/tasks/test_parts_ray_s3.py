@@ -7,17 +7,18 @@ bucket (:mod:`tasks.parts.exchange`). The artifacts must still be the local engi
 for file, and the bucket must keep nothing of the stage's scratch afterwards.
 """
 
+import random
 import shutil
 
 import pytest
 from pyarrow.fs import FileSelector, FileType
 
-from storage.artifact import Store
+from storage.artifact import Store, read_table
 from tasks import augment, dedup, ingest, shards
 from tasks.parts.core import Execution
 from tests.ray_cluster import running_ray_cluster
 from tests.s3_server import running_s3_server
-from tests.tasks import test_augment, test_dedup, test_ingest, test_shards
+from tests.tasks import test_augment, test_dedup, test_incremental, test_ingest, test_shards
 
 pytestmark = pytest.mark.slow
 URL = "s3://lmforge/stores/team"
@@ -117,3 +118,31 @@ def test_augment_through_the_bucket_gives_the_local_files(apart, tmp_path):
     assert on_ray.digest() == local.digest() and on_ray.counters["augment"]["accepted"] > 0
     # Both passes (rank, then translate with each part's chosen documents) went through the bucket.
     assert on_ray.meta["execution"]["parts_through_bucket"] == 2 * 3 and _scratch_in_bucket(s3) == []
+
+
+def test_an_incremental_dedup_through_the_bucket_gives_the_local_files(apart, tmp_path):
+    """The match with an earlier version's band keys (a published artifact's files, in the bucket) on nodes apart."""
+    s3, address, _ = apart
+    rng = random.Random(5)
+    old = {f"d{i}": test_incremental._text(rng) for i in range(6)}
+    new = [
+        ("n0", " ".join(test_incremental._text(rng))),  # new
+        ("n1", " ".join(old["d1"]).upper()),  # an exact copy of d1
+        ("n2", test_incremental._edited(old["d2"], rng)),  # a near copy of d2
+    ]
+
+    def twice(store, execution):
+        docs = test_incremental._publish_docs(store, "inc-old", [(d, " ".join(ws)) for d, ws in old.items()])
+        first = dedup.run(store, dedup.DedupConfig(), docs=docs, execution=execution)
+        docs = test_incremental._publish_docs(store, "inc-new", new)
+        return dedup.run(store, dedup.DedupConfig(), docs=docs, earlier=[first], execution=execution)
+
+    local = twice(Store(tmp_path / "local"), Execution(workers=1))
+    on_ray = twice(Store(URL), Execution(engine="ray", address=address))
+    assert on_ray.digest() == local.digest()
+    dropped = {r["doc_id"]: (r["dropped_reason"], r["duplicate_of"]) for r in read_table(on_ray, "dropped").to_pylist()}
+    assert dropped == {"n1": ("seen_exact", "d1"), "n2": ("seen_near", "d2")}
+    ran = on_ray.meta["execution"]
+    assert ran["group_tasks"] == {"twins": 4, "seen": 4, "buckets": 4}  # every task through the bucket:
+    assert ran["parts_through_bucket"] == 2 * ran["parts"] + 12  # its files, the earlier ones fetched from it
+    assert _scratch_in_bucket(s3) == []

@@ -86,8 +86,9 @@ class Grouping:
         return {"seen_exact_first": counts.get("seen_exact", 0), "seen_near_first": counts.get("seen_near", 0)}
 
     def excluded(self, out: Path) -> None:
-        """The ordinals that no bucket may hold (exact twins, documents seen before), sorted, to ``out``:
-        what each :func:`bucket_band` task leaves out."""
+        """The ordinals in ``twin`` and ``seen`` so far, sorted, to ``out``: what the next map's tasks
+        leave out (none for :func:`twins_slice`; twins and exact matches for :func:`seen_band`;
+        twins and every document seen before for :func:`bucket_band`)."""
         self.con.execute(
             f"COPY (SELECT ord FROM twin UNION SELECT ord FROM seen ORDER BY ord) TO '{sql_path(out)}' (FORMAT parquet)"
         )

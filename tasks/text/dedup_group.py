@@ -97,15 +97,12 @@ class Grouping:
         """Step 3's results: the ``buckets`` table (band, members sorted) from every :func:`bucket_band`
         task, and ``named`` (ord, doc_id) of every document in a bucket (a component's root is one)."""
         con = self.con
-        con.execute("CREATE TABLE buckets (band SMALLINT, members BIGINT[])")
-        con.execute("CREATE TABLE named (ord BIGINT, doc_id VARCHAR)")
-        if bucket_files:
-            con.execute("INSERT INTO buckets SELECT band, members FROM read_parquet($f)", {"f": bucket_files})
-            con.execute(
-                """INSERT INTO named SELECT DISTINCT unnest(members) AS ord, unnest(doc_ids) AS doc_id
-                   FROM read_parquet($f)""",
-                {"f": bucket_files},
-            )
+        con.execute("CREATE TABLE buckets (band SMALLINT, members BIGINT[], doc_ids VARCHAR[])")
+        if bucket_files:  # read once: ``named`` comes from the table, not from the files again
+            con.execute("INSERT INTO buckets SELECT band, members, doc_ids FROM read_parquet($f)", {"f": bucket_files})
+        con.execute(
+            "CREATE TABLE named AS SELECT DISTINCT unnest(members) AS ord, unnest(doc_ids) AS doc_id FROM buckets"
+        )
         self.stats["candidate_buckets"] = con.execute("SELECT count(DISTINCT members) FROM buckets").fetchone()[0]
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:

@@ -231,16 +231,24 @@ class ContinuousBatcher:
     def _decode(self) -> list[tuple[Generation, int | None]]:
         ids = np.asarray([[g._feed[-1]] for g in self.running], dtype=np.int64)
         logits = self.cache.decode(ids)
+        # Greedy rows (the common case) take one argmax over the whole batch, not one call per row:
+        # sample_token's argmax, row by row, cost more Python than the step's other bookkeeping.
+        greedy = logits.argmax(axis=1).tolist()
         events = []
         for row, gen in enumerate(self.running):
             gen._fed += 1
-            events.append((gen, self._choose(gen, logits[row])))
+            token = greedy[row] if gen.request.temperature == 0 else None
+            events.append((gen, self._choose(gen, logits[row], token)))
         return events
 
-    def _choose(self, gen: Generation, logits: np.ndarray) -> int | None:
-        """The next token of ``gen`` (None when it stops here), by :func:`model.decoding.decode`'s rules."""
+    def _choose(self, gen: Generation, logits: np.ndarray, token: int | None = None) -> int | None:
+        """The next token of ``gen`` (None when it stops here), by :func:`model.decoding.decode`'s rules.
+
+        ``token`` is the row's greedy choice when the caller has it already (temperature 0).
+        """
         r = gen.request
-        token = sample_token(logits, r.temperature, r.top_k, r.top_p, gen._rng)
+        if token is None:
+            token = sample_token(logits, r.temperature, r.top_k, r.top_p, gen._rng)
         if token == self.eot_id or token in r.stop_ids:
             gen.finish_reason = "stop"
             return None

@@ -27,9 +27,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
 
 def sample_token(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
     """One token id from a logits vector (V,): greedy at temperature 0, else top-k, then top-p (nucleus)."""
+    if temperature == 0:  # float32 to float64 is exact: the same argmax, without the copy
+        return int(np.argmax(logits))
     z = np.asarray(logits, dtype=np.float64)
-    if temperature == 0:
-        return int(np.argmax(z))
     z = z / temperature
     if 0 < top_k < len(z):
         kth = np.partition(z, -top_k)[-top_k]

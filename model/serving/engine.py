@@ -16,7 +16,8 @@ Design decisions:
   (``timeout``: the reason says so), or by its client leaving: :meth:`Engine.cancel` frees
   its batch row at the next step.
 - Stop strings are matched on the decoded text; the text is cut before the match, as the
-  OpenAI API does.
+  OpenAI API does. Text is decoded incrementally (``tokenizers``' ``DecodeStream``): a
+  character split over tokens is sent once it is whole, never as U+FFFD.
 - Metrics (:mod:`model.serving.metrics`) count what a Prometheus scrape needs: requests
   by status, queue depth, batch sizes, time to first token, latency, tokens generated.
 """
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tokenizers.decoders import DecodeStream
 
 from model.batching import BatchCache, ContinuousBatcher, Generation, GenerationRequest, PaddedCache
 from model.onnx_generate import ExportedModel, OnnxLM, ServingGraph
@@ -64,6 +66,13 @@ class Completion:
     text: str = ""
     sent: int = 0  # characters of ``text`` already sent
     first_token_at: float | None = None
+    # Text as tokens come, a few tokens decoded per step (not the whole generation each token);
+    # it holds back the bytes of a character that is not whole yet.
+    detokenizer: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
+    hold: int = field(init=False)  # characters held back while streaming: a stop string could start in them
+
+    def __post_init__(self) -> None:
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
 
 
 class Engine:
@@ -196,10 +205,13 @@ class Engine:
             return
         events = self.batcher.step()
         self.metrics.batch_size.observe(len(self.batcher.running) or 1)
+        tokens = 0
         for gen, token in events:
             done = self._live.get(gen.id)
             if done is not None:
+                tokens += token is not None
                 self._on_token(done, gen, token)
+        self.metrics.tokens.inc(tokens)  # once a step: a counter's lock per token shows at 16 rows
 
     def _take_inbox(self) -> None:
         while True:
@@ -227,28 +239,34 @@ class Engine:
             if done.first_token_at is None:
                 done.first_token_at = time.monotonic()
                 self.metrics.time_to_first_token.observe(done.first_token_at - done.submitted)
-            self.metrics.tokens.inc()
-            done.text = self.tokenizer.decode(gen.tokens)
-            cut = _first_stop(done.text, done.stop)
-            if cut is not None:
-                done.text = done.text[:cut]
-                self._send_text(done)
-                self.batcher.cancel(gen)
-                self._finish(done, "stop")
-                return
-            self._send_text(done, hold=max((len(s) for s in done.stop), default=1) - 1)
+            piece = done.detokenizer.step(self.tokenizer, token)
+            if piece:
+                done.text += piece
+                if self._stopped(done):
+                    return
+                self._send_text(done, hold=done.hold)
         if gen.done and gen.id in self._live:
+            # The whole text once more: bytes the stream held back (no whole character yet) end as U+FFFD.
+            done.text = self.tokenizer.decode(gen.tokens)
+            if self._stopped(done):
+                return
             self._send_text(done)
             self._finish(done, gen.finish_reason)
 
-    def _send_text(self, done: Completion, hold: int = 0) -> None:
-        """Send the text not sent yet, keeping back ``hold`` characters that could start a stop string.
+    def _stopped(self, done: Completion) -> bool:
+        """Whether ``done``'s text holds a stop string; if so, the text up to it is sent and the request ends."""
+        cut = _first_stop(done.text, done.stop)
+        if cut is None:
+            return False
+        done.text = done.text[:cut]
+        self._send_text(done)
+        self.batcher.cancel(done.generation)
+        self._finish(done, "stop")
+        return True
 
-        A character that decodes as U+FFFD may be half of a multi-byte character: it waits for more.
-        """
+    def _send_text(self, done: Completion, hold: int = 0) -> None:
+        """Send the text not sent yet, keeping back ``hold`` characters that could start a stop string."""
         end = len(done.text) - hold
-        while end > done.sent and done.text[end - 1] == "\ufffd" and hold:
-            end -= 1
         if end > done.sent:
             self._post(done, ("token", done.text[done.sent : end]))
             done.sent = end

@@ -267,6 +267,46 @@ def test_admission_is_counted_not_guessed(model_dir):
     assert engine.queue_depth == 2
 
 
+@pytest.mark.parametrize("stop", [[], ["zz"]])
+def test_a_character_split_over_tokens_is_streamed_whole(model_dir, stop):
+    """The tiny tokenizer spells '中' as three byte tokens: the stream sends the character once
+    all three came (never U+FFFD, with or without stop strings); bytes of no whole character
+    at the end are sent as the full decode has them."""
+    import asyncio
+
+    from model.batching import Generation, GenerationRequest
+    from model.serving.engine import Completion
+
+    engine = Engine(model_dir, threads=1)
+    loop = asyncio.new_event_loop()
+    try:
+
+        def streamed(token_ids: list[int], reason: str) -> list[tuple[str, str]]:
+            request = GenerationRequest([0], 8, 0.0)
+            gen = Generation(len(engine._live) + 100, request)
+            done = Completion(request, stop, time.monotonic() + 60, loop, asyncio.Queue())
+            done.generation = gen
+            engine._live[gen.id] = done
+            for i, token in enumerate(token_ids):
+                gen.tokens.append(token)
+                if i == len(token_ids) - 1:
+                    gen.finish_reason = reason
+                engine._on_token(done, gen, token)
+            outbox, engine._outbox = engine._outbox, {}
+            return [event for _, event in outbox.get(loop, [])]
+
+        han = engine.tokenizer.encode("中").ids
+        cat = engine.tokenizer.encode(" cat").ids
+        assert len(han) == 3  # a byte token each: the test is about characters split over tokens
+        for tokens, text in ((cat + han + cat, " cat中 cat"), (cat + han[:2], " cat\ufffd")):
+            events = streamed(tokens, "length")
+            pieces = [value for kind, value in events if kind == "token"]
+            assert "".join(pieces) == text and events[-1] == ("end", "length")
+            assert not any("\ufffd" in piece for piece in pieces[:-1])  # only the last, at the very end
+    finally:
+        loop.close()
+
+
 def test_serve_refuses_another_address_without_a_key(model_dir, capsys, monkeypatch):
     from flows.cli import main
 

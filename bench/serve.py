@@ -6,13 +6,15 @@ The model is the demo's finetuned model, taken from a store (``--store``, defaul
 baseline). Prompts are the first ``--prompt-tokens`` tokens of held-out documents of the
 store's latest dataset.
 
-Servers, one at a time, each driven by 1, 4, 16 and 64 concurrent clients (every client
+Servers, driven by 1, 4, 16 and 64 concurrent clients (every client
 sends ``--requests-per-client`` requests one after the other, ``--new-tokens`` new tokens
 each, temperature 0; a request may stop early at end of text):
 
 - ``lmforge serve --precision P`` (continuous batching, max batch 64), for each precision
   (INT8 and fp32 by default: batching pays off differently on each, see the README),
-- ``lmforge serve --precision P --no-batching`` (the same server, one sequence per step),
+- ``lmforge serve --precision P --no-batching`` (the same server, one sequence per step;
+  up beside the batching one, their runs taking turns: this machine's speed drifts by
+  tens of percent within minutes, and a ratio of runs far apart would measure the drift),
 - what a user would write by hand: FastAPI + ``transformers`` ``generate`` per request on
   the HF directory (``bench/hf_server.py``).
 
@@ -299,53 +301,74 @@ def attention_share(export, precision: str, threads: int, run) -> float:
     return round(by_op["GroupQueryAttention"] / max(sum(by_op.values()), 1), 3)
 
 
-def servers(args, onnx_dir: Path, hf_dir: Path, precisions: list[str]) -> dict[str, tuple[list[str], bool, int]]:
-    """The servers ``--servers`` asks for, in order: name -> (command, streams, repeats)."""
+def servers(args, onnx_dir: Path, hf_dir: Path, precisions: list[str]) -> list[dict[str, tuple[list[str], bool, int]]]:
+    """The servers ``--servers`` asks for, in groups measured together: name -> (command, streams, repeats).
+
+    A precision's batching and no-batching servers form one group: their runs alternate, so
+    the ratio of a pair of runs is measured on the same state of this noisy machine.
+    """
     lmforge = [sys.executable, "-m", "flows.cli", "serve", "--model", str(onnx_dir), "--backend", args.backend]
     lmforge += ["--device", args.device]
-    found = {}
+    groups = []
     for precision in precisions:
-        cmd = lmforge + ["--precision", precision]
+        cmd, group = lmforge + ["--precision", precision], {}
         if "batching" in args.servers:
-            found[f"lmforge serve {precision} (continuous batching)"] = (
+            group[f"lmforge serve {precision} (continuous batching)"] = (
                 cmd + ["--max-batch", "64", "--max-queue", "256"],
                 True,
                 args.repeats,
             )
         if "no-batching" in args.servers:
-            found[f"lmforge serve {precision} --no-batching"] = (
+            group[f"lmforge serve {precision} --no-batching"] = (
                 cmd + ["--no-batching", "--max-queue", "256"],
                 True,
                 args.repeats,
             )
+        if group:
+            groups.append(group)
     if "by-hand" in args.servers:
-        found["FastAPI + transformers generate (by hand)"] = (  # once: minutes per run, and far behind
-            [sys.executable, str(ROOT / "bench" / "hf_server.py"), "--model", str(hf_dir), "--device", args.device]
-            + (["--dtype", "bf16"] if args.device != "cpu" else []),
-            False,
-            1,
+        groups.append(
+            {
+                "FastAPI + transformers generate (by hand)": (  # once: minutes per run, and far behind
+                    [sys.executable, str(ROOT / "bench" / "hf_server.py"), "--model", str(hf_dir)]
+                    + ["--device", args.device]
+                    + (["--dtype", "bf16"] if args.device != "cpu" else []),
+                    False,
+                    1,
+                )
+            }
         )
-    return found
+    return groups
 
 
-def measure(name: str, cmd: list[str], stream: bool, repeats: int, prompts: list[str], args, rows: list) -> None:
-    """One server started on a free port and driven by each client count (median of ``repeats`` runs).
+def measure(group: dict[str, tuple[list[str], bool, int]], prompts: list[str], args, rows: list) -> None:
+    """The group's servers, each on a free port, driven by each client count: one run of each
+    server in turn, ``repeats`` times (a row per server: its median run, every run's tokens/s in order).
 
-    Each client count's row is appended to ``rows`` as soon as it is measured (a stopped run keeps it).
+    Each client count's rows are appended to ``rows`` as soon as they are measured (a stopped run keeps them).
     """
-    port = free_port()
-    proc = start(cmd + ["--port", str(port)], port)
+    procs, ports = [], {}
     try:
-        asyncio.run(one_request(port, prompts[0], 8, stream))  # warm-up
+        for name, (cmd, stream, _) in group.items():
+            ports[name] = free_port()
+            procs.append(start(cmd + ["--port", str(ports[name])], ports[name]))
+            asyncio.run(one_request(ports[name], prompts[0], 8, stream))  # warm-up
+        repeats = max(r for _, _, r in group.values())
         for clients in args.clients:
-            runs = [
-                drive(port, prompts, clients, args.requests_per_client, args.new_tokens, stream) for _ in range(repeats)
-            ]
-            rows.append({"server": name, **median_run(runs)})
-            print(json.dumps(rows[-1]), flush=True)
+            runs: dict[str, list[dict]] = {name: [] for name in group}
+            for i in range(repeats):
+                for name, (_, stream, own) in group.items():
+                    if i < own:
+                        runs[name].append(
+                            drive(ports[name], prompts, clients, args.requests_per_client, args.new_tokens, stream)
+                        )
+            for name in group:
+                rows.append({"server": name, **median_run(runs[name])})
+                print(json.dumps(rows[-1]), flush=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def stop(signum, frame) -> None:
@@ -398,8 +421,8 @@ def main() -> None:
                     onnx_dir, args.backend, args.device, precisions, threads, new_tokens=args.new_tokens
                 )
                 print(json.dumps({"engine_alone": alone}), flush=True)
-            for name, (cmd, stream, repeats) in servers(args, onnx_dir, hf_dir, precisions).items():
-                measure(name, cmd, stream, repeats, prompts, args, rows)
+            for group in servers(args, onnx_dir, hf_dir, precisions):
+                measure(group, prompts, args, rows)
         except KeyboardInterrupt:
             stopped = "stopped early (SIGTERM or Ctrl-C): only the rows below were measured"
             print(stopped, flush=True)
@@ -429,7 +452,9 @@ def main() -> None:
         f"{args.new_tokens} new tokens per request at temperature 0, {args.requests_per_client} requests per client,"
         f" prompts of {args.prompt_tokens} tokens from held-out documents; lmforge serve with `--backend {args.backend}"
         f" --device {args.device}` (default threads: all cores but one). Each lmforge row is the median of"
-        f" {args.repeats} runs (tokens/s of each run beside it). Written by `bench/serve.py`.",
+        f" {args.repeats} runs (tokens/s of each run beside it, in order). A precision's servers with and without"
+        " batching run at once and take turns (one run of each, then again), so each ratio below is the median of"
+        " runs measured side by side. Written by `bench/serve.py`.",
         *(["", f"**{stopped}**"] if stopped else []),
         "",
         "| server | clients | tokens/s | runs | TTFT p50 (s) | latency p50 (s) | latency p99 (s) | errors |",
@@ -441,7 +466,7 @@ def main() -> None:
             f"| {r['server']} | {r['clients']} | {r['tokens_per_s']} | {each} | {r['ttft_p50_s']} | {r['latency_p50_s']}"
             f" | {r['latency_p99_s']} | {r['errors']} |"
         )
-    by = {(r["server"], r["clients"]): r["tokens_per_s"] for r in rows}
+    by = {(r["server"], r["clients"]): r for r in rows}
     hand = "FastAPI + transformers generate (by hand)"
     lines.append("")
     for precision in precisions:
@@ -449,11 +474,17 @@ def main() -> None:
             batched = by.get((f"lmforge serve {precision} (continuous batching)", clients))
             plain = by.get((f"lmforge serve {precision} --no-batching", clients))
             by_hand = by.get((hand, clients))
-            if batched and plain and by_hand:
-                lines.append(
-                    f"- {precision}, {clients} client{'s' if clients > 1 else ''}: continuous batching"
-                    f" {batched / plain:.2f}x the tokens/s of batching off, {batched / by_hand:.1f}x the hand-written server's."
-                )
+            if not (batched and plain):
+                continue
+            paired = [b / p for b, p in zip(batched["tokens_per_s_all"], plain["tokens_per_s_all"])]
+            line = (
+                f"- {precision}, {clients} client{'s' if clients > 1 else ''}: continuous batching"
+                f" {statistics.median(paired):.2f}x the tokens/s of batching off (runs side by side:"
+                f" {', '.join(f'{x:.2f}x' for x in paired)})"
+            )
+            if by_hand:
+                line += f", {batched['tokens_per_s'] / by_hand['tokens_per_s']:.1f}x the hand-written server's"
+            lines.append(line + ".")
     if alone:
         lines += [
             "",

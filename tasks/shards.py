@@ -19,11 +19,15 @@ Design decisions:
   only the id appended after each document marks a document end.
 - Encoding maps over the input's parts (:mod:`tasks.parts`: every core, or a Ray
   cluster): :func:`tasks.text.encode_parts.encode_part` tokenizes one part with
-  ``encode_batch_fast`` (Rust, no offsets computed) into one flat token file per split
-  and the part's index rows. The
-  driver then copies the parts' tokens into the shards in artifact order, so shard
+  ``encode_batch_fast`` (Rust, no offsets computed) into the part's own shards (a shard
+  never spans two parts) and the part's index rows. The driver links the parts' shards
+  into the artifact in artifact order, numbered per split (hard links), and writes the
+  index: it reads and writes no token, so its work grows with the number of shards, not
+  of tokens (through a bucket the part folders still come down to the driver and the
+  artifact goes up, as for every stage). Shard
   boundaries, offsets and the index are the same bytes whatever the number of workers or
-  the engine (tested), and a killed worker costs one part.
+  the engine (tested), and a killed worker costs one part. Read one after the other, the
+  shards are the documents' tokens in artifact order, as one sequence, as before.
 - An empty train split, or an empty validation split beside a non-empty train split,
   is a StageError: pretraining or evaluation would have nothing to read. A language
   with train documents and no validation document is a warning, listed in the meta
@@ -54,7 +58,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -106,26 +109,26 @@ def _metadata(table: pa.Table, name: str) -> pa.Array:
     return col.cast(typ)
 
 
-def _place(part_dir: Path, writers: dict[str, TokenShardWriter], dtype: np.dtype) -> pa.Table:
-    """Copy one encoded part's tokens into the shards (:mod:`tasks.text.encode_parts` wrote
-    them); the part's index rows, with the shard and start of each document."""
-    kept = pq.read_table(part_dir / encode_parts.KEPT)
-    splits = kept["split"].to_numpy(zero_copy_only=False)
-    lengths = kept["n_tokens"].to_numpy()
-    shard, start = np.empty(kept.num_rows, dtype=object), np.zeros(kept.num_rows, dtype=np.int64)
+def _place(part_dir: Path, part_shards: dict[str, list], w: ArtifactWriter, numbers: dict[str, int]) -> pa.Table:
+    """Link one encoded part's shards into the artifact as the next shards of each split
+    (``numbers``: the next number per split, advanced here); the part's index rows, their
+    shard names those of the artifact. :mod:`tasks.text.encode_parts` wrote both."""
+    renamed = {}
     for s in SPLITS:
-        rows = np.flatnonzero(splits == s)
-        if len(rows):
-            flat = np.fromfile(part_dir / encode_parts.tokens_file(s), dtype=dtype)
-            names, starts, _ = zip(*writers[s].add_flat(flat, lengths[rows]))
-            shard[rows], start[rows] = names, starts
+        for bin_file, idx_file, n_docs, _ in part_shards.get(s, []):
+            bin_name, idx_name = shard_names(s, numbers[s])
+            numbers[s] += 1
+            w.add_file(part_dir / bin_file, bin_name, n_docs)
+            w.add_file(part_dir / idx_file, idx_name, n_docs + 1)
+            renamed[bin_file] = bin_name
+    kept = pq.read_table(part_dir / encode_parts.KEPT)
     return pa.table(
         {"doc_id": kept["doc_id"].cast(pa.string())}
         | {c: _metadata(kept, c) for c in METADATA}
         | {
             "split": kept["split"],
-            "shard": pa.array(shard.tolist(), pa.string()),
-            "start": pa.array(start, pa.int64()),
+            "shard": pa.array([renamed[name] for name in kept["shard"].to_pylist()], pa.string()),
+            "start": kept["start"],
             "n_tokens": kept["n_tokens"],
             "n_bytes": kept["n_bytes"],
         },
@@ -270,16 +273,23 @@ def run(
         PartMap(STAGE.name, work, execution=execution or Execution(), log=log, progress=progress, store=store) as pm,
         STAGE.writer(store, b) as w,
     ):
-        dtype = token_dtype(vocab_size)
         splits_of, layout = partial(batch_splits, split=split), partial(flatten, eot_id=eot_id, vocab_size=vocab_size)
-        steps = (str(tokenizer.path(TOKENIZER_FILE)), splits_of, layout, read)
+        shard_writer = partial(
+            TokenShardWriter, vocab_size=vocab_size, eot_id=eot_id, max_tokens=cfg.max_tokens_per_shard
+        )
+        steps = (str(tokenizer.path(TOKENIZER_FILE)), splits_of, layout, shard_writer, read)
         results = pm.map("encode", encode_parts.encode_part, parts, *steps, cfg.batch_size)
         writers: dict[str, TokenShardWriter] = {}
         carried = (
             _carry(previous, _replaced(docs), w, writers, cfg, vocab_size, eot_id) if previous is not None else None
         )
-        for s in SPLITS:
-            writers.setdefault(s, TokenShardWriter(w.dir, s, vocab_size, eot_id, cfg.max_tokens_per_shard))
+        numbers = dict.fromkeys(SPLITS, 0)
+        for s, writer in writers.items():  # the previous version's rewritten shards come first
+            infos = writer.close()
+            for info in infos:
+                w.set_rows(info.bin, info.n_docs)
+                w.set_rows(info.idx, info.n_docs + 1)
+            numbers[s] = writer.first + len(infos)
         index = PartBuffer(w, "index", max_rows=INDEX_ROWS)
         for table in carried.index if carried else []:
             index.add_table(table)
@@ -287,14 +297,10 @@ def run(
         for result, part_dir in zip(results, pm.outputs("encode", parts)):
             funnel.absorb(result["funnel"])
             if result["docs"]:
-                table = _place(part_dir, writers, dtype)
+                table = _place(part_dir, result["shards"], w, numbers)
                 index.add_table(table)
                 _add_totals(totals, table)
         index.flush()
-        for s in SPLITS:
-            for info in writers[s].close():
-                w.set_rows(info.bin, info.n_docs)
-                w.set_rows(info.idx, info.n_docs + 1)
         _check_splits(docs, split, totals["docs"], funnel)
         unheld = _languages_without_val(totals["languages"], split)
         w.counters.update(funnel.as_counters())

@@ -2,15 +2,19 @@
 
 This module imports tokenizers and pyarrow, nothing of the store or Prefect (a worker
 starts in half a second, not three). What the step needs of the store comes in as
-arguments: the tokenizer file, and as functions each row's split (``splits_of``) and the
+arguments: the tokenizer file, and as functions each row's split (``splits_of``), the
 token layout (``flatten``, :func:`storage.tokens.flatten` with the end-of-text id and the
-vocabulary). :mod:`tasks.shards` places the parts' tokens into the shards.
+vocabulary) and a shard writer for a folder and a split (``shard_writer``,
+:class:`storage.tokens.TokenShardWriter` with the vocabulary and the shard size).
 
 Per part it writes, in artifact order:
-- ``tokens-<split>.bin``: the ids of the part's kept documents of that split, back to
-  back, each followed by the end-of-text id (the layout of :mod:`storage.tokens`);
+- the part's own token shards, ``tokens-<split>-NNNNN.bin/.idx`` numbered from 0 in the
+  part: the ids of its kept documents of that split, back to back, each followed by the
+  end-of-text id (the layout of :mod:`storage.tokens`). :mod:`tasks.shards` links them
+  into the artifact under their numbers there: no token is copied after this step;
 - ``kept.parquet``: one row per kept document, in the part's order: the metadata columns
-  read, ``split`` and ``n_tokens`` (with the end-of-text id) and ``n_bytes`` of the text.
+  read, ``split``, ``n_tokens`` (with the end-of-text id), ``n_bytes`` of the text, and
+  where its tokens are: ``shard`` (the part's shard name) and ``start``.
 
 A document is dropped (and counted) when its text is empty (``empty_text``), or when it
 is a paraphrase of a held-out document (``augmented_from_val``): validation holds only
@@ -20,7 +24,7 @@ original text.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -33,10 +37,6 @@ from tasks.text.tally import part_funnel, sum_funnels
 SPLITS = ("train", "val")
 KEPT = "kept.parquet"
 _loaded: dict[str, Tokenizer] = {}  # per process: one load per tokenizer file, not one per part
-
-
-def tokens_file(split: str) -> str:
-    return f"tokens-{split}.bin"
 
 
 def load_tokenizer_file(path: str | Path) -> Tokenizer:
@@ -64,16 +64,20 @@ def encode_part(
     tokenizer_file: str,
     splits_of: Callable[[pa.RecordBatch], list[str]],
     flatten: Callable[[list[list[int]]], tuple[np.ndarray, np.ndarray]],
+    shard_writer: Callable[[Path, str], Any],
     read: list[str],
     batch_size: int,
 ) -> dict:
-    """Tokenize the part's documents into ``out`` (see the module docstring); its funnel and kept count."""
+    """Tokenize the part's documents into ``out`` (see the module docstring).
+
+    Returns its funnel, its kept count and its shards: ``{split: [[bin, idx, docs, tokens], ...]}``.
+    """
     tok = _loaded.get(tokenizer_file)
     if tok is None:
         tok = _loaded[tokenizer_file] = load_tokenizer_file(tokenizer_file)
     metadata = [c for c in read if c != "text"]
     funnels, writer = [], None
-    files = {s: open(out / tokens_file(s), "wb") for s in SPLITS}
+    shards = {s: shard_writer(out, s) for s in SPLITS}
     try:
         for batch in pq.ParquetFile(part.path).iter_batches(batch_size=batch_size, columns=read):
             splits, texts = splits_of(batch), batch.column("text").to_pylist()
@@ -87,21 +91,25 @@ def encode_part(
             kept_splits = [s for s, k in zip(splits, keep) if k]
             mask = pa.array(keep)
             encodings = tok.encode_batch_fast([t for t, k in zip(texts, keep) if k], add_special_tokens=False)
+            shard, start = [""] * len(encodings), [0] * len(encodings)
             for s in SPLITS:
-                ids = [e.ids for e, x in zip(encodings, kept_splits) if x == s]
-                if ids:
-                    files[s].write(flatten(ids)[0].tobytes())
+                rows = [i for i, x in enumerate(kept_splits) if x == s]
+                if rows:
+                    placed = shards[s].add_flat(*flatten([encodings[i].ids for i in rows]))
+                    for i, (name, at, _) in zip(rows, placed):
+                        shard[i], start[i] = name, at
             kept = batch.select(metadata).filter(mask)
             table = pa.Table.from_batches([kept]).append_column("split", pa.array(kept_splits, pa.string()))
             table = table.append_column("n_tokens", pa.array([len(e.ids) + 1 for e in encodings], pa.int64()))
             table = table.append_column("n_bytes", pc.binary_length(batch.column("text").filter(mask)).cast(pa.int64()))
+            table = table.append_column("shard", pa.array(shard, pa.string()))
+            table = table.append_column("start", pa.array(start, pa.int64()))
             if writer is None:
                 writer = pq.ParquetWriter(out / KEPT, table.schema)
             writer.write_table(table)
     finally:
-        for f in files.values():
-            f.close()
+        written = {s: [[i.bin, i.idx, i.n_docs, i.n_tokens] for i in w.close()] for s, w in shards.items()}
         if writer is not None:
             writer.close()
     funnel = sum_funnels(funnels)
-    return {"funnel": funnel, "docs": funnel["docs_out"]}
+    return {"funnel": funnel, "docs": funnel["docs_out"], "shards": written}

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from storage.artifact import Store, read_table
@@ -202,6 +203,31 @@ def test_the_same_shards_from_any_number_of_workers_and_after_a_killed_worker(tm
     assert two.meta["execution"]["retried_parts"] == ["encode part-00001.parquet"]
     assert "the worker on part-00001.parquet died (exit code -9); retrying that part alone" in caplog.text
     assert not (tmp_path / "two" / "_work" / "shards" / two.key).exists()
+
+
+def test_each_part_is_encoded_into_shards_of_its_own(tmp_path):
+    """The driver links the parts' shards and copies no token: no shard holds two input parts'
+    documents, and a split's shards read one after the other are its documents' tokens in
+    artifact order (the one sequence pretraining samples from)."""
+    rows, cfg = make_docs(), shards.ShardsConfig(max_tokens_per_shard=2048, batch_size=64)
+    docs, _, m = build(Store(tmp_path), rows, cfg)
+    part_of = {
+        doc_id: f.path
+        for f in docs.files_with_prefix("part-")
+        for doc_id in pq.read_table(docs.path(f.path), columns=["doc_id"])["doc_id"].to_pylist()
+    }
+    index = read_table(m, "index").to_pylist()
+    parts_in_shard: dict[str, set] = {}
+    for row in index:
+        parts_in_shard.setdefault(row["shard"], set()).add(part_of[row["doc_id"]])
+    assert all(len(parts) == 1 for parts in parts_in_shard.values())
+    assert set().union(*parts_in_shard.values()) == {f.path for f in docs.files_with_prefix("part-")} != set()
+    for split in ("train", "val"):
+        shards_in_order = open_split(m, split)
+        by_name = {s.name: s for s in shards_in_order}
+        stream = np.concatenate([np.asarray(s.tokens) for s in shards_in_order])
+        docs_in_order = [by_name[r["shard"]].span(r["start"], r["n_tokens"]) for r in index if r["split"] == split]
+        assert np.array_equal(stream, np.concatenate(docs_in_order))
 
 
 def test_missing_metadata_columns_become_nulls(tmp_path):

@@ -108,8 +108,9 @@ def encode_part(
                 writer = pq.ParquetWriter(out / KEPT, table.schema)
             writer.write_table(table)
     finally:
-        written = {s: [[i.bin, i.idx, i.n_docs, i.n_tokens] for i in w.close()] for s, w in shards.items()}
         if writer is not None:
             writer.close()
+    # Closing writes each split's last .idx; after a failure the part's folder is discarded whole.
+    written = {s: [[i.bin, i.idx, i.n_docs, i.n_tokens] for i in w.close()] for s, w in shards.items()}
     funnel = sum_funnels(funnels)
     return {"funnel": funnel, "docs": funnel["docs_out"], "shards": written}

@@ -281,23 +281,11 @@ def engine_alone(
 
 def attention_share(export, precision: str, threads: int, run) -> float:
     """The share of the serving graph's time in ``GroupQueryAttention`` over one profiled ``run``."""
-    import collections
+    from bench.serve_ops import kernel_times, profiled_graph
 
-    import onnxruntime as ort
-
-    from model.onnx_generate import ServingGraph
-
-    path = export.serving_graph(precision)
-    graph = ServingGraph(path, threads, spin=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.enable_profiling = threads, True
-    opts.profile_file_prefix = str(export.dir / f"profile-{precision}")
-    graph.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    graph = profiled_graph(export.serving_graph(precision), threads, export.dir / f"profile-{precision}")
     run(graph.cache)
-    by_op: collections.Counter = collections.Counter()
-    for event in json.loads(Path(graph.session.end_profiling()).read_text()):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            by_op[event["args"]["op_name"]] += event["dur"]
+    by_op, _, _ = kernel_times(graph.session)
     return round(by_op["GroupQueryAttention"] / max(sum(by_op.values()), 1), 3)
 
 

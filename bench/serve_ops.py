@@ -33,41 +33,56 @@ sys.path.insert(0, str(ROOT))
 MATMULS = ("MatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits")
 
 
+def profiled_graph(path: Path, threads: int, prefix: Path):
+    """The serving graph at ``path`` in an onnxruntime session that profiles every kernel (files at ``prefix``)."""
+    import onnxruntime as ort
+
+    from model.onnx_generate import ServingGraph
+
+    graph = ServingGraph(path, threads, spin=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.enable_profiling = threads, True
+    opts.profile_file_prefix = str(prefix)
+    graph.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return graph
+
+
+def kernel_times(session, skip_runs: int = 0) -> tuple[collections.Counter, collections.Counter, int]:
+    """Ends ``session``'s profile: kernel microseconds and calls by operator over its graph runs
+    after the first ``skip_runs``, and how many runs that is."""
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[skip_runs:]
+    by_op: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        if skip_runs == 0 or any(start <= e["ts"] <= end for start, end in runs):
+            by_op[e["args"]["op_name"]] += e["dur"]
+            calls[e["args"]["op_name"]] += 1
+    return by_op, calls, len(runs)
+
+
 def profile(model_dir: Path, precision: str, rows: int, threads: int, new_tokens: int, work: Path) -> dict:
     """Kernel time per decode step by operator, ``rows`` sequences per step."""
     import numpy as np
-    import onnxruntime as ort
 
     from model.batching import ContinuousBatcher, GenerationRequest
-    from model.onnx_generate import ExportedModel, ServingGraph
+    from model.onnx_generate import ExportedModel
 
     export = ExportedModel(model_dir)
     path = export.serving_graph(precision)
     if path is None:
         raise SystemExit(f"{model_dir} has no {precision} serving graph")
-    graph = ServingGraph(path, threads, spin=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.enable_profiling = threads, True
-    opts.profile_file_prefix = str(work / f"profile-{precision}-{rows}")
-    graph.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    graph = profiled_graph(path, threads, work / f"profile-{precision}-{rows}")
     rng = np.random.default_rng(0)
     batcher = ContinuousBatcher(graph.cache(rows), export.block_size, None, rows, max_prefills=rows)
     for _ in range(rows):
         batcher.submit(GenerationRequest([export.eot_id, *rng.integers(1, 1000, 24).tolist()], new_tokens, 0.0))
     while batcher.active:
         batcher.step()
-    events = json.loads(Path(graph.session.end_profiling()).read_text())
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")
-    decodes = runs[rows:]  # the first step prefills every row, one call each, then decodes
-    by_op: collections.Counter = collections.Counter()
-    calls: collections.Counter = collections.Counter()
-    for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
-            continue
-        if any(start <= e["ts"] <= end for start, end in decodes):
-            by_op[e["args"]["op_name"]] += e["dur"]
-            calls[e["args"]["op_name"]] += 1
-    steps = len(decodes)
+    # The first step prefills every row, one call each, then decodes: the prefills are left out.
+    by_op, calls, steps = kernel_times(graph.session, skip_runs=rows)
     layers = calls["GroupQueryAttention"] // max(steps, 1)
     total = sum(by_op.values())
     matmul = sum(v for k, v in by_op.items() if k in MATMULS)

@@ -52,7 +52,6 @@ Design decisions:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from functools import partial
@@ -146,14 +145,6 @@ class _Carried:
     )
 
 
-def _link(src: Path, dst: Path) -> None:
-    """Hard-link an immutable file into a new artifact; copy it where links cannot cross file systems."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def _check_previous(previous: Manifest, tokenizer: Manifest) -> None:
     if previous.stage != STAGE.name:
         raise StageError(STAGE.name, previous.ref, "previous must be a shards artifact (a dataset version)")
@@ -203,10 +194,8 @@ def _carry(
                 continue
             bin_name, idx_name = shard_names(s, number)
             number += 1
-            _link(previous.path(f.path), w.dir / bin_name)
-            _link(previous.path(f.path[: -len(".bin")] + ".idx"), w.dir / idx_name)
-            w.set_rows(bin_name, rows[f.path])
-            w.set_rows(idx_name, rows[f.path] + 1)
+            w.add_file(previous.path(f.path), bin_name, rows[f.path])  # a hard link where it can be
+            w.add_file(previous.path(f.path[: -len(".bin")] + ".idx"), idx_name, rows[f.path] + 1)
             out.index.append(
                 keep.set_column(
                     keep.schema.get_field_index("shard"),

@@ -39,7 +39,7 @@ PRELOAD = ("numpy", "pyarrow", "pyarrow.parquet", "pandas")
 """What the fork server imports beside this module, once per run: every stage's parts read or
 write Parquet, and pyarrow imports pandas (when installed) the first time it converts Python
 rows. Imported in each new worker instead, it cost the first part of every map about 0.3 s
-per worker (measured on the 2-core build machine: 0.28-0.36 s, 0.03 s preloaded); a stage
+per worker (measured on the 2-core build machine: 0.28-0.36 s, 0.01-0.04 s preloaded); a stage
 makes new workers for each of its maps. A module missing here is skipped, not an error."""
 
 

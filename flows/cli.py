@@ -357,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="onnx (CPU, default) or torch")
     v.add_argument("--device", default="cpu", help="torch backend: cpu (default) or cuda[:N] for a GPU")
     v.add_argument(
-        "--precision", help="onnx: int8 (default), int4 or fp32; torch: bf16 (default on cuda), fp16 or fp32 (cpu)"
+        "--precision",
+        help="onnx: fp32 (default: a request gets the tokens it would get alone), int8 (faster; its tokens "
+        "can depend on the batch) or int4; torch: bf16 (default on cuda), fp16 or fp32 (cpu)",
     )
     v.add_argument("--max-batch", type=int, default=16, help="sequences per decode step at most")
     v.add_argument("--max-queue", type=int, default=64, help="requests queued or running before 429")

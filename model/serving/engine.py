@@ -283,6 +283,11 @@ class Engine:
 
 
 BACKENDS = ("onnx", "torch")
+# fp32, not INT8: onnxruntime's dynamic INT8 quantizes a step's activations with one scale
+# for the whole batch, so in INT8 a request's greedy tokens depend on the requests beside it
+# (on the demo model 7 of 16 differed from the same request alone). fp32 rows are computed
+# independently: a request gets the tokens it would get alone. INT8 stays a choice (faster).
+ONNX_DEFAULT_PRECISION = "fp32"
 
 
 def load_lm(
@@ -290,7 +295,8 @@ def load_lm(
 ) -> tuple[Callable[[int], BatchCache], str, str]:
     """How to make a batch cache of n rows on the backend's model, the precision it runs in, and which graph.
 
-    ``onnx``: onnxruntime's CPU provider (``int8`` by default; no torch needed), its idle
+    ``onnx``: onnxruntime's CPU provider (``fp32`` by default, batch-invariant, see
+    ``ONNX_DEFAULT_PRECISION``; no torch needed), its idle
     threads not spinning (they would take the core the HTTP loop needs). The export's
     serving graph (KV cache updated in place, :class:`model.onnx_generate.SlotCache`) where
     it has one of the precision; otherwise (``int4``, or an export from before serving
@@ -304,7 +310,7 @@ def load_lm(
     if backend == "onnx":
         if device != "cpu":
             raise ValueError(f"the onnx backend runs on the CPU; serve a GPU ({device}) with --backend torch")
-        precision = precision or "int8"
+        precision = precision or ONNX_DEFAULT_PRECISION
         serving = export.serving_graph(precision)
         if serving is not None:
             graph = ServingGraph(serving, threads, spin=False)

@@ -13,7 +13,7 @@ import uvicorn
 
 from model.onnx_generate import OnnxGenerator
 from model.serving.api import create_app
-from model.serving.engine import Engine, Overloaded
+from model.serving.engine import ONNX_DEFAULT_PRECISION, Engine, Overloaded
 from model.serving.switch import Follower, ServedModel
 from tests.model.tiny import export_tiny
 from tests.ports import free_port
@@ -86,7 +86,8 @@ def served(model_dir):
 
 
 def alone(model_dir, prompt: str, max_tokens: int) -> str:
-    return OnnxGenerator(model_dir, threads=1).generate(prompt, max_tokens, temperature=0.0)
+    """The prompt's greedy text from `lmforge generate`'s generator, one request alone, in the server's default precision."""
+    return OnnxGenerator(model_dir, ONNX_DEFAULT_PRECISION, threads=1).generate(prompt, max_tokens, temperature=0.0)
 
 
 def test_the_openai_client_completes_streams_and_lists_models(served, model_dir):
@@ -117,6 +118,9 @@ def test_a_stop_string_cuts_the_text_before_it(served, model_dir):
 
 
 def test_concurrent_requests_share_steps_and_get_their_single_request_tokens(served, model_dir):
+    # By default the server runs the fp32 serving graph: rows of a batch are computed independently
+    # (dynamic INT8 would quantize the whole batch's activations with one scale).
+    assert (served.engine.precision, served.engine.graph) == ("fp32", "serve.onnx (in-place KV cache)")
     prompts = ["the cat", "a dog ran", "the mat", "park. the", "sat on", "the dog", "a cat", "ran to the park"]
     want = [alone(model_dir, p, 20) for p in prompts]
     with ThreadPoolExecutor(len(prompts)) as pool:

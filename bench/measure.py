@@ -45,10 +45,18 @@ class TreeMeter:
     Memory: each process counts its proportional set size (PSS: pages shared by n processes
     count 1/n in each), so forked workers sharing their parent's pages are not counted
     twice; ``peak`` is the largest sum seen. CPU: user + system time of every process seen,
-    counted from the block's start (a process born during the block from zero); a process
-    that ends between two samples loses what it used since the last one, so ``cpu_seconds``
-    is a slight underestimate. Samples come every 50 ms or 10x as long as a sample takes
-    (reading PSS of twenty Ray processes is not free): the sampler stays under a tenth of a core.
+    counted from the block's start (a process born during the block from zero), plus the
+    time of ended processes that no sample saw: the kernel adds a child's time (its own
+    ended children's included) to its parent's ``children_*`` when the parent waits for it,
+    so what a sampled process's ``children_*`` grew by, less the last-seen totals of its
+    sampled children that ended meanwhile, is the time of children no sample caught (and
+    the last moments of those it did). Those are augment's Apertium pipelines: a shell and
+    five programs per batch, each living a fraction of a second; without them the stage
+    read 0.3 cores busy. A process that ends unwaited (a fork server's parent does not wait
+    for it) or between two samples loses what it used since the last one, so
+    ``cpu_seconds`` is a slight underestimate. Samples come every 50 ms or 10x as long as
+    a sample takes (reading PSS of twenty Ray processes is not free): the sampler stays
+    under a tenth of a core.
     """
 
     def __init__(self, pid: int | None = None, also: Callable[[], list[psutil.Process]] | None = None):
@@ -57,8 +65,12 @@ class TreeMeter:
         self.peak = 0
         self.cpu_seconds = 0.0
         self.seconds = 0.0
-        self._start: dict[tuple[int, float], float] = {}
-        self._last: dict[tuple[int, float], float] = {}
+        # per process (pid, start time): CPU seconds of its own, and of its waited-for ended children
+        self._own_start: dict[tuple[int, float], float] = {}
+        self._own: dict[tuple[int, float], float] = {}
+        self._reaped: dict[tuple[int, float], float] = {}
+        self._parent: dict[tuple[int, float], int] = {}
+        self._unseen = 0.0  # CPU seconds of ended processes no sample saw (and sampled ones' last moments)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -71,19 +83,40 @@ class TreeMeter:
         return list({p.pid: p for p in procs}.values())
 
     def _sample(self, first: bool = False) -> None:
-        total = 0
+        total, seen = 0, {}
         for p in self._procs():
             try:
                 with p.oneshot():
                     key = (p.pid, p.create_time())
                     t = p.cpu_times()
+                    parent = p.ppid()
                     total += p.memory_full_info().pss
             except psutil.Error:
                 continue
-            used = t.user + t.system
+            seen[key] = (t.user + t.system, t.children_user + t.children_system, parent)
+        # Sampled processes that ended since the last sample, by parent: their totals as last seen,
+        # with those of their own sampled children that ended meanwhile (reaped by them since).
+        gone = [k for k in self._reaped.keys() - seen.keys() if k in self._parent]
+        children: dict[int, list[tuple[int, float]]] = {}
+        for key in gone:
+            children.setdefault(self._parent[key], []).append(key)
+
+        def last_total(key: tuple[int, float]) -> float:
+            return self._own[key] + self._reaped[key] + sum(last_total(c) for c in children.get(key[0], []))
+
+        ended: dict[int, float] = {}
+        for key in gone:
+            ended[self._parent[key]] = ended.get(self._parent[key], 0.0) + last_total(key)
+        for key in gone:
+            del self._parent[key]  # counted once
+        for key, (own, reaped, parent) in seen.items():
             if first:
-                self._start[key] = used
-            self._last[key] = used
+                self._own_start[key] = own
+            elif key not in self._reaped:
+                self._unseen += reaped  # born during the block with children ended already
+            else:
+                self._unseen += max(0.0, reaped - self._reaped[key] - ended.get(key[0], 0.0))
+            self._own[key], self._reaped[key], self._parent[key] = own, reaped, parent
         self.peak = max(self.peak, total)
 
     def _run(self) -> None:
@@ -103,7 +136,7 @@ class TreeMeter:
         self._thread.join()
         self._sample()
         self.seconds = time.perf_counter() - self._t0
-        self.cpu_seconds = sum(used - self._start.get(key, 0.0) for key, used in self._last.items())
+        self.cpu_seconds = self._unseen + sum(own - self._own_start.get(k, 0.0) for k, own in self._own.items())
 
     @property
     def cores_busy(self) -> float:

@@ -14,11 +14,13 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Callable
 
-from tasks.parts.core import LOCAL_ENV, Part, run_part, switches, take_switches
+from tasks.parts.core import LOCAL_ENV, Part, default_workers, run_part, share_cores, switches, take_switches
 
 
-def _serve(conn: Connection) -> None:
-    """A worker: run parts sent over ``conn`` until told to stop (a None job)."""
+def _serve(conn: Connection, threads: int) -> None:
+    """A worker: run parts sent over ``conn`` until told to stop (a None job); its libraries'
+    thread pools take ``threads`` threads (:func:`tasks.parts.core.share_cores`)."""
+    share_cores(threads)
     while True:
         job = conn.recv()
         if job is None:
@@ -56,10 +58,10 @@ def _context():
 
 
 class _Worker:
-    def __init__(self) -> None:
+    def __init__(self, threads: int) -> None:
         ctx = _context()
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True, name="lmforge-part-worker")
+        self.proc = ctx.Process(target=_serve, args=(child, threads), daemon=True, name="lmforge-part-worker")
         self.proc.start()
         child.close()
 
@@ -87,6 +89,7 @@ class LocalProcesses:
 
     def __init__(self, workers: int) -> None:
         self.workers = max(1, workers)
+        self.threads = max(1, default_workers() // self.workers)  # each worker's share of the cores
         self._pool: list[_Worker] = []
 
     def close(self, kill: bool = False) -> None:
@@ -97,7 +100,7 @@ class LocalProcesses:
     def _replace(self, w: _Worker) -> _Worker:
         self._pool.remove(w)
         w.stop(kill=True)
-        fresh = _Worker()
+        fresh = _Worker(self.threads)
         self._pool.append(fresh)
         return fresh
 
@@ -106,7 +109,7 @@ class LocalProcesses:
         tries = {p.index: 0 for p in todo}
         busy: dict[Connection, tuple[_Worker, Part]] = {}
         while len(self._pool) < min(self.workers, len(todo)):
-            self._pool.append(_Worker())
+            self._pool.append(_Worker(self.threads))
         idle = list(self._pool)
         while queue or busy:
             while idle and queue:

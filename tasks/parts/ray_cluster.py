@@ -41,7 +41,7 @@ from typing import Any, Callable
 import ray
 from ray import exceptions as ray_errors
 
-from tasks.parts.core import Part, run_part, switches, take_switches
+from tasks.parts.core import Part, run_part, share_cores, switches, take_switches
 from tasks.parts.exchange import DriverExchange
 from tasks.stage import StageError
 
@@ -102,6 +102,7 @@ def _run_part_on_node(
     """The Ray task: one part, on whichever node Ray chose; returns the result, that node's id,
     and whether its part folder went through the bucket (``wire``: a :class:`BucketExchange`, or None)."""
     take_switches(given, keep=NODE_OWN)
+    share_cores(1)  # the task holds num_cpus=1
     node = ray.get_runtime_context().get_node_id()
     if wire is None or wire.shared():
         return run_part(stage, step, fn, part, step_dir, args), node, False

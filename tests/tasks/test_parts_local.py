@@ -1,10 +1,12 @@
-"""The local engine: what a step raises in a worker comes back to the stage, named, whatever its class."""
+"""The local engine: what a step raises in a worker comes back to the stage, named, whatever its class;
+its workers' library thread pools share the cores."""
 
 import logging
+import os
 
 import pytest
 
-from tasks.parts.core import Execution, Part
+from tasks.parts.core import THREAD_POOLS, Execution, Part, default_workers
 from tasks.parts.partmap import PartMap
 from tasks.stage import StageError
 
@@ -31,3 +33,20 @@ def test_an_exception_that_cannot_be_rebuilt_still_names_the_part(tmp_path):
             pm.map("read", failing_step, parts, 1)
     with PartMap("ingest", tmp_path / "work", execution=Execution(workers=2), log=logging.getLogger("t")) as pm:
         assert pm.map("read", failing_step, parts, -1) == [{"rows": 0}, {"rows": 1}, {"rows": 2}]
+
+
+def thread_pools(part, out):
+    import pyarrow
+
+    return {**{var: os.environ.get(var) for var in THREAD_POOLS}, "pyarrow": pyarrow.cpu_count()}
+
+
+def test_workers_size_their_thread_pools_to_their_share_of_the_cores(tmp_path):
+    assert "RAYON_NUM_THREADS" not in os.environ  # the workers' fork server has this environment
+    parts = [Part(i, f"p{i}", str(tmp_path / f"p{i}"), 0, 1) for i in range(4)]
+    share = max(1, default_workers() // 2)
+    with PartMap("shards", tmp_path / "work", execution=Execution(workers=2), log=logging.getLogger("t")) as pm:
+        seen = pm.map("encode", thread_pools, parts)
+    # OpenMP's stays the one the tests set (conftest.py): a variable set by the user is kept.
+    want = {"RAYON_NUM_THREADS": str(share), "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"], "pyarrow": share}
+    assert seen == [want] * 4

@@ -195,6 +195,8 @@ def run_chain(args: argparse.Namespace) -> dict:
                 "docs_per_s": round(docs_in / meter.seconds) if docs_in else None,
                 "mb_per_s": round(in_bytes / 1e6 / meter.seconds, 2),
                 "cores_busy": round(meter.cores_busy, 2),
+                # the whole machine's CPU over the same time: on a quiet machine, a check of the above
+                "machine_cores_busy": round(meter.machine_cpu_seconds / meter.seconds, 2),
                 "peak_mib": meter.peak_mib,
                 "digest": result.digest(),
             }

@@ -114,7 +114,7 @@ def _place(part_dir: Path, part_shards: dict[str, list], w: ArtifactWriter, numb
     shard names those of the artifact. :mod:`tasks.text.encode_parts` wrote both."""
     renamed = {}
     for s in SPLITS:
-        for bin_file, idx_file, n_docs, _ in part_shards.get(s, []):
+        for bin_file, idx_file, n_docs in part_shards.get(s, []):
             bin_name, idx_name = shard_names(s, numbers[s])
             numbers[s] += 1
             w.add_file(part_dir / bin_file, bin_name, n_docs)

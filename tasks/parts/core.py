@@ -119,11 +119,12 @@ def share_cores(threads: int) -> None:
     fresh worker, before those libraries start their pools; a variable the user set is left
     as it is.
     """
+    threads = max(1, threads)
     for var in THREAD_POOLS:
-        os.environ.setdefault(var, str(max(1, threads)))
+        os.environ.setdefault(var, str(threads))
     import pyarrow
 
-    pyarrow.set_cpu_count(max(1, threads))
+    pyarrow.set_cpu_count(threads)
 
 
 def run_part(stage: str, step: str, fn: Callable, part: Part, step_dir: str, args: tuple) -> Any:

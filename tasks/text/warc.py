@@ -138,7 +138,7 @@ def _records(path: Path, verify: bool, max_bytes: int) -> Iterator[tuple[WarcRec
 
 def read_warc(path: Path, verify: bool, max_bytes: int = 5_000_000) -> Iterator[Page | Drop]:
     """The pages of one WARC/WET file in order; a URL read before in the same file is a Drop
-    (across files, ingest's grouping decides: :mod:`tasks.text.warc_parts`)."""
+    (across files, ingest's grouping decides: :mod:`tasks.text.ingest_parts`)."""
     seen: set[str] = set()
     log.info("reading %s", path)
     for item in _records(path, verify, max_bytes):

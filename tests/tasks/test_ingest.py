@@ -15,7 +15,7 @@ from warcio.warcwriter import WARCWriter
 
 from storage.artifact import Store, read_table
 from storage.documents import make_doc_id
-from tasks import ingest
+from tasks import ingest, inputs
 from tasks.parts.core import Execution
 from tasks.stage import StageError
 
@@ -214,15 +214,17 @@ def test_empty_result_is_an_error_and_publishes_nothing(tmp_path):
 def test_an_error_mid_write_leaves_no_artifact(tmp_path, monkeypatch):
     write_folder(tmp_path / "site")
 
-    read_files = ingest.read_files
+    read_files = inputs.read_files
 
     def failing(paths, max_bytes):
         yield from list(read_files(paths, max_bytes))[:1]
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(ingest, "read_files", failing)
+    monkeypatch.setattr(inputs, "read_files", failing)  # one part: read in this process
     store = Store(tmp_path / "store")
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with pytest.raises(
+        StageError, match=r"\[ingest\] a.html and 2 more \(.*/site\): read failed: RuntimeError: disk on fire"
+    ):
         ingest.run(store, ingest.IngestConfig(kind="files", files={"root": str(tmp_path / "site")}))
     assert list((store.root / "ingest").iterdir()) == []
 
@@ -248,6 +250,45 @@ def test_files_stay_under_the_root_each_once_and_under_the_size_cap(tmp_path):
     assert len(urls) == len(set(urls)) and sum(u.endswith("b.HTM") for u in urls) == 1
     dropped = {r["url"].rsplit("/", 1)[1]: r["dropped_reason"] for r in read_table(m, "dropped").to_pylist()}
     assert dropped == {"big.html": "too_large"}
+
+
+def test_a_folder_is_read_in_runs_of_files_as_large_as_a_part_the_same_on_one_or_two_workers(tmp_path):
+    """Seven files, one too large, parts of at most 3 files: runs of 3, 3 and 1 files, read on
+    1 worker or 2 (the second refreshing against the first: only the changed file is kept)."""
+    root = tmp_path / "site"
+    (root / "sub").mkdir(parents=True)
+    for i in range(6):
+        (root / ("sub" if i % 2 else ".") / f"p{i}.html").write_bytes(HTML.replace(b"package", f"page {i}".encode()))
+    (root / "sub" / "z.html").write_bytes(HTML + b"<p>x</p>" * 2000)
+    cfg = ingest.IngestConfig(kind="files", files={"root": str(root), "max_bytes": 4096}, part_size={"rows": 3})
+    files = [ingest._local(p) for p in ingest.files_under(cfg.files)]
+    runs = inputs.folder_parts(files, root.resolve(), cfg.part_size)
+    assert [(p.name, p.start, p.rows) for p in runs] == [
+        ("p0.html and 2 more", 0, 3),
+        ("sub/p1.html and 2 more", 3, 3),
+        ("sub/z.html", 6, 1),
+    ]
+    one = ingest.run(Store(tmp_path / "one"), cfg, execution=Execution(workers=1))
+    two = ingest.run(Store(tmp_path / "two"), cfg, execution=Execution(workers=2))
+    assert [(f.path, f.sha256, f.rows) for f in two.files] == [(f.path, f.sha256, f.rows) for f in one.files]
+    assert [f.rows for f in one.files_with_prefix("part-")] == [3, 3]
+    names = [r["url"].rsplit("/", 1)[1] for r in read_table(one).to_pylist()]
+    assert names == ["p0.html", "p2.html", "p4.html", "p1.html", "p3.html", "p5.html"]
+    assert {r["source"] for r in read_table(one).to_pylist()} == {"files"}
+    assert [(r["url"].rsplit("/", 1)[1], r["dropped_reason"]) for r in read_table(one, "dropped").to_pylist()] == [
+        ("z.html", "too_large")
+    ]
+    assert one.meta["files"] == 7 and one.meta["execution"]["parts"] == 3 and two.meta["execution"]["workers"] == 2
+    assert one.counters["docs_in"] == 7 and one.counters["docs_out"] == 6
+
+    (root / "sub" / "p3.html").write_bytes(HTML + b"<p>rewritten</p>")
+    again = ingest.run(
+        Store(tmp_path / "one"), cfg.model_copy(update={"snapshot": "2"}), previous=one, execution=Execution(workers=2)
+    )
+    assert [r["url"].rsplit("/", 1)[1] for r in read_table(again).to_pylist()] == ["p3.html"]
+    unchanged = [r for r in read_table(again, "dropped").to_pylist() if r["dropped_reason"] == "unchanged"]
+    assert len(unchanged) == 5 and unchanged[0]["detail"].endswith("p0.html: body identical to the previous ingest's")
+    assert (again.meta["new"], again.meta["changed"]) == (0, 1)
 
 
 @pytest.mark.parametrize("extensions", [[""], ["html"], [".html", "."]])

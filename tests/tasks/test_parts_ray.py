@@ -122,7 +122,7 @@ def test_extract_on_ray_holds_the_time_limit_and_publishes_the_local_files(clust
     assert on_ray.meta["execution"]["retried_parts"] == ["text part-00000.parquet"]
 
 
-def test_ingest_of_warc_files_on_ray_publishes_the_local_files(cluster, tmp_path):
+def test_ingest_of_warc_files_or_a_folder_on_ray_publishes_the_local_files(cluster, tmp_path):
     warcs = test_ingest.many_warcs(tmp_path / "in")
     cfg = ingest.IngestConfig(kind="warc", warc={"paths": [str(warcs / "*.warc")]})
     local = ingest.run(Store(tmp_path / "local"), cfg, execution=Execution(workers=1))
@@ -130,6 +130,13 @@ def test_ingest_of_warc_files_on_ray_publishes_the_local_files(cluster, tmp_path
     assert on_ray.key == local.key and on_ray.digest() == local.digest()
     # Which nodes ran these tiny files is Ray's choice (one may finish all four): the engine, not the node count.
     assert on_ray.meta["execution"]["engine"] == "ray" and on_ray.counters["dropped"]["duplicate_url"]["docs"] == 3
+
+    test_ingest.write_folder(tmp_path / "site")
+    cfg = ingest.IngestConfig(kind="files", files={"root": str(tmp_path / "site")}, part_size={"rows": 2})
+    local = ingest.run(Store(tmp_path / "local"), cfg, execution=Execution(workers=1))
+    on_ray = ingest.run(Store(tmp_path / "ray"), cfg, execution=Execution(engine="ray", address=cluster))
+    assert on_ray.key == local.key and on_ray.digest() == local.digest()
+    assert on_ray.meta["execution"]["parts"] == 2 and [f.rows for f in on_ray.files_with_prefix("part-")] == [2, 1]
 
 
 def test_shards_on_ray_publish_the_local_bytes(cluster, tmp_path):

@@ -1,11 +1,12 @@
-"""ingest's global step over every WARC file's pages: URLs repeated across files, pages unchanged since the last ingest.
+"""ingest's global step over every input part's pages: URLs repeated across WARC files, pages unchanged since the last ingest.
 
 It runs in DuckDB under a memory ceiling past which it spills (:mod:`tasks.text.spill_db`),
-over the ``pages.parquet`` index each file's step left (:mod:`tasks.text.warc_parts`:
-file, seq, url, sha256, size, part, pos, place) and the previous ingest's ``validators-*``:
+over the ``pages.parquet`` index each input part's step left (:mod:`tasks.text.ingest_parts`:
+file (the input part), seq, url, sha256, size, part, pos, place) and the previous ingest's ``validators-*``:
 
 - ``duplicate_url``: every occurrence of a URL after its first in (file, seq) order. The
-  reader already dropped repeats inside one file, so these are repeats across files, and
+  reader already dropped repeats inside one file, so these are repeats across files (a
+  folder's files have a URL each, so it has none), and
   the page kept is the one a single reader of all files in order would have kept;
 - ``unchanged``: a first occurrence whose body hashes as the previous ingest recorded;
 - this ingest's validators: one per URL, from its first occurrence, in (file, seq) order

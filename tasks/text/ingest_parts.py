@@ -1,24 +1,27 @@
-"""ingest's per-file steps: one WARC file's pages into Parquet parts, in that file's worker.
+"""ingest's per-part steps: one WARC file's pages, or one run of a folder's files, into Parquet parts, in that part's worker.
 
 Design decisions:
 
 - A WARC ingest maps over its input files (:mod:`tasks.parts`), one file per step, so
   reading, decompressing and checking digests use every core (one process read every file
-  before: 16 MB/s of gzipped WARC on the build machine, ``bench/scale.py``). File N's parts come before file N+1's in the
+  before: 16 MB/s of gzipped WARC on the build machine, ``bench/scale.py``). A folder
+  ingest maps over runs of its files in path order, each run as large as one part
+  (``part_size``: its files' count and bytes), so a folder makes the parts a single
+  reader would have made. Input part N's pages come before input part N+1's in the
   artifact whatever the number of workers.
-- :func:`read_file` does what one file decides alone: records kept or dropped with their
-  reason (:mod:`tasks.text.warc`), a URL repeated inside the file. Kept pages are written
-  as ``part-NNNNN.parquet`` closing at the part size (rows, or bytes of body), drops as
-  ``dropped.parquet``, and every kept page is listed in ``pages.parquet`` (file, seq,
-  url, sha256 and size of the body, its part and position there, the place it was read)
-  for what needs every file.
-- What needs every file is ingest's grouping (:mod:`tasks.text.warc_group`): a URL read
-  in an earlier file (``duplicate_url``: the first in file order wins, as one reader
+- :func:`write_pages` does what one input part decides alone: pages kept or dropped with
+  their reason (:mod:`tasks.text.warc`, :mod:`tasks.text.files`), a URL repeated inside a
+  WARC file. Kept pages are written as ``part-NNNNN.parquet`` closing at the part size
+  (rows, or bytes of body), drops as ``dropped.parquet``, and every kept page is listed in
+  ``pages.parquet`` (input part, seq, url, sha256 and size of the body, its output part and
+  position there, the place it was read) for what needs every part.
+- What needs every part is ingest's grouping (:mod:`tasks.text.ingest_group`): a URL read
+  in an earlier WARC file (``duplicate_url``: the first in file order wins, as one reader
   would have done) and a body identical to the previous ingest's (``unchanged``). Only
-  files that lose pages that way are rewritten, by :func:`settle_part`: their parts
+  input parts that lose pages that way are rewritten, by :func:`settle_part`: their parts
   without those rows, their drops with those rows appended.
-- ``seq`` is a record's position in its file (drops included), so "first" means the same
-  thing on one worker or sixty-four.
+- ``seq`` is a record's position in its input part (drops included), so "first" means the
+  same thing on one worker or sixty-four.
 """
 
 from __future__ import annotations
@@ -27,17 +30,17 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.text.pages import Drop, drop_row, page_row
+from tasks.text.pages import Drop, Page, drop_row, page_row
 from tasks.text.tally import part_funnel
 from tasks.text.warc import read_warc
 
 PAGES = "pages.parquet"
 DROPPED = "dropped.parquet"
-SOURCE = "warc"
 
 PAGES_SCHEMA = pa.schema(
     [
@@ -83,20 +86,27 @@ class _Chunks:
             self.rows, self.bytes = [], 0
 
 
-def read_file(
-    path: Path,
+def read_file(path: Path, index: int, out: Path, *, verify: bool, max_record: int, **write) -> dict:
+    """Read WARC file number ``index`` at ``path`` into ``out``: :func:`write_pages` of its records."""
+    return write_pages(read_warc(path, verify, max_record), index, out, source="warc", place=path.name, **write)
+
+
+def write_pages(
+    items: Iterable[Page | Drop],
     index: int,
     out: Path,
     *,
-    verify: bool,
-    max_record: int,
+    source: str,
+    place: str,
     part_rows: int,
     part_bytes: int,
     raw_schema: pa.Schema,
     dropped_schema: pa.Schema,
     make_doc_id,
 ) -> dict:
-    """Read WARC file number ``index`` at ``path`` into ``out`` (see the module docstring).
+    """Input part number ``index``'s pages and drops (``items``, in order) into ``out`` (see the
+    module docstring). ``source`` is the rows' source column; ``place`` says where a page was
+    read when the page itself does not (its ``where``).
 
     Returns ``funnel`` (documents in, kept, dropped by reason: words are counted from
     extract on), ``parts`` (rows of each part), ``dropped`` (rows of ``dropped.parquet``)
@@ -107,14 +117,14 @@ def read_file(
     dropped: list[dict] = []
     reasons: list[str | None] = []  # per record: None kept, else why not
     first_drop = None
-    for seq, item in enumerate(read_warc(path, verify, max_record)):
+    for seq, item in enumerate(items):
         if isinstance(item, Drop):
             reasons.append(item.reason)
             first_drop = first_drop or [item.url, item.detail]
-            dropped.append(drop_row(item, make_doc_id(item.url), SOURCE))
+            dropped.append(drop_row(item, make_doc_id(item.url), source))
             continue
         reasons.append(None)
-        chunk, row = chunks.add(page_row(item, make_doc_id(item.url), SOURCE))
+        chunk, row = chunks.add(page_row(item, make_doc_id(item.url), source))
         pages.append(
             {
                 "file": index,
@@ -124,7 +134,7 @@ def read_file(
                 "size": len(item.body),
                 "part": chunk,
                 "pos": row,
-                "place": item.where or path.name,
+                "place": item.where or place,
             }
         )
     chunks.flush()
@@ -144,8 +154,10 @@ DETAILS = {
 }
 
 
-def settle_part(part, out: Path, read_dir: str, removals: str, dropped_schema: pa.Schema, make_doc_id) -> dict:
-    """File ``part``'s outputs of the read step (``read_dir``) less the pages that the
+def settle_part(
+    part, out: Path, read_dir: str, removals: str, dropped_schema: pa.Schema, make_doc_id, source: str
+) -> dict:
+    """Input part ``part``'s outputs of the read step (``read_dir``) less the pages that the
     grouping listed for it (its ``removals`` folder: seq, part, pos, reason, place), into ``out``:
     parts renumbered without empty ones (an untouched part is linked, not copied), the
     removed pages appended to the drops in file order.
@@ -171,7 +183,7 @@ def settle_part(part, out: Path, read_dir: str, removals: str, dropped_schema: p
                 page = heads.slice(row, 1).to_pylist()[0]
                 detail = DETAILS[gone["reason"]].format(where=gone["place"])
                 drop = Drop(page["url"], gone["reason"], detail, page["fetched_at"], page["http_status"])
-                new_drops[gone["seq"]] = drop_row(drop, make_doc_id(drop.url), SOURCE)
+                new_drops[gone["seq"]] = drop_row(drop, make_doc_id(drop.url), source)
             kept = table.filter(pa.array([i not in removed for i in range(table.num_rows)]))
             if kept.num_rows:
                 pq.write_table(kept, dst, compression="zstd")

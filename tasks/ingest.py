@@ -147,15 +147,14 @@ def local_inputs(cfg: IngestConfig, **_: object) -> str:
         if cfg.kind == "warc":
             return fingerprint(resolve_warcs(cfg.warc.paths))
         if cfg.kind == "files":
-            return fingerprint([_local(p) for p in files_under(cfg.files)])
+            return fingerprint(_folder_files(cfg.files))
     except SourceError as e:
         return f"unresolved: {e}"
     return ""
 
 
-def _local(path):
-    st = path.stat()
-    return InputFile(str(path), st.st_size, st.st_mtime_ns, path=path)
+def _folder_files(cfg: FilesConfig) -> list[InputFile]:
+    return [InputFile(f.path, f.size, f.mtime_ns) for f in files_under(cfg)]
 
 
 STAGE = Stage("ingest", __name__, external=local_inputs)
@@ -316,7 +315,7 @@ def _ingest_parts(
         what, parts = f"{len(files)} WARC file(s)", file_parts(files)
         read_part, read_args, files_of = read_warc_part, (cfg.warc,), None
     else:
-        files = [_local(p) for p in files_under(cfg.files)]
+        files = _folder_files(cfg.files)
         what, parts = f"folder {cfg.files.root}", folder_parts(files, folder_root(cfg.files), cfg.part_size)
         read_part, read_args = read_folder_part, (cfg.files.max_bytes,)
         files_of = lambda p: ([f.name for f in files[p.start : p.start + p.rows]],)  # noqa: E731

@@ -156,7 +156,7 @@ def read_folder_part(
     """ingest's per-part step of a folder: the files ``paths`` (part ``part``'s run) into ``out``
     (:func:`tasks.text.ingest_parts.write_pages`)."""
     return write_pages(
-        read_files([Path(p) for p in paths], max_bytes),
+        read_files(paths, max_bytes),
         part.index,
         out,
         source="files",

@@ -261,7 +261,7 @@ def test_a_folder_is_read_in_runs_of_files_as_large_as_a_part_the_same_on_one_or
         (root / ("sub" if i % 2 else ".") / f"p{i}.html").write_bytes(HTML.replace(b"package", f"page {i}".encode()))
     (root / "sub" / "z.html").write_bytes(HTML + b"<p>x</p>" * 2000)
     cfg = ingest.IngestConfig(kind="files", files={"root": str(root), "max_bytes": 4096}, part_size={"rows": 3})
-    files = [ingest._local(p) for p in ingest.files_under(cfg.files)]
+    files = ingest._folder_files(cfg.files)
     runs = inputs.folder_parts(files, root.resolve(), cfg.part_size)
     assert [(p.name, p.start, p.rows) for p in runs] == [
         ("p0.html and 2 more", 0, 3),

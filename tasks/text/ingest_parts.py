@@ -60,30 +60,55 @@ def part_name(n: int) -> str:
     return f"part-{n:05d}.parquet"
 
 
+GROUP_BYTES = 16 << 20
+"""Body bytes of one Parquet row group of a part: a part is written a row group at a time."""
+
+
 class _Chunks:
-    """Kept pages written as parts that close at ``rows`` rows or once ``max_bytes`` of body is reached."""
+    """Kept pages written as parts that close at ``rows`` rows or once ``max_bytes`` of body is
+    reached, each written a row group (:data:`GROUP_BYTES`) at a time as it fills.
+
+    Why row groups: building a whole 128 MiB part as one Arrow table made every worker touch
+    fresh memory for it, and on the build machine a new worker's first part cost 0.8 s more
+    in ``from_pylist`` alone (first touches of new pages), its second 0.1 s more; a row group's
+    buffers are reused from the first group on.
+    """
 
     def __init__(self, out: Path, schema: pa.Schema, rows: int, max_bytes: int):
         self.out, self.schema, self.max_rows, self.max_bytes = out, schema, rows, max_bytes
-        self.rows: list[dict] = []
-        self.bytes = 0
+        self.rows: list[dict] = []  # the row group being filled
+        self.group_bytes = 0
+        self.part_rows = self.bytes = 0  # of the part being written
+        self.writer: pq.ParquetWriter | None = None
         self.counts: list[int] = []
 
     def add(self, row: dict) -> tuple[int, int]:
         """Buffer ``row``; returns its (part, row) position."""
-        where = (len(self.counts), len(self.rows))
+        where = (len(self.counts), self.part_rows)
         self.rows.append(row)
+        self.part_rows += 1
         self.bytes += len(row["body"])
-        if len(self.rows) >= self.max_rows or self.bytes >= self.max_bytes:
+        self.group_bytes += len(row["body"])
+        if self.part_rows >= self.max_rows or self.bytes >= self.max_bytes:
             self.flush()
+        elif self.group_bytes >= GROUP_BYTES:
+            self._write_group()
         return where
 
+    def _write_group(self) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.out / part_name(len(self.counts)), self.schema, compression="zstd")
+        self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+        self.rows, self.group_bytes = [], 0
+
     def flush(self) -> None:
+        """Close the part being written (if it has rows)."""
         if self.rows:
-            table = pa.Table.from_pylist(self.rows, schema=self.schema)
-            pq.write_table(table, self.out / part_name(len(self.counts)), compression="zstd")
-            self.counts.append(len(self.rows))
-            self.rows, self.bytes = [], 0
+            self._write_group()
+        if self.writer is not None:
+            self.writer.close()
+            self.counts.append(self.part_rows)
+            self.writer, self.part_rows, self.bytes = None, 0, 0
 
 
 def read_file(path: Path, index: int, out: Path, *, verify: bool, max_record: int, **write) -> dict:

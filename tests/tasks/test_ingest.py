@@ -261,7 +261,7 @@ def test_a_folder_is_read_in_runs_of_files_as_large_as_a_part_the_same_on_one_or
         (root / ("sub" if i % 2 else ".") / f"p{i}.html").write_bytes(HTML.replace(b"package", f"page {i}".encode()))
     (root / "sub" / "z.html").write_bytes(HTML + b"<p>x</p>" * 2000)
     cfg = ingest.IngestConfig(kind="files", files={"root": str(root), "max_bytes": 4096}, part_size={"rows": 3})
-    files = ingest._folder_files(cfg.files)
+    files = ingest.input_files(cfg)
     runs = inputs.folder_parts(files, root.resolve(), cfg.part_size)
     assert [(p.name, p.start, p.rows) for p in runs] == [
         ("p0.html and 2 more", 0, 3),
@@ -289,6 +289,21 @@ def test_a_folder_is_read_in_runs_of_files_as_large_as_a_part_the_same_on_one_or
     unchanged = [r for r in read_table(again, "dropped").to_pylist() if r["dropped_reason"] == "unchanged"]
     assert len(unchanged) == 5 and unchanged[0]["detail"].endswith("p0.html: body identical to the previous ingest's")
     assert (again.meta["new"], again.meta["changed"]) == (0, 1)
+
+
+def test_a_run_lists_its_folder_once_and_the_next_run_again(tmp_path, monkeypatch):
+    """The key and the parts come from one listing; a later run lists anew (its files may have changed)."""
+    write_folder(tmp_path / "site")
+    listings = []
+    files_under = ingest.files_under
+    monkeypatch.setattr(ingest, "files_under", lambda cfg: listings.append(cfg.root) or files_under(cfg))
+    cfg = ingest.IngestConfig(kind="files", files={"root": str(tmp_path / "site")})
+    store = Store(tmp_path / "store")
+    first = ingest.run(store, cfg)
+    assert len(listings) == 1 and first.counters["docs_out"] == 3
+    (tmp_path / "site" / "new.html").write_bytes(HTML)
+    second = ingest.run(store, cfg)
+    assert len(listings) == 2 and second.key != first.key and second.counters["docs_out"] == 4
 
 
 @pytest.mark.parametrize("extensions", [[""], ["html"], [".html", "."]])

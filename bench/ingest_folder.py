@@ -26,8 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.measure import TreeMeter, machine  # noqa: E402
+from bench.measure import machine, measured_child  # noqa: E402
 from bench.scale import CORPUS, PACKAGES, unpack  # noqa: E402
 
 ENDINGS = (".html", ".htm", ".txt")
@@ -102,19 +100,8 @@ def _write_part(job: tuple[Path, list[str]]) -> None:
 def timed(tool: str, workers: int, args: argparse.Namespace) -> dict:
     """One run in a fresh child process, its process tree measured."""
     cmd = [sys.executable, __file__, "--child", tool, "--one-workers", str(workers), "--part-rows", str(args.part_rows)]
-    with TreeMeter() as meter:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if done.returncode:
-        raise SystemExit(f"{tool} on {workers} worker(s) failed; its log is above")
-    r = json.loads(done.stdout.strip().splitlines()[-1])
-    return r | {
-        "tool": tool,
-        "workers": workers,
-        "seconds": round(r["seconds"], 2),
-        "process_seconds": round(meter.seconds, 2),
-        "cores_busy": round(meter.cores_busy, 2),
-        "peak_mib": meter.peak_mib,
-    }
+    r = measured_child(cmd, f"{tool} on {workers} worker(s)")
+    return r | {"tool": tool, "workers": workers, "seconds": round(r["seconds"], 2)}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -217,7 +204,6 @@ def main() -> None:
         "repeat": args.repeat,
         "same_artifacts": len(digests) == 1,
         "runs": [median_of(runs[name], name) for *_, name in configs],
-        "median_seconds": {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()},
     }
     shutil.rmtree(STORES, ignore_errors=True)
     out = Path(args.out)

@@ -4,12 +4,15 @@
 :class:`TreeMeter` samples a process and all its descendants (plus any other processes
 named by ``also``, e.g. a Ray cluster's daemons and workers) while a block runs: the
 peak of their summed memory and the CPU time they used, hence how many cores were busy.
+:func:`measured_child` runs a benchmark's child process under a TreeMeter.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -164,3 +167,19 @@ def _machine_cpu() -> float:
     """CPU seconds the whole machine has used (all processes, all cores) since it booted."""
     t = psutil.cpu_times()
     return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+
+def measured_child(cmd: list[str], what: str, also: Callable[[], list[psutil.Process]] | None = None) -> dict:
+    """Run ``cmd``, a child that prints its result as JSON on its last line, under a
+    :class:`TreeMeter`; its result plus the tree's ``process_seconds``, ``cores_busy`` and
+    ``peak_mib``. A failed child ends the benchmark, naming ``what`` (its log is above)."""
+    with TreeMeter(also=also) as meter:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"{what} failed; its log is above")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result | {
+        "process_seconds": round(meter.seconds, 2),
+        "cores_busy": round(meter.cores_busy, 2),
+        "peak_mib": meter.peak_mib,
+    }

@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.measure import TreeMeter, machine  # noqa: E402
+from bench.measure import TreeMeter, machine, measured_child  # noqa: E402
 
 PACKAGES = ("rust-doc", "openjdk-17-doc", "python3.11-doc", "debian-handbook")
 CORPUS = ROOT / ".cache" / "scale-corpus"
@@ -213,18 +213,12 @@ def run_lmforge(corpus: dict, workers: int, engine: str = "local", cluster=None)
     cmd += ["--one-workers", str(workers), "--engine", engine]
     if cluster is not None:
         cmd += ["--address", cluster.address, "--ray-temp-dir", cluster.temp_dir, "--ray-port", str(cluster.port)]
-    with TreeMeter(also=cluster.processes if cluster else None) as meter:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if done.returncode:
-        raise SystemExit(f"lmforge's data chain failed ({engine}, {workers} workers); its log is above")
-    r = json.loads(done.stdout.strip().splitlines()[-1])
+    what = f"lmforge's data chain ({engine}, {workers} workers)"
+    r = measured_child(cmd, what, also=cluster.processes if cluster else None)
     return r | {
         "engine": engine,
         "workers": workers,
         "seconds": round(sum(s["seconds"] for s in r["stages"]), 2),
-        "process_seconds": round(meter.seconds, 2),
-        "peak_mib": meter.peak_mib,
-        "cores_busy": round(meter.cores_busy, 2),
         "store": str(store),
     }
 
@@ -240,18 +234,14 @@ def run_datatrove(corpus: dict, workers: int, python: str) -> dict:
     cmd = [python, str(ROOT / "bench" / "datatrove_pipeline.py"), "--warcs", corpus["dir"], "--work", str(work)]
     cmd += ["--tasks", str(corpus["files"]), "--workers", str(workers)]
     cmd += ["--lid-model", str(model_path()), "--tokenizer", str(tokenizers[0])]
-    with TreeMeter() as meter:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if done.returncode:
-        raise SystemExit(f"datatrove's pipeline failed ({workers} workers); its log is above")
-    r = json.loads(done.stdout.strip().splitlines()[-1])
+    r = measured_child(cmd, f"datatrove's pipeline ({workers} workers)")
     shutil.rmtree(work, ignore_errors=True)
     return {
         "workers": workers,
         "seconds": round(r["seconds"], 2),
-        "process_seconds": round(meter.seconds, 2),
-        "peak_mib": meter.peak_mib,
-        "cores_busy": round(meter.cores_busy, 2),
+        "process_seconds": r["process_seconds"],
+        "peak_mib": r["peak_mib"],
+        "cores_busy": r["cores_busy"],
         "stages": [
             {
                 "stage": st["name"],

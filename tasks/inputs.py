@@ -80,7 +80,7 @@ def fingerprint(files: list[InputFile]) -> str:
 
 def file_parts(files: list[InputFile]) -> list[Part]:
     """One part per input file, in order: what a WARC ingest maps over."""
-    return [Part(i, Path(f.name).name, f.name, 0, 0) for i, f in enumerate(files)]
+    return [Part(i, Path(f.name).name, f.name, 0, 0, f.size) for i, f in enumerate(files)]
 
 
 def read_warc_part(
@@ -139,7 +139,7 @@ def folder_parts(files: list[InputFile], root: Path, size: PartSize) -> list[Par
         if i + 1 - start >= size.rows or total >= size.max_bytes or i + 1 == len(files):
             first = Path(files[start].name).relative_to(root)
             name = f"{first}" if i == start else f"{first} and {i - start} more"
-            parts.append(Part(len(parts), name, str(root), start, i + 1 - start))
+            parts.append(Part(len(parts), name, str(root), start, i + 1 - start, total))
             start, total = i + 1, 0
     return parts
 

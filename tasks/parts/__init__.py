@@ -21,6 +21,9 @@ Design decisions:
   error with the part named.
 - With one worker, or one part to do, the parts run in this process: the same
   checkpoints, no process start-up.
+- Parts start biggest first (``Part.bytes``, their input's size as listed): the parts
+  left when a worker frees up are small ones, so a map's workers finish close together
+  instead of one of them running a big last part alone. Results are in part order.
 - The ordinal of a document (``Part.start`` + its row in the part) is its position in
   the artifact, whatever ran it: "first in artifact order" means the same thing with 1
   worker or 64, so results do not depend on the worker count.

@@ -72,6 +72,7 @@ class Part:
     path: str
     start: int  # ordinal of its first row in the artifact
     rows: int
+    bytes: int = 0  # its input's size as listed (0: not known); a map starts the biggest parts first
 
 
 def input_parts(manifest: Manifest, prefix: str = "part") -> list[Part]:
@@ -80,7 +81,7 @@ def input_parts(manifest: Manifest, prefix: str = "part") -> list[Part]:
     for i, f in enumerate(e for e in manifest.files_with_prefix(prefix + "-") if e.path.endswith(".parquet")):
         path = str(manifest.path(f.path))
         rows = f.rows if f.rows is not None else pq.ParquetFile(path).metadata.num_rows
-        parts.append(Part(i, f.path, path, start, rows))
+        parts.append(Part(i, f.path, path, start, rows, f.bytes))
         start += rows
     return parts
 

@@ -105,7 +105,9 @@ class PartMap:
             done = step_dir / f"{p.index:05d}" / RESULT
             if done.exists():
                 results[p.index] = read_result(done.parent)
-        todo = [p for p in parts if p.index not in results]
+        # Biggest input first (longest-processing-time order): the last parts to start are
+        # small ones, so a map's workers finish close together. Results keep artifact order.
+        todo = sorted((p for p in parts if p.index not in results), key=_biggest_first)
         if results:
             self.log.info(
                 "%s: %s: %d of %d parts already done, reusing them", self.stage, step, len(results), len(parts)
@@ -165,6 +167,11 @@ class PartMap:
             tries + 1,
             self.attempts,
         )
+
+
+def _biggest_first(part) -> int:
+    """Sort key: a part's input bytes, negated (a unit without a size, such as dedup's slices, keeps its place)."""
+    return -getattr(part, "bytes", 0)
 
 
 def _no_args(part: Part) -> tuple:

@@ -49,3 +49,19 @@ def test_workers_size_their_thread_pools_to_their_share_of_the_cores(tmp_path):
     # A variable set by the user (OpenMP's by conftest.py; rayon's, if this environment has it) is kept.
     want = {var: os.environ.get(var, str(share)) for var in THREAD_POOLS} | {"pyarrow": share}
     assert seen == [want] * 4
+
+
+def log_start(part, out, log_file):
+    with open(log_file, "a") as f:
+        f.write(f"{part.index}\n")
+    return part.bytes
+
+
+def test_a_map_starts_its_biggest_parts_first_and_returns_results_in_part_order(tmp_path):
+    sizes = [10, 300, 20, 300, 5000]
+    parts = [Part(i, f"p{i}", str(tmp_path / f"p{i}"), 0, 1, size) for i, size in enumerate(sizes)]
+    log_file = tmp_path / "started"
+    # One worker process (isolate: not this process) takes the parts one at a time: its order is the map's.
+    with PartMap("extract", tmp_path / "work", execution=Execution(workers=1), log=logging.getLogger("t")) as pm:
+        assert pm.map("text", log_start, parts, str(log_file), isolate=True) == sizes
+    assert log_file.read_text().split() == ["4", "1", "3", "2", "0"]  # equal sizes keep their order

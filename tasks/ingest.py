@@ -14,8 +14,9 @@ Design decisions:
   pages) in the artifact: a faithful archive that kind ``warc`` can re-ingest.
 - Inputs (``files``, ``warc``, WARC objects in a bucket: :mod:`tasks.inputs`) are fingerprinted by name, size and mtime
   (:func:`local_inputs`, the stage's declared external input), so changed files give a new key;
-  one run lists them once (:func:`input_files`), so its parts read the files its key names. A crawl's key is its
-  config alone: set ``snapshot`` (e.g. the date) to fetch the web again.
+  one run lists them once (:func:`input_files`; a Prefect task run: for its cache key and
+  lock too), so its parts read the files its key names. A crawl's key is its config alone:
+  set ``snapshot`` (e.g. the date) to fetch the web again.
 - The sources are engines of :mod:`tasks.text`: the crawler (:mod:`tasks.text.crawl`),
   the WARC reader (:mod:`tasks.text.warc`: one bad record is dropped as
   ``malformed_record``, not the file) and the folder reader (:mod:`tasks.text.files`).
@@ -48,7 +49,6 @@ Design decisions:
 from __future__ import annotations
 
 import shutil
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
@@ -69,7 +69,7 @@ from tasks.inputs import (
 from tasks.parts.core import Execution
 from tasks.parts.partmap import PartMap
 from tasks.prefect_task import stage_task
-from tasks.stage import Progress, Stage, StageConfig, StageError, no_progress, stage_logger
+from tasks.stage import Progress, Stage, StageConfig, StageError, inputs_scope, no_progress, read_once, stage_logger
 from tasks.text.crawl import CrawlConfig, Crawler
 from tasks.text.files import FilesConfig, files_under, folder_root
 from tasks.text.ingest_group import PageGrouping, removal_folder
@@ -153,26 +153,19 @@ def local_inputs(cfg: IngestConfig, **_: object) -> str:
         return f"unresolved: {e}"
 
 
-_listed: ContextVar[dict[str, list[InputFile]] | None] = ContextVar("ingest_listed", default=None)
-"""Within one :func:`run`: its input files as listed for its key."""
-
-
 def input_files(cfg: IngestConfig) -> list[InputFile]:
     """The WARC files (local or in a bucket) or the folder's files that ``cfg`` names, in order.
 
-    Listed once per :func:`run`: the parts read exactly the files that the key fingerprints,
-    and a folder or a bucket prefix is not walked twice (46,573 files: 0.5 s a listing).
+    Listed once per run (:func:`tasks.stage.read_once`): the parts read exactly the files
+    that the key fingerprints, and a folder or a bucket prefix is not walked twice (46,573
+    files: 0.5 s a listing).
     """
-    memo = _listed.get()
-    if memo is not None and cfg.kind in memo:
-        return memo[cfg.kind]
     if cfg.kind == "warc":
-        files = resolve_warcs(cfg.warc.paths)
-    else:
-        files = [InputFile(f.path, f.size, f.mtime_ns) for f in files_under(cfg.files)]
-    if memo is not None:
-        memo[cfg.kind] = files
-    return files
+        return read_once(f"ingest warc {cfg.warc.paths}", lambda: resolve_warcs(cfg.warc.paths))
+    return read_once(
+        f"ingest files {cfg.files.model_dump_json()}",
+        lambda: [InputFile(f.path, f.size, f.mtime_ns) for f in files_under(cfg.files)],
+    )
 
 
 STAGE = Stage("ingest", __name__, external=local_inputs)
@@ -218,11 +211,8 @@ def run(
     (nothing published) when there is none. ``execution`` sets the workers of a WARC
     or folder ingest; the artifact is the same whatever it says.
     """
-    listed = _listed.set({})
-    try:
+    with inputs_scope():
         return _run(store, cfg, previous, execution, progress)
-    finally:
-        _listed.reset(listed)
 
 
 def _run(

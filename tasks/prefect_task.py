@@ -17,23 +17,30 @@ The wrapper adds orchestration and nothing else; the stage's ``run`` is the work
   nothing in the store is ever unpickled. The flow loads the manifest from the store.
 - Progress: the wrapper passes the stage a ``progress`` callback that moves a Prefect
   progress artifact (:class:`PrefectProgress`); the stage itself never imports Prefect.
+- External inputs are read once per task run: the cache key's reads (a folder's listing)
+  are handed, by task run id, to the lock key and the stage's ``run``
+  (:func:`tasks.stage.inputs_scope`), so Prefect's key, the lock and the artifact name the
+  same files. Another attempt of the run reads them again.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from prefect import task
 from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
 
 from storage.artifact import Manifest
 from storage.atomic import exclusive
 from tasks.cache_records import RECORD_SERIALIZER, RECORDS_BLOCK, manifest_ref
-from tasks.stage import Stage, StageError, stage_logger
+from tasks.stage import Stage, StageError, inputs_scope, stage_logger
 
 
 def _not_bad_input(task, task_run, state) -> bool:
@@ -60,7 +67,37 @@ class ArtifactKey(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs) -> str:
         rest = {k: v for k, v in inputs.items() if k not in ("store", "cfg")}
-        return self.stage.cache_key(inputs["store"], inputs["cfg"], **rest)
+        with inputs_scope() as read:
+            key = self.stage.cache_key(inputs["store"], inputs["cfg"], **rest)
+        _reads.put(task_ctx.task_run.id, read)
+        return key
+
+
+class _Reads:
+    """The external inputs read for a task run's cache key, until its body takes them.
+
+    Bounded: a cached run's body never comes for its reads, and a long-lived worker must
+    not keep every listing it ever made."""
+
+    def __init__(self, keep: int = 16):
+        self.keep, self._by_run, self._lock = keep, OrderedDict(), threading.Lock()
+
+    def put(self, run_id, read: dict) -> None:
+        with self._lock:
+            self._by_run[run_id] = read
+            while len(self._by_run) > self.keep:
+                self._by_run.popitem(last=False)
+
+    def take(self) -> dict | None:
+        """This task run's reads (once), or None outside a task run or when there are none."""
+        ctx = TaskRunContext.get()
+        if ctx is None:
+            return None
+        with self._lock:
+            return self._by_run.pop(ctx.task_run.id, None)
+
+
+_reads = _Reads()
 
 
 def progress_key(stage: str) -> str:
@@ -168,18 +205,19 @@ def stage_task(
         bound.apply_defaults()  # as Prefect's parameters and the stage's own begin() see them
         inputs = dict(bound.arguments)
         store, cfg = inputs.pop("store"), inputs.pop("cfg")
-        key = stage.key(cfg, **inputs)
+        with inputs_scope(_reads.take()):  # the cache key's reads: the same files for key, lock and run
+            key = stage.key(cfg, **inputs)
 
-        def waiting() -> None:
-            stage_logger(stage.name).info(
-                "%s: another run is building %s/%s; waiting for it", stage.name, stage.name, key
-            )
+            def waiting() -> None:
+                stage_logger(stage.name).info(
+                    "%s: another run is building %s/%s; waiting for it", stage.name, stage.name, key
+                )
 
-        # One builder per key at a time: the second run waits, then finds the first one's artifact.
-        with exclusive(store.lock_path(stage.name, key), on_wait=waiting):
-            if progress is not None:
-                kwargs["progress"] = PrefectProgress(stage.name, progress)
-            return manifest_ref(run(*args, **kwargs))
+            # One builder per key at a time: the second run waits, then finds the first one's artifact.
+            with exclusive(store.lock_path(stage.name, key), on_wait=waiting):
+                if progress is not None:
+                    kwargs["progress"] = PrefectProgress(stage.name, progress)
+                return manifest_ref(run(*args, **kwargs))
 
     stage_run.__name__ = stage_run.__qualname__ = f"{stage.name}_run"
     stage_run.__module__ = run.__module__

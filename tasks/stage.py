@@ -17,6 +17,12 @@ passed, defaults included (Prefect's cache policy binds them the same way):
 
 Prefect's cache key is derived from the same key (:meth:`Stage.cache_key`), so the two
 cannot disagree.
+
+External inputs are read once per run (:func:`inputs_scope`, :func:`read_once`): a
+folder's or a bucket prefix's listing serves the key, the builder's lock and the parts
+alike, so all three name the same files and a prefix of 90,000 objects is listed once,
+not three times. A stage's ``run`` that reads such inputs opens the scope (ingest's); the
+Prefect wrapper opens it earlier, at the cache key, and hands it to the run.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TypeVar
 
 from pydantic import BaseModel
 
@@ -42,6 +50,43 @@ Progress = Callable[[float], None]
 
 def no_progress(_fraction: float) -> None:
     """The progress callback of a stage called outside Prefect: reports nowhere."""
+
+
+T = TypeVar("T")
+_read: ContextVar[dict[str, Any] | None] = ContextVar("stage_inputs_read", default=None)
+
+
+@contextmanager
+def inputs_scope(memo: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Within this block, :func:`read_once` reads each external input once.
+
+    ``memo``: what an earlier scope of the same run read (the Prefect wrapper's, from the
+    cache key). Inside an open scope this one joins it, so a stage's ``run`` called by the
+    wrapper reuses the wrapper's reads.
+    """
+    outer = _read.get()
+    if outer is not None:
+        yield outer
+        return
+    token = _read.set({} if memo is None else memo)
+    try:
+        yield _read.get()
+    finally:
+        _read.reset(token)
+
+
+def read_once(name: str, read: Callable[[], T]) -> T:
+    """``read()``, once per :func:`inputs_scope` for each ``name``; outside a scope, every time.
+
+    ``name`` says what is read, all of it (kind and location): two reads of one name in a
+    scope must mean the same thing.
+    """
+    memo = _read.get()
+    if memo is None:
+        return read()
+    if name not in memo:
+        memo[name] = read()
+    return memo[name]
 
 
 class StageError(RuntimeError):

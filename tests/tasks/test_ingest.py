@@ -291,12 +291,18 @@ def test_a_folder_is_read_in_runs_of_files_as_large_as_a_part_the_same_on_one_or
     assert (again.meta["new"], again.meta["changed"]) == (0, 1)
 
 
-def test_a_run_lists_its_folder_once_and_the_next_run_again(tmp_path, monkeypatch):
+@pytest.fixture
+def listings(monkeypatch) -> list:
+    """The folders listed by ingest, one entry per listing (the real listing still runs)."""
+    listed = []
+    files_under = ingest.files_under
+    monkeypatch.setattr(ingest, "files_under", lambda cfg: listed.append(cfg.root) or files_under(cfg))
+    return listed
+
+
+def test_a_run_lists_its_folder_once_and_the_next_run_again(tmp_path, listings):
     """The key and the parts come from one listing; a later run lists anew (its files may have changed)."""
     write_folder(tmp_path / "site")
-    listings = []
-    files_under = ingest.files_under
-    monkeypatch.setattr(ingest, "files_under", lambda cfg: listings.append(cfg.root) or files_under(cfg))
     cfg = ingest.IngestConfig(kind="files", files={"root": str(tmp_path / "site")})
     store = Store(tmp_path / "store")
     first = ingest.run(store, cfg)
@@ -304,6 +310,28 @@ def test_a_run_lists_its_folder_once_and_the_next_run_again(tmp_path, monkeypatc
     (tmp_path / "site" / "new.html").write_bytes(HTML)
     second = ingest.run(store, cfg)
     assert len(listings) == 2 and second.key != first.key and second.counters["docs_out"] == 4
+
+
+def test_a_prefect_task_run_lists_its_folder_once_for_key_lock_and_parts(tmp_path, listings):
+    """Prefect's cache key, the builder's lock and the parts share one listing; a cached rerun lists for its key only."""
+    from prefect import flow
+
+    from flows.records import run_stage
+
+    write_folder(tmp_path / "site")
+    cfg = ingest.IngestConfig(kind="files", files={"root": str(tmp_path / "site")})
+    store = Store(tmp_path / "store")
+
+    @flow
+    def ingest_folder():
+        records = {}
+        run_stage(records, "ingest", ingest.task, store=store, cfg=cfg, execution=Execution(workers=1))
+        return records["ingest"]
+
+    first = ingest_folder()
+    assert (first.status, first.docs_out, len(listings)) == ("Completed", 3, 1)
+    second = ingest_folder()
+    assert (second.status, second.artifact, len(listings)) == ("Cached", first.artifact, 2)
 
 
 @pytest.mark.parametrize("extensions", [[""], ["html"], [".html", "."]])

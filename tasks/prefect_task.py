@@ -67,26 +67,30 @@ class ArtifactKey(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters, **kwargs) -> str:
         rest = {k: v for k, v in inputs.items() if k not in ("store", "cfg")}
-        with inputs_scope() as read:
+        with inputs_scope({}) as read:  # a new scope, whatever is open: this attempt's own reads
             key = self.stage.cache_key(inputs["store"], inputs["cfg"], **rest)
-        _reads.put(task_ctx.task_run.id, read)
+        if read:  # only stages with external inputs (ingest) leave anything to hand over
+            _reads.put(task_ctx.task_run.id, read)
         return key
 
 
 class _Reads:
     """The external inputs read for a task run's cache key, until its body takes them.
 
-    Bounded: a cached run's body never comes for its reads, and a long-lived worker must
-    not keep every listing it ever made."""
+    The body asks within milliseconds of the key (it takes them before any lock wait). A
+    cached run's body never comes, so entries expire after ``ttl`` seconds and at most
+    ``keep`` are held: a long-lived worker does not keep every listing it made (one of
+    90,000 objects is tens of MB). A run whose reads expired lists again, as before."""
 
-    def __init__(self, keep: int = 16):
-        self.keep, self._by_run, self._lock = keep, OrderedDict(), threading.Lock()
+    def __init__(self, keep: int = 8, ttl: float = 300.0, clock: Callable[[], float] = time.monotonic):
+        self.keep, self.ttl, self.clock = keep, ttl, clock
+        self._by_run: OrderedDict[Any, tuple[float, dict]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def put(self, run_id, read: dict) -> None:
         with self._lock:
-            self._by_run[run_id] = read
-            while len(self._by_run) > self.keep:
-                self._by_run.popitem(last=False)
+            self._by_run[run_id] = (self.clock(), read)
+            self._prune()
 
     def take(self) -> dict | None:
         """This task run's reads (once), or None outside a task run or when there are none."""
@@ -94,7 +98,14 @@ class _Reads:
         if ctx is None:
             return None
         with self._lock:
-            return self._by_run.pop(ctx.task_run.id, None)
+            self._prune()
+            entry = self._by_run.pop(ctx.task_run.id, None)
+        return None if entry is None else entry[1]
+
+    def _prune(self) -> None:
+        old = self.clock() - self.ttl
+        while self._by_run and (len(self._by_run) > self.keep or next(iter(self._by_run.values()))[0] < old):
+            self._by_run.popitem(last=False)
 
 
 _reads = _Reads()
@@ -205,7 +216,11 @@ def stage_task(
         bound.apply_defaults()  # as Prefect's parameters and the stage's own begin() see them
         inputs = dict(bound.arguments)
         store, cfg = inputs.pop("store"), inputs.pop("cfg")
-        with inputs_scope(_reads.take()):  # the cache key's reads: the same files for key, lock and run
+        # The cache key's reads, in a scope of this attempt's own: the same files for key, lock
+        # and run. Read before the lock: a run that waits for another builder of its key then
+        # finds that builder's artifact (the same files); if that builder failed, this one
+        # builds from the files as they were listed before the wait.
+        with inputs_scope(_reads.take() or {}):
             key = stage.key(cfg, **inputs)
 
             def waiting() -> None:

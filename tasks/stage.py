@@ -60,12 +60,13 @@ _read: ContextVar[dict[str, Any] | None] = ContextVar("stage_inputs_read", defau
 def inputs_scope(memo: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Within this block, :func:`read_once` reads each external input once.
 
-    ``memo``: what an earlier scope of the same run read (the Prefect wrapper's, from the
-    cache key). Inside an open scope this one joins it, so a stage's ``run`` called by the
-    wrapper reuses the wrapper's reads.
+    Without ``memo`` (a stage's ``run``): joins the scope already open, if any, so a run
+    called by the Prefect wrapper reuses the wrapper's reads; else opens one. With ``memo``
+    (the wrapper; ``{}`` for none yet): a new scope over it, whatever is open, holding what
+    an earlier scope of the same attempt read (its cache key's).
     """
     outer = _read.get()
-    if outer is not None:
+    if memo is None and outer is not None:
         yield outer
         return
     token = _read.set({} if memo is None else memo)

@@ -170,7 +170,8 @@ class PartMap:
 
 
 def _biggest_first(part) -> int:
-    """Sort key: a part's input bytes, negated (a unit without a size, such as dedup's slices, keeps its place)."""
+    """Sort key: a part's input bytes, negated. Units without a size (0, or none at all, as dedup's
+    slices) come after those with one, in their own order (the sort is stable)."""
     return -getattr(part, "bytes", 0)
 
 

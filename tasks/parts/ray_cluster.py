@@ -136,7 +136,7 @@ class RayCluster:
             self.exchange.close()
 
     def run(self, pm, step: str, fn: Callable, todo: list[Part], step_dir: Path, args: tuple, report, part_args):
-        queue = list(reversed(todo))  # pop() takes parts in order
+        queue = list(reversed(todo))  # pop() takes them in the map's order (biggest first)
         tries = {p.index: 0 for p in todo}
         wire = self.exchange.wire if self.exchange is not None else None
         if self.exchange is not None:

@@ -334,6 +334,20 @@ def test_a_prefect_task_run_lists_its_folder_once_for_key_lock_and_parts(tmp_pat
     assert (second.status, second.artifact, len(listings)) == ("Cached", first.artifact, 2)
 
 
+def test_listings_waiting_for_their_task_run_are_bounded_in_number_and_age():
+    """A cached run never takes its cache key's listing: held listings expire, and only a few are kept."""
+    from tasks import prefect_task
+
+    now = [1000.0]
+    reads = prefect_task._Reads(keep=2, ttl=300, clock=lambda: now[0])
+    for run in ("a", "b", "c"):
+        reads.put(run, {"listing": run})
+    assert list(reads._by_run) == ["b", "c"]  # the oldest went first
+    now[0] += 301
+    reads.put("d", {"listing": "d"})
+    assert list(reads._by_run) == ["d"]  # b and c expired
+
+
 @pytest.mark.parametrize("extensions", [[""], ["html"], [".html", "."]])
 def test_an_extension_filter_that_matches_anything_is_refused(tmp_path, extensions):
     with pytest.raises(ValueError, match="not a file name ending"):

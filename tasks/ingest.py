@@ -158,7 +158,7 @@ def input_files(cfg: IngestConfig) -> list[InputFile]:
 
     Listed once per run (:func:`tasks.stage.read_once`): the parts read exactly the files
     that the key fingerprints, and a folder or a bucket prefix is not walked twice (46,573
-    files: 0.5 s a listing).
+    files: 0.35 to 0.55 s a listing).
     """
     if cfg.kind == "warc":
         return read_once(f"ingest warc {cfg.warc.paths}", lambda: resolve_warcs(cfg.warc.paths))

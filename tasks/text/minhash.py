@@ -17,7 +17,7 @@ Design decisions:
   hashes put through the MurmurHash3 64-bit finalizer, and its top 32 bits feed the
   permutations.
 - The permutations are datasketch's ``"affine32"`` scheme (its 2.x default), with the
-  permutation parameters taken from ``datasketch.MinHash(num_perm, seed)``: a signature
+  permutation parameters that ``datasketch.MinHash(num_perm, seed)`` draws: a signature
   here equals ``MinHash(num_perm, seed, hashfunc=<shingle hash>)`` fed the same
   shingles (a test checks this), so :func:`as_minhash` gives a real datasketch
   ``LeanMinHash`` for estimates.
@@ -98,10 +98,17 @@ def shingle_hashes(normalized: str, ngram: int) -> np.ndarray:
 
 @lru_cache(maxsize=8)
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """datasketch's affine32 permutation parameters (a, b) for this num_perm and seed."""
-    from datasketch import MinHash  # imported here: datasketch loads scipy (0.7 s), needed only when hashing
+    """datasketch's affine32 permutation parameters (a, b) for this num_perm and seed.
 
-    a, b = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
+    Drawn as ``datasketch.MinHash(num_perm, seed, scheme="affine32")`` draws them (its
+    ``_init_permutations``: ``a`` a 31-bit draw times two plus one, so odd, ``b`` a 32-bit draw, from
+    ``RandomState(seed)``), not by building one: importing datasketch loads scipy, 0.5 to 0.7 s
+    in every worker process before its first part (measured on the 2-core build machine).
+    A test checks both against datasketch's own.
+    """
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
     return a, b
 
 

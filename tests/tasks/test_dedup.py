@@ -351,6 +351,15 @@ def test_signature_matches_datasketch_and_estimates_jaccard():
     assert minhash.as_minhash(sig_a, 1).jaccard(minhash.as_minhash(sig_b, 1)) == pytest.approx(true, abs=0.15)
 
 
+@pytest.mark.parametrize("num_perm, seed", [(112, 1), (128, 0), (7, 2**31)])
+def test_permutations_are_datasketchs(num_perm, seed):
+    a, b = minhash.permutations(num_perm, seed)
+    ref_a, ref_b = MinHash(num_perm=num_perm, seed=seed, scheme=minhash.SCHEME).permutations
+    assert a.dtype == ref_a.dtype == np.uint32 and b.dtype == ref_b.dtype
+    assert np.array_equal(a, ref_a) and np.array_equal(b, ref_b)
+    assert (a % 2 == 1).all()  # odd: each permutation is a bijection of the 32-bit values
+
+
 def test_normalize_and_short_texts():
     assert minhash.normalize("  Héllo,\tWORLD_2024!\n") == "hello world 0000"
     rng = random.Random(6)

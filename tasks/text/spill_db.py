@@ -34,6 +34,10 @@ class SpillingDuckDB:
                 "preserve_insertion_order": False,
             },
         )
+        if tables:
+            # Closing would first checkpoint the WAL into the file that close() then deletes:
+            # 0.13 s of ingest's 3.7 s on 2 workers on the scale corpus (cProfile), for nothing.
+            self.con.execute("PRAGMA disable_checkpoint_on_shutdown")
 
     def _clean(self) -> None:
         for name in (self.name, f"{self.name}.wal"):

@@ -163,6 +163,9 @@ def _plan(engine: Engine, req: CompletionRequest) -> list[GenerationRequest] | J
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     plans = []
     for text in prompts:
+        at_least = engine.tokens_at_least(text)
+        if at_least is not None:
+            return error(400, f"prompt is at least {at_least} tokens; the context holds {engine.block_size}", "prompt")
         try:
             ids = engine.encode(text)
         except Exception:  # lone surrogates and other strings the tokenizer cannot take

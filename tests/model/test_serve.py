@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import random
 import threading
 import time
 import urllib.error
@@ -11,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import uvicorn
 
-from model.onnx_generate import OnnxGenerator
+from model.onnx_generate import ExportedModel, OnnxGenerator
 from model.serving.api import create_app
-from model.serving.engine import ONNX_DEFAULT_PRECISION, Engine, Overloaded
+from model.serving.engine import ONNX_DEFAULT_PRECISION, Engine, Overloaded, max_token_bytes
 from model.serving.switch import Follower, ServedModel
 from tests.model.tiny import export_tiny
 from tests.ports import free_port
@@ -159,6 +160,31 @@ def test_concurrent_requests_share_steps_and_get_their_single_request_tokens(ser
 def test_bad_requests_get_a_status_naming_the_field(served, body, status, param):
     got, out, _ = served.post(body)
     assert got == status and out["error"]["param"] == param and out["error"]["message"]
+
+
+def test_a_prompt_too_big_for_the_context_is_refused_by_its_size(served):
+    """Past ``max_prompt_bytes`` no encoding is needed (the message says "at least"); below, the count is exact."""
+    engine = served.engine
+    for size in (engine.max_prompt_bytes + 1, 900_000):
+        status, out, _ = served.post({"prompt": "a" * size, "max_tokens": 1})
+        assert status == 400 and out["error"]["param"] == "prompt"
+        assert (
+            f"at least {-(-size // (engine.max_prompt_bytes // engine.block_size))} tokens" in out["error"]["message"]
+        )
+    status, out, _ = served.post({"prompt": "the cat " * 40, "max_tokens": 1})
+    assert status == 400 and "at least" not in out["error"]["message"]
+
+
+def test_the_size_bound_never_refuses_a_prompt_that_fits(model_dir):
+    """No token stands for more UTF-8 bytes than ``max_token_bytes`` says, in any script or spelling."""
+    tokenizer = ExportedModel(model_dir).tokenizer
+    most = max_token_bytes(tokenizer)
+    rng = random.Random(3)
+    texts = ["the cat sat on the mat. " * 50, "😀 emoji " * 40, "<|endoftext|>" * 30, "\u00e9" * 300]
+    texts += ["".join(chr(rng.randrange(32, 0x3000)) for _ in range(400)) for _ in range(20)]
+    texts += [" ".join(rng.choice(["cat", "the", "mat", "sat", "on"]) for _ in range(400)) for _ in range(20)]
+    for text in texts:
+        assert len(tokenizer.encode(text).ids) * most >= len(text.encode()), text[:40]
 
 
 def test_nothing_a_client_sends_crashes_the_server(served):

@@ -94,7 +94,10 @@ class Engine:
         export = ExportedModel(model_dir)
         self.dir, self.meta, self.tokenizer = export.dir, export.meta, export.tokenizer
         self.eot_id, self.block_size = export.eot_id, export.block_size
-        self.max_prompt_bytes = self.block_size * max_token_bytes(self.tokenizer)
+        # The size bound of tokens_at_least reasons on the text's own bytes: it holds where the tokens'
+        # bytes are the text's (lmforge's byte-level BPE, no normalizer), and is not used elsewhere.
+        byte_level = self.tokenizer.normalizer is None
+        self.max_prompt_bytes = self.block_size * max_token_bytes(self.tokenizer) if byte_level else None
         self.new_cache, self.precision, self.graph = load_lm(export, backend, precision, device, threads)
         self.backend, self.device = backend, device
         self.max_queue = max_queue
@@ -152,6 +155,8 @@ class Engine:
         cannot fit is refused by its size: each token covers at most ``max_token_bytes`` of
         its UTF-8 bytes (byte-level BPE: the tokens' bytes are the text's bytes).
         """
+        if self.max_prompt_bytes is None or len(prompt) * 4 <= self.max_prompt_bytes:
+            return None  # at most 4 bytes a character: no need to count them
         size = len(prompt.encode("utf-8", "surrogatepass"))
         if size <= self.max_prompt_bytes:
             return None

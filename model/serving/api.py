@@ -130,11 +130,12 @@ def create_app(
             return error(404, f"model {req.model!r} is not served here (it serves {model_id!r})", "model")
         for _attempt in range(3):  # a model switch between taking the engine and submitting: take the new one
             engine = served.engine
-            plans = _plan(engine, req)
-            if isinstance(plans, JSONResponse):
-                return plans
             started = []
             try:
+                engine.refuse_if_full()  # before tokenizing: a full server spends nothing on a refusal
+                plans = _plan(engine, req)
+                if isinstance(plans, JSONResponse):
+                    return plans
                 for plan in plans:
                     started.append(engine.submit(plan, req.stop, timeout))
                 break

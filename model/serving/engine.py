@@ -162,20 +162,30 @@ class Engine:
             return None
         return -(-size // (self.max_prompt_bytes // self.block_size))
 
+    def refuse_if_full(self) -> None:
+        """Raise :class:`Overloaded` if :meth:`submit` would: a handler asks before tokenizing a prompt,
+        so a full server does no work for a request it refuses (:meth:`submit` checks again)."""
+        with self._lock:
+            self._check_room()
+
     def submit(self, request: GenerationRequest, stop: list[str], timeout: float) -> Completion:
         """Queue a generation; raises :class:`Overloaded` when ``max_queue`` are waiting or running."""
         with self._lock:
             if self._stopping:
                 raise Retired(f"the engine of {self.dir} was replaced")
-            if self._admitted >= self.max_queue:
-                self.metrics.requests.labels(status="429").inc()
-                raise Overloaded(f"{self._admitted} requests are queued or running (max_queue {self.max_queue})")
+            self._check_room()
             self._admitted += 1
         loop = asyncio.get_running_loop()
         done = Completion(request, stop, time.monotonic() + timeout, loop, asyncio.Queue())
         self._inbox.put(("submit", done))
         self._wake.set()
         return done
+
+    def _check_room(self) -> None:
+        """Under ``_lock``: :class:`Overloaded` (counted as a 429) when ``max_queue`` are admitted."""
+        if self._admitted >= self.max_queue:
+            self.metrics.requests.labels(status="429").inc()
+            raise Overloaded(f"{self._admitted} requests are queued or running (max_queue {self.max_queue})")
 
     def cancel(self, completion: Completion) -> None:
         """The client left: free the request's batch row at the next step."""

@@ -264,6 +264,8 @@ def test_a_full_queue_is_429_with_retry_after(model_dir):
                 time.sleep(0.02)
             status, out, headers = running.post({"prompt": "a dog", "max_tokens": 4})
             assert status == 429 and headers["retry-after"] == "1" and out["error"]["type"] == "rate_limit_error"
+            # Refused before its prompt is looked at: a full server tokenizes nothing for a refusal.
+            assert running.post({"prompt": "the cat " * 40, "max_tokens": 4})[0] == 429
             engine.start()  # the engine picks the first request up and finishes it
             assert first.result(timeout=30)[0] == 200
     finally:

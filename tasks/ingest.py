@@ -67,7 +67,7 @@ from tasks.inputs import (
     resolve_warcs,
 )
 from tasks.parts.core import Execution
-from tasks.parts.partmap import PartMap
+from tasks.parts.partmap import PartMap, warm_up
 from tasks.prefect_task import stage_task
 from tasks.stage import Progress, Stage, StageConfig, StageError, inputs_scope, no_progress, read_once, stage_logger
 from tasks.text.crawl import CrawlConfig, Crawler
@@ -219,6 +219,8 @@ def _run(
     store: Store, cfg: IngestConfig, previous: Manifest | None, execution: Execution | None, progress: Progress
 ) -> Manifest | None:
     _check_previous(previous)
+    if cfg.kind != "crawl":  # the first stage of a run: its workers' fork server starts while it plans
+        warm_up(execution or Execution())
     b = STAGE.begin(store, cfg, previous=previous)
     if b.done:
         return b.done

@@ -57,6 +57,17 @@ def _context():
     return ctx
 
 
+def start_fork_server() -> None:
+    """Start the workers' fork server now and return at once: its imports (:data:`PRELOAD`,
+    about 0.4 s on the 2-core build machine) then overlap what the caller does before its
+    first map (listing and hashing the inputs), instead of holding the first workers back.
+    Does nothing when it runs already (it lives as long as this process)."""
+    from multiprocessing import forkserver
+
+    _context()  # sets what it preloads
+    forkserver.ensure_running()
+
+
 class _Worker:
     def __init__(self, threads: int) -> None:
         ctx = _context()

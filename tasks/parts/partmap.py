@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 from storage.artifact import Store
 from tasks.parts.core import RESULT, Execution, Part, read_result, run_part
-from tasks.parts.local import LocalProcesses
+from tasks.parts.local import LocalProcesses, start_fork_server
 from tasks.stage import Progress, StageError, no_progress
 
 
@@ -178,3 +178,11 @@ def _biggest_first(part) -> int:
 def _no_args(part: Part) -> tuple:
     """The ``part_args`` of a step whose parts take the same arguments."""
     return ()
+
+
+def warm_up(execution: Execution) -> None:
+    """Start the engine's slow start-up now, in the background, for a stage that is about to
+    plan its parts: with local workers, the fork server (:func:`tasks.parts.local.start_fork_server`).
+    Ray starts when a :class:`PartMap` asks for it; one worker runs in this process."""
+    if execution.engine == "local" and execution.worker_count() > 1:
+        start_fork_server()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.code_version import EXCLUDED, PACKAGES, closure, code_version
+from tasks.code_version import EXCLUDED, PACKAGES, closure, code_version, imported_modules
 from tests.stages import DATA_STAGES, MODEL_STAGES, STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +23,7 @@ def project(tmp_path):
 
 def versions(root: Path) -> dict[str, str]:
     code_version.cache_clear()
+    imported_modules.cache_clear()  # the edited files are parsed again
     return {s: code_version(f"tasks.{s}", root) for s in STAGES}
 
 

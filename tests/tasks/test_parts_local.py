@@ -3,6 +3,9 @@ its workers' library thread pools share the cores."""
 
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +68,18 @@ def test_a_map_starts_its_biggest_parts_first_and_returns_results_in_part_order(
     with PartMap("extract", tmp_path / "work", execution=Execution(workers=1), log=logging.getLogger("t")) as pm:
         assert pm.map("text", log_start, parts, str(log_file), isolate=True) == sizes
     assert log_file.read_text().split() == ["4", "1", "3", "2", "0"]  # equal sizes keep their order
+
+
+def test_warm_up_starts_the_fork_server_only_for_local_workers():
+    """A stage calls warm_up before it plans its parts; with more than one local worker the fork
+    server (and its imports) starts then, in the background; one worker runs in-process: nothing starts."""
+    code = (
+        "import psutil; from tasks.parts.core import Execution; from tasks.parts.partmap import warm_up;"
+        "warm_up(Execution(workers=1)); assert psutil.Process().children() == [];"
+        "warm_up(Execution(workers=2)); warm_up(Execution(workers=2));"
+        "lines = [' '.join(k.cmdline()) for k in psutil.Process().children()];"
+        "assert sum('forkserver' in line for line in lines) == 1, lines"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -2,14 +2,16 @@
 
 Workers fork from a fork server that has imported this module and the Parquet stack
 (:data:`PRELOAD`), each with a pipe and one part at a time, so when one dies the parent knows which part it held.
+They do not run the parent's main module (:func:`_without_main`).
 """
 
 from __future__ import annotations
 
+import functools
 import pickle
 import traceback
 from collections import deque
-from multiprocessing import get_context
+from multiprocessing import get_context, spawn
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Callable
@@ -45,13 +47,42 @@ per worker (measured on the 2-core build machine: 0.28-0.36 s, 0.01-0.04 s prelo
 makes new workers for each of its maps. A module missing here is skipped, not an error."""
 
 
+WORKER_NAME = "lmforge-part-worker"
+
+
+def _without_main(get_preparation_data: Callable[[str], dict]) -> Callable[[str], dict]:
+    """``multiprocessing.spawn.get_preparation_data``, less the parent's main module for our workers.
+
+    A process that multiprocessing starts through a fork server (or spawns) first runs the
+    parent's main module again, as ``__mp_main__``, so that functions defined there unpickle.
+    Under a Prefect deployment the parent is ``python -m prefect.engine`` or ``prefect
+    flow-run execute``: every worker of every map imported Prefect anew (0.9 s and about
+    100 MiB each on the 2-core build machine, some ten maps a data refresh). A worker runs
+    steps that live in modules, never in a main script, so it skips that; other processes
+    (any other name) are left as the standard library makes them.
+    """
+
+    @functools.wraps(get_preparation_data)
+    def preparation(name: str) -> dict:
+        data = get_preparation_data(name)
+        if name == WORKER_NAME:
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    preparation.lmforge_without_main = True
+    return preparation
+
+
 def _context():
     """Workers fork from a fork server that has imported this module and :data:`PRELOAD`.
 
     Not ``fork``: the parent may be a Prefect flow run with threads and locks held. Not
-    ``spawn``: it imports the parent's main module in every worker (under the ``lmforge``
-    command, the CLI and Prefect: seconds and hundreds of MiB each).
+    ``spawn``: a fresh interpreter imports numpy and pyarrow again in every worker. Either
+    way, the workers do not run the parent's main module (:func:`_without_main`).
     """
+    if not getattr(spawn.get_preparation_data, "lmforge_without_main", False):
+        spawn.get_preparation_data = _without_main(spawn.get_preparation_data)
     ctx = get_context("forkserver")
     ctx.set_forkserver_preload([__name__, *PRELOAD])
     return ctx
@@ -72,7 +103,7 @@ class _Worker:
     def __init__(self, threads: int) -> None:
         ctx = _context()
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, threads), daemon=True, name="lmforge-part-worker")
+        self.proc = ctx.Process(target=_serve, args=(child, threads), daemon=True, name=WORKER_NAME)
         self.proc.start()
         child.close()
 

@@ -83,3 +83,42 @@ def test_warm_up_starts_the_fork_server_only_for_local_workers():
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def main_seen(part, out):
+    """What a worker sees of its parent's main script: did the script's own imports run here?"""
+    return "marker_of_main" in sys.modules
+
+
+MAIN = """
+import logging, sys
+from pathlib import Path
+import marker_of_main  # the main script's own imports: under Prefect, all of prefect
+if __name__ == "__main__":
+    from tasks.parts.core import Execution, Part
+    from tasks.parts.partmap import PartMap
+    from tests.tasks.test_parts_local import main_seen
+    parts = [Part(i, f"p{i}", f"p{i}", 0, 1) for i in range(2)]
+    with PartMap("x", Path(sys.argv[1]), execution=Execution(workers=2), log=logging.getLogger("t")) as pm:
+        print(pm.map("probe", main_seen, parts))
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_workers_do_not_run_the_parents_main_module(tmp_path, how):
+    """A deployment's flow run is `python -m prefect.engine` or the `prefect` script: workers skip its imports."""
+    (tmp_path / "marker_of_main.py").write_text("")
+    (tmp_path / "parent_main.py").write_text(MAIN)
+    root = Path(__file__).resolve().parents[2]
+    run = ["parent_main.py"] if how == "script" else ["-m", "parent_main"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(tmp_path)])}
+    done = subprocess.run(
+        [sys.executable, *run, str(tmp_path / "work")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[False, False]"

@@ -56,8 +56,8 @@ def _without_main(get_preparation_data: Callable[[str], dict]) -> Callable[[str]
     A process that multiprocessing starts through a fork server (or spawns) first runs the
     parent's main module again, as ``__mp_main__``, so that functions defined there unpickle.
     Under a Prefect deployment the parent is ``python -m prefect.engine`` or ``prefect
-    flow-run execute``: every worker of every map imported Prefect anew (0.9 s and about
-    100 MiB each on the 2-core build machine, some ten maps a data refresh). A worker runs
+    flow-run execute``: every worker of every map imported Prefect anew (0.9 s and 58 MiB
+    each on the 2-core build machine, some ten maps a data refresh). A worker runs
     steps that live in modules, never in a main script, so it skips that; other processes
     (any other name) are left as the standard library makes them.
     """

@@ -13,6 +13,8 @@ from tasks.parts.core import THREAD_POOLS, Execution, Part, default_workers
 from tasks.parts.partmap import PartMap
 from tasks.stage import StageError
 
+ROOT = Path(__file__).resolve().parents[2]  # the project, where a child Python finds its modules
+
 
 class Unrebuildable(Exception):
     """Pickles (args is one string), but cannot be rebuilt from it: its __init__ wants two."""
@@ -80,8 +82,7 @@ def test_warm_up_starts_the_fork_server_only_for_local_workers():
         "lines = [' '.join(k.cmdline()) for k in psutil.Process().children()];"
         "assert sum('forkserver' in line for line in lines) == 1, lines"
     )
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
 
@@ -109,9 +110,8 @@ def test_workers_do_not_run_the_parents_main_module(tmp_path, how):
     """A deployment's flow run is `python -m prefect.engine` or the `prefect` script: workers skip its imports."""
     (tmp_path / "marker_of_main.py").write_text("")
     (tmp_path / "parent_main.py").write_text(MAIN)
-    root = Path(__file__).resolve().parents[2]
     run = ["parent_main.py"] if how == "script" else ["-m", "parent_main"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(tmp_path)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
     done = subprocess.run(
         [sys.executable, *run, str(tmp_path / "work")],
         cwd=tmp_path,

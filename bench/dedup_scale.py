@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from bench.measure import TreeMeter, machine  # noqa: E402
+from bench.machine import machine  # noqa: E402
+from bench.measure import TreeMeter  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 PART_ROWS = 20_000

@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.measure import machine, measured_child  # noqa: E402
+from bench.machine import machine  # noqa: E402
+from bench.measure import measured_child  # noqa: E402
 from bench.scale import CORPUS, PACKAGES, unpack  # noqa: E402
 
 ENDINGS = (".html", ".htm", ".txt")

@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import describe, machine  # noqa: E402
 from tests.e2e.test_kill9 import kill_every_stage, markdown  # noqa: E402
 
 
@@ -35,18 +35,14 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="lmforge-kill9-") as tmp:
         table = kill_every_stage(Path(tmp))
-    table["machine"] = {
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-    }
+    table["machine"] = machine()
     table["date"] = dt.date.today().isoformat()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kill9.json").write_text(json.dumps(table, indent=2))
     m = table["machine"]
     head = (
-        f"# kill -9 inside every stage ({table['date']}, {m['cores']} cores, {m['cpu']}, Python {m['python']})\n\n"
+        f"# kill -9 inside every stage ({table['date']}; {describe(m)}, Python {m['python']})\n\n"
         "Smoke profile against a generated site. Each run is killed (SIGKILL to its process group) at the\n"
         "stage's pause point (every file written, nothing published; training: right after a checkpoint);\n"
         "the next run rebuilds that stage from cache and is killed in the next one. *Identical*: the\n"

@@ -1,6 +1,5 @@
-"""What the benchmarks measure about the machine and a process tree: shared by the bench scripts.
+"""What the benchmarks measure about a process tree (memory, cores busy): shared by the bench scripts.
 
-:func:`machine` describes where a figure was measured (it goes into every results file).
 :class:`TreeMeter` samples a process and all its descendants (plus any other processes
 named by ``also``, e.g. a Ray cluster's daemons and workers) while a block runs: the
 peak of their summed memory and the CPU time they used, hence how many cores were busy.
@@ -10,36 +9,12 @@ peak of their summed memory and the CPU time they used, hence how many cores wer
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import psutil
-
-
-def machine() -> dict:
-    """Python, CPU model, cores and memory of this machine."""
-    return {
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "model": _cpu_model(),
-        "cores": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 class TreeMeter:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import machine as describe_machine  # noqa: E402
 from model.config import (
     GPTConfig,  # noqa: E402
     TrainConfig,  # noqa: E402
@@ -48,12 +48,7 @@ SIZES = {
 
 
 def machine() -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpus": torch.get_num_threads(),
-    }
+    info = {**describe_machine(), "torch": torch.__version__, "cpus": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

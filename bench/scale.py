@@ -47,7 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.measure import TreeMeter, machine, measured_child  # noqa: E402
+from bench.machine import machine  # noqa: E402
+from bench.measure import TreeMeter, measured_child  # noqa: E402
 
 PACKAGES = ("rust-doc", "openjdk-17-doc", "python3.11-doc", "debian-handbook")
 CORPUS = ROOT / ".cache" / "scale-corpus"

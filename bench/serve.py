@@ -18,8 +18,8 @@ each, temperature 0; a request may stop early at end of text):
 - what a user would write by hand: FastAPI + ``transformers`` ``generate`` per request on
   the HF directory (``bench/hf_server.py``).
 
-Results go to ``bench/results/serve.json``/``.md``, or ``serve-<backend>-<device>`` for
-another backend (``--backend torch --device cuda --precisions bf16`` on a GPU host).
+Results go to ``bench/results/serve.json``/``.md`` (``--name`` for another name), or
+``serve-<backend>-<device>`` for another backend (``--backend torch --device cuda --precisions bf16`` on a GPU host).
 Reported per run: generated tokens per second (all clients), time to first token (p50,
 streamed; the hand-written server does not stream, so its first token is its last) and
 request latency p50 / p99, and errors.
@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -52,6 +51,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.machine import describe, machine  # noqa: E402
 
 CLIENTS = (1, 4, 16, 64)
 PROMPTS_FILE = "prompts.json"
@@ -379,6 +380,7 @@ def main() -> None:
     )
     ap.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--name", help="results file name without .json/.md (default serve, or serve-<backend>-<device>)")
     ap.add_argument(
         "--servers",
         nargs="+",
@@ -416,12 +418,7 @@ def main() -> None:
             print(stopped, flush=True)
 
     result = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            **gpu_name(args.device),
-        },
+        "machine": {**machine(), **gpu_name(args.device)},
         "date": time.strftime("%Y-%m-%d"),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
@@ -431,11 +428,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variant = "" if (args.backend, args.device) == ("onnx", "cpu") else f"-{args.backend}-{args.device}"
-    (out / f"serve{variant}.json").write_text(json.dumps(result, indent=2))
+    name = args.name or f"serve{variant}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     m = result["machine"]
     lines = [
-        f"# Serving the demo model ({result['date']}, {m['cores']} cores, {m['cpu']},"
-        f"{' ' + m['gpu'] + ',' if 'gpu' in m else ''} Python {m['python']})",
+        f"# Serving the demo model ({result['date']}; {describe(m)},{' ' + m['gpu'] + ',' if 'gpu' in m else ''}"
+        f" Python {m['python']})",
         "",
         f"{args.new_tokens} new tokens per request at temperature 0, {args.requests_per_client} requests per client,"
         f" prompts of {args.prompt_tokens} tokens from held-out documents; lmforge serve with `--backend {args.backend}"
@@ -493,7 +491,7 @@ def main() -> None:
                 f"| {r['precision']} | {r['threads']} | {r['batch']} | {r['tokens_per_s']} | {gain:.2f}x | {share}"
                 f" | {r.get('same_tokens_batched_and_alone', '')} |"
             )
-    (out / f"serve{variant}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

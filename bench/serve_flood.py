@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.measure import machine  # noqa: E402
+from bench.machine import machine  # noqa: E402
 from bench.serve import free_port, one_request, prepare, prepared, start  # noqa: E402
 
 STREAMS = 16

@@ -21,7 +21,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.machine import describe, machine  # noqa: E402
 
 MATMULS = ("MatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits")
 
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="(lmforge serve's default)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--name", default="serve_ops", help="results file name, without .json/.md")
     args = ap.parse_args()
     model_dir = Path(args.model)
     if not (model_dir / "export.json").is_file():
@@ -121,15 +123,13 @@ def main() -> None:
             for n in args.rows:
                 rows.append(profile(model_dir, precision, n, args.threads, args.new_tokens, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
-    machine = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
-    machine["cores"] = os.cpu_count()
-    result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "settings": vars(args), "rows": rows}
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "settings": vars(args), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_ops.json").write_text(json.dumps(result, indent=2))
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     lines = [
-        f"# The serving graph's decode step by operator ({result['date']}, {machine['cores']} cores, {machine['cpu']},"
-        f" Python {machine['python']})",
+        f"# The serving graph's decode step by operator ({result['date']}; {describe(result['machine'])},"
+        f" Python {result['machine']['python']})",
         "",
         f"onnxruntime's profile of `{model_dir.name}`'s serving graph, {args.threads} thread(s) (lmforge serve's"
         f" default), the batcher decoding N random prompts of 25 tokens for {args.new_tokens} new tokens; kernel time"
@@ -162,7 +162,7 @@ def main() -> None:
         " at one sequence per step it more than doubles the step (compare the batcher alone's tokens/s in"
         " `serve.md`). Read the shares and the growth from 4 sequences up.",
     ]
-    (out / "serve_ops.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

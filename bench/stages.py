@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,19 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from datasketch import LeanMinHash, MinHash, MinHashLSH  # noqa: E402
 
+from bench.machine import describe, machine  # noqa: E402
 from storage.artifact import Store, read_table  # noqa: E402
 from tasks import dedup  # noqa: E402
 from tasks.text.minhash import normalize  # noqa: E402
-
-
-def machine() -> dict:
-    import os
-
-    return {
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-    }
 
 
 def datasketch_lsh(texts: list[str], cfg: dedup.DedupConfig) -> int:
@@ -132,7 +122,7 @@ def main() -> None:
     (out / "stages.json").write_text(json.dumps(result, indent=2))
     d = result["dedup"]
     lines = [
-        f"# Demo stages and dedup ({result['machine']['cores']} cores, {result['machine']['cpu']})",
+        f"# Demo stages and dedup ({describe(result['machine'])})",
         "",
         f"Demo run: {summary['seconds']:.0f} s for the pipeline (setup excluded).",
         "",

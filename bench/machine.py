@@ -34,7 +34,7 @@ def machine() -> dict:
 
 
 def describe(m: dict) -> str:
-    """One line for a results file's title: ``2 cores, Intel(R) Xeon(R) Processor (avx512f, amx_int8), L2 2048K``."""
+    """One line for a results file's title: ``2 cores, Intel(R) Xeon(R) Processor (avx512f, amx_int8), L2 2048K, 23.5 GiB``."""
     simd = [f for f in m.get("simd", []) if f in ("avx2", "avx512f", "amx_int8", "asimd", "sve")]
     widest = [f for f in simd if f != "avx2"] if "avx512f" in simd else simd
     caches = m.get("caches", {})

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import describe, machine  # noqa: E402
 from bench.measure import TreeMeter  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
@@ -291,7 +291,7 @@ def main() -> None:
 def report(result: dict) -> str:
     m = result["machine"]
     lines = [
-        f"# Dedup at scale ({result.get('date', '')}; {m['cores']} cores, {m['model']}, {m['memory_gib']} GiB)",
+        f"# Dedup at scale ({result.get('date', '')}; {describe(m)})",
         "",
         f"Synthetic 300-word documents, {PLANTED:.0%} planted near-duplicates (two words replaced, 5-gram Jaccard ~0.93);",
         f"memory ceiling of the grouping step {result['memory_mb']} MiB. Peak: memory (PSS) of the whole process tree.",

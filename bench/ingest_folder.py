@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import describe, machine  # noqa: E402
 from bench.measure import measured_child  # noqa: E402
 from bench.scale import CORPUS, PACKAGES, unpack  # noqa: E402
 
@@ -134,7 +134,7 @@ def warm(folder: Path) -> tuple[int, int]:
 def report(result: dict) -> str:
     m, f = result["machine"], result["folder"]
     lines = [
-        f"# Folder ingest ({result['date']}; {m['cores']} cores, {m['model']}, {m['memory_gib']} GiB)",
+        f"# Folder ingest ({result['date']}; {describe(m)})",
         "",
         f"{f['files']:,} files ({f['bytes'] / 1e6:,.0f} MB) of {', '.join(PACKAGES)}, parts of "
         f"{result['part_rows']:,} files; medians of {result['repeat']} interleaved runs, page cache warm. "

@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import describe, machine  # noqa: E402
 from bench.measure import TreeMeter, measured_child  # noqa: E402
 
 PACKAGES = ("rust-doc", "openjdk-17-doc", "python3.11-doc", "debian-handbook")
@@ -279,7 +279,7 @@ def run_on_ray(corpus: dict) -> dict:
 def report(result: dict) -> str:
     m, c = result["machine"], result["corpus"]
     lines = [
-        f"# The data path at scale ({result['date']}; {m['cores']} cores, {m['model']}, {m['memory_gib']} GiB)",
+        f"# The data path at scale ({result['date']}; {describe(m)})",
         "",
         f"{c['pages']:,} HTML pages of {', '.join(c['packages'])} in {c['files']} gzipped WARC files "
         f"({c['warc_bytes'] / 1e6:,.0f} MB). lmforge: the data chain with the demo profile's stage settings; "

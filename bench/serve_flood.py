@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import describe, machine  # noqa: E402
 from bench.serve import free_port, one_request, prepare, prepared, start  # noqa: E402
 
 STREAMS = 16
@@ -125,7 +125,7 @@ def main() -> None:
     (out / "serve_flood.json").write_text(json.dumps(result, indent=2))
     m = result["machine"]
     lines = [
-        f"# Serving through a flood of 1 MiB prompts ({result['date']}; {m['cores']} cores, {m['model']}, {m['memory_gib']} GiB)",
+        f"# Serving through a flood of 1 MiB prompts ({result['date']}; {describe(m)})",
         "",
         f"{STREAMS} clients stream completions from one `lmforge serve --precision {args.precision}` (64 new tokens,"
         f" temperature 0, {args.requests_per_client} requests each) while 0 or {args.flood} other clients post"

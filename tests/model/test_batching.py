@@ -216,7 +216,7 @@ def test_an_export_with_the_older_stacked_cache_still_serves(tiny, tmp_path):
     cache = torch.zeros(c.n_layer, 2, c.n_head, 2, c.head_dim)
     path = tmp_path / "stacked.onnx"
     torch.onnx.export(
-        _StackedCacheStep(gpt),
+        _StackedCacheStep(gpt).eval(),
         (torch.zeros((2, 2), dtype=torch.long), cache, cache.clone(), torch.ones((2, 2), dtype=torch.long)),
         str(path),
         input_names=["input_ids", "past_key", "past_value", "past_mask"],

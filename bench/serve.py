@@ -19,7 +19,8 @@ each, temperature 0; a request may stop early at end of text):
   the HF directory (``bench/hf_server.py``).
 
 Results go to ``bench/results/serve.json``/``.md`` (``--name`` for another name), or
-``serve-<backend>-<device>`` for another backend (``--backend torch --device cuda --precisions bf16`` on a GPU host).
+``serve-<backend>-<device>`` for another backend (``--backend torch --device cuda
+--precisions bf16`` on a GPU host), with the machine they ran on (:mod:`bench.machine`).
 Reported per run: generated tokens per second (all clients), time to first token (p50,
 streamed; the hand-written server does not stream, so its first token is its last) and
 request latency p50 / p99, and errors.

@@ -16,6 +16,7 @@ from pathlib import Path
 
 # Vector extensions the CPU kernels choose by (MLAS, oneDNN): the widest float, int8 and matrix units.
 SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimd", "sve")
+TITLE_FLAGS = ("avx2", "avx512f", "amx_int8", "asimd", "sve")  # of those, what a title names
 
 
 def machine() -> dict:
@@ -35,14 +36,14 @@ def machine() -> dict:
 
 def describe(m: dict) -> str:
     """One line for a results file's title: ``2 cores, Intel(R) Xeon(R) Processor (avx512f, amx_int8), L2 2048K, 23.5 GiB``."""
-    simd = [f for f in m.get("simd", []) if f in ("avx2", "avx512f", "amx_int8", "asimd", "sve")]
-    widest = [f for f in simd if f != "avx2"] if "avx512f" in simd else simd
+    simd = m.get("simd", [])
+    shown = [f for f in simd if f in TITLE_FLAGS and not (f == "avx2" and "avx512f" in simd)]  # the widest
     caches = m.get("caches", {})
     return ", ".join(
         part
         for part in (
             f"{m['cores']} cores",
-            f"{m.get('model', m['cpu'])}" + (f" ({', '.join(widest)})" if widest else ""),
+            m.get("model", m["cpu"]) + (f" ({', '.join(shown)})" if shown else ""),
             f"L2 {caches['L2']}" if "L2" in caches else "",
             f"{m['memory_gib']} GiB" if "memory_gib" in m else "",
         )

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.machine import machine as describe_machine  # noqa: E402
+from bench import machine as host  # noqa: E402
 from model.config import (
     GPTConfig,  # noqa: E402
     TrainConfig,  # noqa: E402
@@ -48,7 +48,7 @@ SIZES = {
 
 
 def machine() -> dict:
-    info = {**describe_machine(), "torch": torch.__version__, "cpus": torch.get_num_threads()}
+    info = {**host.machine(), "torch": torch.__version__, "cpus": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
